@@ -1,0 +1,1 @@
+"""Command-line shells around the engine: argument parsing only."""

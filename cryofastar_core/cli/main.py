@@ -1,0 +1,44 @@
+"""``cryofastar`` entry point: one subcommand per module in this package.
+
+Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int``. Errors meant for users (``CryoFastARError``) become one message on
+stderr and a non-zero exit code, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cryofastar_core import __version__
+from cryofastar_core.errors import CryoFastARError
+
+# Order is the order shown in --help. A module listed here must exist.
+SUBCOMMANDS = ["simulate", "reconstruct"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cryofastar", description="Feed-forward cryo-EM ab initio reconstruction.")
+    parser.add_argument("--version", action="version", version=f"cryofastar {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"cryofastar_core.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except CryoFastARError as exc:
+        print(f"cryofastar {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""MRC maps and image stacks through ``mrcfile``: header checks up front, lazy (memory-mapped) slice reads."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from cryofastar_core.errors import InputError
+from cryofastar_core.io.atomic_write import atomic_output
+
+# MRC modes we can turn into float32 images: 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
+_READABLE_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What the header of an image stack says: ``n`` images of ``ny`` x ``nx`` pixels."""
+
+    path: Path
+    n: int
+    ny: int
+    nx: int
+    mode: int
+    voxel_size: float
+
+
+def read_stack_header(path: Path) -> StackInfo:
+    """Read and check only the header of an ``.mrcs``/``.mrc`` stack (a 2D ``.mrc`` is a stack of one).
+
+    Also checks that the file is long enough to hold the data the header announces, so a truncated
+    stack fails here rather than halfway through a run.
+    """
+    try:
+        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+            h = mrc.header
+            nx, ny, nz, mode = int(h.nx), int(h.ny), int(h.nz), int(h.mode)
+            nsymbt = int(h.nsymbt)
+            voxel = float(mrc.voxel_size.x)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, None, f"not a readable MRC file ({exc})", "check the file is an MRC image stack") from exc
+    if mode not in _READABLE_MODES:
+        raise InputError(path, "mode", f"MRC mode {mode} is not supported",
+                         "convert the stack to float32, float16 or int16 (e.g. relion_image_handler)")
+    if nx <= 0 or ny <= 0 or nz <= 0:
+        raise InputError(path, "nx/ny/nz", f"header gives an empty image size {nx}x{ny}x{nz}", "re-extract the particles")
+    expected = 1024 + nsymbt + nx * ny * nz * np.dtype(_READABLE_MODES[mode]).itemsize
+    if os.path.getsize(path) < expected:
+        raise InputError(path, None, f"file is truncated ({os.path.getsize(path)} bytes, header needs {expected})",
+                         "re-extract or re-copy the stack")
+    return StackInfo(Path(path), nz, ny, nx, mode, voxel)
+
+
+class StackReader:
+    """Reads chosen slices of many stacks, memory-mapping at most ``max_open`` files at a time.
+
+    Only the requested slices are copied out of the map, so memory is bounded by the request,
+    never by the size of a stack.
+    """
+
+    def __init__(self, max_open: int = 8):
+        self.max_open = max_open
+        self._open: OrderedDict[Path, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+
+    def _data(self, path: Path) -> np.ndarray:
+        mrc = self._open.get(path)
+        if mrc is None:
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+            self._open[path] = mrc
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(path)
+        data = mrc.data
+        return data.reshape(1, *data.shape) if data.ndim == 2 else data
+
+    def read(self, path: Path, slices: np.ndarray) -> np.ndarray:
+        """Slices (0-based, any order) of one stack -> ``(len(slices), ny, nx)`` float32."""
+        data = self._data(path)
+        slices = np.asarray(slices, dtype=np.int64)
+        # Sorted, de-duplicated access walks the file forwards once; then restore the requested order.
+        uniq, inverse = np.unique(slices, return_inverse=True)
+        block = np.asarray(data[uniq], dtype=np.float32)
+        return block[inverse]
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+def write_stack(path: str | Path, images: np.ndarray, apix: float) -> None:
+    """Write ``images`` ``(n, ny, nx)`` (or one ``(ny, nx)``) as a float32 MRC stack with voxel size ``apix``."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    with atomic_output(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(images)
+            mrc.set_image_stack()
+            mrc.voxel_size = (apix, apix, apix)
+
+
+def read_map(path: str | Path) -> tuple[np.ndarray, float]:
+    """Read a cubic map -> ``(V[z, y, x] float32 (D, D, D), apix)`` with ``apix`` from the header voxel size."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, None, "map file not found", "check the path")
+    try:
+        with mrcfile.open(path, mode="r", permissive=True) as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32).copy()
+            apix = float(mrc.voxel_size.x)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, None, f"not a readable MRC map ({exc})", "check the file is an MRC map") from exc
+    if data is None or data.ndim != 3 or len(set(data.shape)) != 1:
+        shape = None if data is None else data.shape
+        raise InputError(path, "nx/ny/nz", f"map is not a cube (shape {shape})", "resize or pad the map to a cube")
+    if not np.isfinite(data).all():
+        raise InputError(path, "data", "map contains NaN or infinite values", "fix or regenerate the map")
+    if not apix > 0:
+        raise InputError(path, "voxel size", "header has no pixel size (voxel size 0)",
+                         "set it, e.g. relion_image_handler --i map.mrc --o fixed.mrc --angpix <Å/px>")
+    return data, apix
+
+
+def write_map(path: str | Path, volume: np.ndarray, apix: float) -> None:
+    """Write ``V[z, y, x]`` as a float32 MRC map: voxel size ``apix``, origin 0."""
+    volume = np.asarray(volume, dtype=np.float32)
+    with atomic_output(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(volume)
+            mrc.set_volume()
+            mrc.voxel_size = (apix, apix, apix)
+            mrc.header.origin = (0.0, 0.0, 0.0)
+            mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0

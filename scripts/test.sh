@@ -11,5 +11,7 @@ if ! command -v relion_reconstruct >/dev/null 2>&1; then
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[test]"
+# Protein models for the training volume library, without their (unused) heavy dependencies.
+python3 -m pip install -q --no-deps mdanalysistests==2.11.0 pdbfixer==1.12.0
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MPLBACKEND=Agg
 python3 -m pytest -q tests "$@"

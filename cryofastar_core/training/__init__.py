@@ -1,0 +1,1 @@
+"""Training: volume library, on-the-fly simulation, curriculum configs and the trainer."""

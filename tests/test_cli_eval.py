@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import make_asymmetric_map
+from cryofastar_core import evaluation as eval_lib
 from cryofastar_core.cli import eval as eval_cli
 from cryofastar_core.errors import InputError
 from cryofastar_core.geometry import mirror_rotations, random_rotations, rotvec_to_matrix
@@ -45,13 +46,13 @@ def pair(tmp_path):
 def test_evaluate_matches_by_image_and_aligns_frame_and_hand(pair, monkeypatch):
     d, _ = pair
     monkeypatch.chdir(d)
-    r = eval_cli.evaluate(d / "pred.star", d / "truth.star")
+    r = eval_lib.evaluate(d / "pred.star", d / "truth.star")
     assert r["n_particles"] == N
     assert r["rotation"]["mirrored"] is True
     assert r["rotation"]["median_deg"] == pytest.approx(3.0, abs=0.3)
     assert r["translation"]["mean_px"] == pytest.approx(0.5, abs=1e-4)
     assert r["translation"]["median_px"] == pytest.approx(0.5, abs=1e-4)
-    r_nm = eval_cli.evaluate(d / "pred.star", d / "truth.star", allow_mirror=False)
+    r_nm = eval_lib.evaluate(d / "pred.star", d / "truth.star", allow_mirror=False)
     assert r_nm["rotation"]["median_deg"] > 20
 
 
@@ -85,10 +86,10 @@ def test_bad_inputs_are_input_errors(pair, tmp_path, monkeypatch):
     new_star(d / "noposes.star", [f"{i + 1}@parts.mrcs" for i in range(N)], apix=APIX, box=BOX, voltage=300.0,
              cs=2.7, amplitude_contrast=0.1, ctf=None, rotations=None, shifts=None)
     with pytest.raises(InputError, match="no poses"):
-        eval_cli.evaluate(d / "noposes.star", d / "truth.star")
+        eval_lib.evaluate(d / "noposes.star", d / "truth.star")
     write_map(d / "truth.mrc", make_asymmetric_map(16), 3.0)
     with pytest.raises(InputError, match="go together"):
-        eval_cli.evaluate(d / "pred.star", d / "truth.star", truth_map_path=d / "truth.mrc")
+        eval_lib.evaluate(d / "pred.star", d / "truth.star", truth_map_path=d / "truth.mrc")
     write_map(d / "small.mrc", make_asymmetric_map(12), 3.0)
     with pytest.raises(InputError, match="box"):
-        eval_cli.evaluate(d / "pred.star", d / "truth.star", d / "small.mrc", d / "truth.mrc")
+        eval_lib.evaluate(d / "pred.star", d / "truth.star", d / "small.mrc", d / "truth.mrc")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from cryofastar_core import __version__
 from cryofastar_core.errors import CryoFastARError
 
 # Order is the order shown in --help. A module listed here must exist.
-SUBCOMMANDS = ["simulate", "reconstruct"]
+SUBCOMMANDS = ["demo", "run", "simulate", "reconstruct", "train", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +29,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a queue system ending the job): unwinds like Ctrl-C so temporary outputs are removed."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except CryoFastARError as exc:
         print(f"cryofastar {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print(f"cryofastar {args.command}: terminated (SIGTERM); rerun with the same --o to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"cryofastar {args.command}: interrupted; rerun with the same --o to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Feed-forward pose estimation for N >> views: preprocessing, reference selection, chunks, hand."""

@@ -1,0 +1,205 @@
+"""Poses for N >> views particles in one shared frame (design brief §4).
+
+1. Score ``candidates`` reference particles, each in one forward pass with the same fixed auxiliary set;
+   keep the best by mean confidence and Kabsch residual.
+2. From that pass, keep the ``anchors`` most reliable auxiliary particles and their rotations.
+3. Every later forward pass is ``[reference] + anchors + new particles``; since the reference's FPM is the
+   z = 0 plane, every chunk predicts in the same frame.
+4. The network is trained hand-invariantly, so a chunk may come out mirrored: compare its anchors with
+   the first pass and flip the chunk (``Q -> F Q F``) when the mirror fits better.
+
+Rotations returned are internal rotations (image -> map frame) of a map whose frame is the reference
+particle's (the reference gets the identity); shifts are in model-box pixels.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
+from cryofastar_core.model.fpm import denormalize
+from cryofastar_core.model.kabsch import kabsch
+
+log = logging.getLogger(__name__)
+
+LoadFn = Callable[[np.ndarray], torch.Tensor]
+"""Particle indices ``(n,)`` -> preprocessed model input ``(n, d, d)`` on the model's device."""
+
+
+@dataclass
+class EstimatorConfig:
+    views: int = 128
+    candidates: int = 64
+    anchors: int = 8
+    chunks_per_batch: int = 4
+    weighting: str = "confidence"  # "confidence" (weighted Kabsch) or "uniform" (plain Kabsch)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.views < 4:
+            raise ValueError("views must be at least 4 (reference + anchors + new particles)")
+        if not 1 <= self.anchors <= self.views - 2:
+            raise ValueError("anchors must be between 1 and views - 2")
+        if self.weighting not in ("confidence", "uniform"):
+            raise ValueError("weighting must be 'confidence' or 'uniform'")
+
+
+@dataclass
+class ViewPrediction:
+    rotation: torch.Tensor  # (..., 3, 3) Q: view -> reference frame
+    shift: torch.Tensor  # (..., 2) model-box pixels
+    confidence: torch.Tensor  # (...,) mean confidence over pixels
+    residual: torch.Tensor  # (...,) Kabsch residual (grid units)
+
+
+@dataclass
+class PoseEstimate:
+    rotations: np.ndarray  # (N, 3, 3)
+    shifts: np.ndarray  # (N, 2) model-box pixels
+    confidence: np.ndarray  # (N,)
+    residual: np.ndarray  # (N,)
+    reference: int
+    anchors: np.ndarray
+    candidate_scores: np.ndarray
+    flipped_chunks: int = 0
+    n_chunks: int = 0
+    chunk_drift_deg: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str = "confidence") -> ViewPrediction:
+    """Forward ``(B, V, d, d)`` images and recover each view's pose by (weighted) Kabsch."""
+    box = images.shape[-1]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else torch.autocast("cpu", enabled=False)
+    with autocast:
+        out = model(images)
+    xyz = denormalize(out.xyz.float())
+    conf = out.conf.float()
+    k = kabsch(xyz, conf if weighting == "confidence" else None, box)
+    return ViewPrediction(k.rotation, k.shift, conf.mean(dim=(-1, -2)), k.residual)
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-8) if x.numel() > 1 else torch.zeros_like(x)
+
+
+def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: EstimatorConfig,
+                   progress: Callable[[int], None] | None = None) -> PoseEstimate:
+    """Estimate poses for ``n_particles`` particles read through ``load``.
+
+    ``progress(k)`` is called with the number of particles finished after each batch.
+    """
+    if n_particles < cfg.views:
+        raise ValueError(f"need at least {cfg.views} particles for {cfg.views} views per pass, got {n_particles}")
+    rng = np.random.default_rng(cfg.seed)
+    n_aux = cfg.views - 1
+    order = rng.permutation(n_particles)
+    candidates = order[: min(cfg.candidates, n_particles - n_aux)]
+    aux = order[len(candidates): len(candidates) + n_aux]
+
+    # 1. Reference selection: each candidate with the same auxiliary set.
+    aux_images = load(aux)
+    cand_pred: list[ViewPrediction] = []
+    for start in range(0, len(candidates), cfg.chunks_per_batch):
+        idx = candidates[start: start + cfg.chunks_per_batch]
+        ref_images = load(idx)
+        batch = torch.cat([ref_images[:, None], aux_images[None].expand(len(idx), -1, -1, -1)], dim=1)
+        cand_pred.append(predict_views(model, batch, cfg.weighting))
+    conf = torch.cat([p.confidence for p in cand_pred])  # (K, V)
+    resid = torch.cat([p.residual for p in cand_pred])
+    scores = _standardise(conf.mean(1)) - _standardise(resid[:, 1:].median(1).values)
+    best = int(scores.argmax())
+    ref = int(candidates[best])
+    first = ViewPrediction(*(torch.cat([getattr(p, f) for p in cand_pred])[best]
+                             for f in ("rotation", "shift", "confidence", "residual")))
+    log.info("reference particle %d chosen from %d candidates (mean confidence %.3f)", ref, len(candidates),
+             float(conf[best].mean()))
+
+    # 2. Anchors: the most reliable auxiliary views of the winning pass.
+    reliability = _standardise(first.confidence[1:]) - _standardise(first.residual[1:])
+    top = torch.argsort(reliability, descending=True)[: cfg.anchors].cpu().numpy()
+    anchors = aux[top]
+    anchor_rot = first.rotation[1:][top]  # (A, 3, 3), the frame every chunk is checked against
+
+    rotations = np.zeros((n_particles, 3, 3))
+    shifts = np.zeros((n_particles, 2))
+    confidence = np.zeros(n_particles)
+    residual = np.zeros(n_particles)
+    done = np.zeros(n_particles, dtype=bool)
+
+    def keep(idx: np.ndarray, pred: ViewPrediction, sel: slice | np.ndarray) -> None:
+        rotations[idx] = pred.rotation[sel].double().cpu().numpy()
+        shifts[idx] = pred.shift[sel].double().cpu().numpy()
+        confidence[idx] = pred.confidence[sel].double().cpu().numpy()
+        residual[idx] = pred.residual[sel].double().cpu().numpy()
+        done[idx] = True
+
+    keep(np.array([ref]), first, slice(0, 1))
+    rotations[ref] = np.eye(3)  # the frame is the reference's, by definition
+    keep(aux, first, slice(1, None))
+
+    # 3. Chunks of new particles: everything not yet in the first pass.
+    rest = np.setdiff1d(np.arange(n_particles), np.concatenate([[ref], aux]), assume_unique=False)
+    rest = rng.permutation(rest)
+    per_chunk = cfg.views - 1 - cfg.anchors
+    chunks = [rest[i: i + per_chunk] for i in range(0, len(rest), per_chunk)]
+    fixed = load(np.concatenate([[ref], anchors]))  # (1 + A, d, d), the same in every chunk
+    result = PoseEstimate(rotations, shifts, confidence, residual, ref, anchors, scores.cpu().numpy(), n_chunks=len(chunks))
+    if progress:
+        progress(int(done.sum()))
+
+    def batches() -> Iterator[list[np.ndarray]]:
+        group: list[np.ndarray] = []
+        for c in chunks:
+            if group and len(c) != len(group[0]):
+                yield group
+                group = []
+            group.append(c)
+            if len(group) == cfg.chunks_per_batch:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    # Read and preprocess the next batch while the model runs on this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it = batches()
+        nxt = next(it, None)
+        pending = pool.submit(load, np.concatenate(nxt)) if nxt is not None else None
+        while nxt is not None:
+            group, new_images = nxt, pending.result()
+            nxt = next(it, None)
+            pending = pool.submit(load, np.concatenate(nxt)) if nxt is not None else None
+            new_images = new_images.reshape(len(group), len(group[0]), *new_images.shape[-2:])
+            batch = torch.cat([fixed[None].expand(len(group), -1, -1, -1), new_images], dim=1)
+            pred = predict_views(model, batch, cfg.weighting)
+            for b, idx in enumerate(group):
+                p = ViewPrediction(pred.rotation[b], pred.shift[b], pred.confidence[b], pred.residual[b])
+                p = _align_hand(p, anchor_rot, cfg.anchors, result)
+                keep(idx, p, slice(1 + cfg.anchors, None))
+            if progress:
+                progress(int(done.sum()))
+    assert done.all(), "every particle must receive a pose"
+    if result.flipped_chunks:
+        log.info("hand check: %d of %d chunks flipped to agree with the anchors", result.flipped_chunks, result.n_chunks)
+    return result
+
+
+def _align_hand(pred: ViewPrediction, anchor_rot: torch.Tensor, n_anchors: int, result: PoseEstimate) -> ViewPrediction:
+    """Flip a chunk (Q -> F Q F) when its anchors agree better with the first pass mirrored."""
+    q = pred.rotation[1: 1 + n_anchors].to(anchor_rot.dtype)
+    e_same = torch.linalg.matrix_norm(q - anchor_rot).sum()
+    e_flip = torch.linalg.matrix_norm(mirror_rotations(q) - anchor_rot).sum()
+    rotation = pred.rotation
+    if e_flip < e_same:
+        rotation = mirror_rotations(rotation)
+        q = mirror_rotations(q)
+        result.flipped_chunks += 1
+    # Health check: the chunk's frame should agree with the first pass up to noise.
+    result.chunk_drift_deg.append(float(rotation_angle_deg(q, anchor_rot).median()))
+    return ViewPrediction(rotation, pred.shift, pred.confidence, pred.residual)

@@ -1,0 +1,423 @@
+"""The main job: from a particle stack to poses and a map, as one library call.
+
+``run(JobConfig) -> Report`` is what ``cryofastar run``, the RELION External adapter and the CryoSPARC
+connector all call. Stages: read and validate the particles; load the weights; estimate poses
+feed-forward (reference selection, anchors, chunks, hand check); optionally drop the least confident
+particles; reconstruct half maps with CTF correction; optionally refine locally; write every output.
+
+Outputs are written into a hidden staging folder inside ``out_dir`` and moved into place together at
+the end, ``report.json`` last, so a killed run leaves nothing that looks finished. The pose estimate
+is also kept in ``out_dir/.cryofastar/`` with a fingerprint of the inputs and settings, so a rerun on
+the same ``out_dir`` resumes after inference, and a rerun on complete output does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cryofastar_core import __version__
+from cryofastar_core.errors import InputError
+from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
+from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
+from cryofastar_core.io import CONFIDENCE_LABEL, ParticleSet, read_particles, write_map, write_particles_cs, write_particles_star
+from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
+from cryofastar_core.model import load_weights
+from cryofastar_core.model.checkpoint import read_weights_file
+from cryofastar_core.reconstruct import ParticleChunk, fsc, random_half_sets, reconstruct_half_maps, resolution_at
+from cryofastar_core.weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".cryofastar"
+REPORT = "report.json"
+
+
+@dataclass
+class JobConfig:
+    """Every setting of one run; validated by :meth:`validate` before any work."""
+
+    particles: Path
+    out_dir: Path
+    weights: str = "default"
+    project_dir: Path | None = None
+    box: int | None = None  # model box; must match the weights when given
+    views: int = 128
+    candidates: int = 64
+    anchors: int = 8
+    chunks_per_batch: int = 4
+    weighting: str = "confidence"
+    refine_iters: int = 0
+    keep_fraction: float | None = None
+    min_confidence: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+    read_chunk: int = 512
+
+    def validate(self) -> None:
+        def bad(flag: str, problem: str, fix: str) -> InputError:
+            return InputError(None, flag, problem, fix)
+
+        if self.views < 4:
+            raise bad("--views", f"{self.views} is too few", "use at least 4 views per pass (128 recommended)")
+        if not 1 <= self.anchors <= self.views - 2:
+            raise bad("--anchors", f"{self.anchors} does not fit in {self.views} views", "use 1 to views - 2 anchors")
+        if self.candidates < 1:
+            raise bad("--candidates", "must be at least 1", "use e.g. 64")
+        if self.refine_iters < 0:
+            raise bad("--refine-iters", "must not be negative", "use 0 (off) or a small number such as 3")
+        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
+            raise bad("--keep-fraction", f"{self.keep_fraction} is not in (0, 1]", "use e.g. 0.8 to keep 80 %")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise bad("--device", f"unknown device '{self.device}'", "use auto, cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise bad("--device", "CUDA was asked for but no GPU is visible", "use --device auto or cpu")
+        if self.threads is not None and self.threads < 1:
+            raise bad("--threads", "must be at least 1", "use the number of cores to use")
+        if self.weighting not in ("confidence", "uniform"):
+            raise bad("weighting", f"unknown weighting '{self.weighting}'", "use confidence or uniform")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class Report:
+    """What a run did; written as ``report.json``."""
+
+    version: str
+    settings: dict
+    weights: dict
+    n_particles: int
+    n_kept: int
+    reference: int
+    flipped_chunks: int
+    n_chunks: int
+    apix: float
+    box: int
+    model_box: int
+    resolution_0143: float
+    timings_s: dict[str, float] = field(default_factory=dict)
+    refinement: list[dict] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    resumed_from_poses: bool = False
+    status: str = "complete"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str) -> "_Stage":
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: _Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+        log.info("stage: %s", self.name)
+
+    def __exit__(self, *exc) -> None:
+        self.timer.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+
+
+def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None) -> Report:
+    """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress."""
+    cfg.validate()
+    timer = _Timer()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    device = cfg.torch_device()
+
+    with timer.stage("read"):
+        particles = read_particles(cfg.particles, cfg.project_dir)
+        _refuse_overwriting_inputs(particles, out)
+        if len(particles) < cfg.views:
+            raise InputError(cfg.particles, None, f"{len(particles)} particles is fewer than --views {cfg.views}",
+                             f"use --views {max(4, len(particles))} or more particles")
+        apix_all = np.asarray(particles.apix, dtype=np.float64)
+        if not np.allclose(apix_all, apix_all[0], rtol=1e-4):
+            raise InputError(cfg.particles, "rlnImagePixelSize", "particles have different pixel sizes",
+                             "run one optics group (pixel size) at a time")
+        apix = float(apix_all[0])
+
+    with timer.stage("load_weights"):
+        weights_path = resolve_weights(cfg.weights)
+        model = load_weights(weights_path, device=device)
+        model_box = int(model.cfg.box)
+        if cfg.box is not None and cfg.box != model_box:
+            raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
+                             f"use --box {model_box} or weights trained at box {cfg.box}")
+        weights_info = _weights_identity(weights_path)
+
+    fingerprint = _fingerprint(cfg, particles, weights_info)
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / STATE_DIR
+    done_report = _completed_report(out, fingerprint)
+    if done_report is not None:
+        log.info("%s already holds a complete run with these inputs and settings: nothing to do", out)
+        return done_report
+    # From here on the folder must not look finished: drop an older run's report and stale staging.
+    (out / REPORT).unlink(missing_ok=True)
+    for stale in out.glob(".cryofastar-staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    # Poses: resume from a finished inference stage of an interrupted run with the same fingerprint.
+    poses_file = state / "poses.npz"
+    resumed = False
+    with timer.stage("poses"):
+        est = _load_poses(poses_file, fingerprint)
+        if est is not None:
+            resumed = True
+            log.info("resuming: feed-forward poses from an earlier run of this job")
+        else:
+            if state.exists():
+                shutil.rmtree(state)  # state of other inputs or settings: restart cleanly
+            est = _estimate(cfg, particles, model, model_box, device, progress)
+            state.mkdir(parents=True, exist_ok=True)
+            with atomic_output(poses_file) as tmp:
+                np.savez(tmp, fingerprint=fingerprint, **{k: v for k, v in est.items() if k != "fingerprint"})
+                # np.savez appends .npz to names without it; the temp name keeps the suffix.
+    del model
+    rotations, shifts, confidence = est["rotations"], est["shifts"], est["confidence"]
+
+    with timer.stage("select"):
+        keep = _select(cfg, confidence)
+        log.info("keeping %d of %d particles", int(keep.sum()), len(keep))
+        half = particles.half_set
+        if half is None or not set(np.unique(half).tolist()) <= {1, 2}:
+            half = random_half_sets(len(particles), torch.Generator().manual_seed(cfg.seed))
+
+    refinement: list[dict] = []
+    if cfg.refine_iters > 0:
+        with timer.stage("refine"):
+            rotations, shifts, refinement = _refine(cfg, particles, rotations, shifts, half, keep, apix, device)
+
+    with timer.stage("reconstruct"):
+        full, half1, half2 = _reconstruct(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk, progress)
+        freq, curve = fsc(half1, half2)
+        res = resolution_at(freq, curve, apix, 0.143)
+        log.info("gold-standard resolution (half-map FSC 0.143): %.2f Å", res)
+
+    with timer.stage("write"):
+        outputs = _write_outputs(out, particles, rotations, shifts, half, keep, confidence, est, full, half1, half2,
+                                 freq, curve, apix)
+    timer.timings["total"] = round(time.perf_counter() - t_start, 3)
+    report = Report(
+        version=__version__, settings=_settings(cfg), weights=weights_info, n_particles=len(particles),
+        n_kept=int(keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
+        n_chunks=int(est["n_chunks"]), apix=apix, box=int(particles.box), model_box=model_box,
+        resolution_0143=float(res), timings_s=timer.timings, refinement=refinement, outputs=outputs + [REPORT],
+        resumed_from_poses=resumed)
+    payload = json.loads(report.to_json())
+    payload["fingerprint"] = fingerprint
+    with atomic_output(out / REPORT) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    return report
+
+
+def _refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:
+    inputs = {Path(particles.source).resolve(), *(Path(p).resolve() for p in particles.image_files)}
+    for name in ("particles.star", "particles.cs", "map.mrc", "half1.mrc", "half2.mrc"):
+        target = (out / name).resolve()
+        if target in inputs:
+            raise InputError(particles.source, None, f"the output {target} would overwrite an input file",
+                             "choose an output folder (--o) that holds none of the inputs")
+
+
+def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int, device: torch.device,
+              progress: Callable[[str, int, int], None] | None) -> dict:
+    n = len(particles)
+
+    def load(indices: np.ndarray) -> torch.Tensor:
+        images = particles.read_images(indices)
+        return to_model_input(images, model_box, particles.sign[indices], device=device)
+
+    ecfg = EstimatorConfig(views=cfg.views, candidates=cfg.candidates, anchors=cfg.anchors,
+                           chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
+    bar = _progress_bar(n, "poses")
+    last = [0]
+
+    def tick(done: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+        if progress:
+            progress("poses", done, n)
+
+    try:
+        est = estimate_poses(model, load, n, ecfg, progress=tick)
+    finally:
+        bar.close()
+    scale = model_px_to_input_px(particles.box, model_box)
+    if est.chunk_drift_deg:
+        log.info("frame health: median anchor disagreement between chunks %.2f deg", float(np.median(est.chunk_drift_deg)))
+    return {"rotations": est.rotations, "shifts": est.shifts * scale, "confidence": est.confidence,
+            "residual": est.residual, "reference": est.reference, "anchors": est.anchors,
+            "flipped_chunks": est.flipped_chunks, "n_chunks": est.n_chunks,
+            "candidate_scores": est.candidate_scores}
+
+
+def _select(cfg: JobConfig, confidence: np.ndarray) -> np.ndarray:
+    keep = np.ones(len(confidence), dtype=bool)
+    if cfg.min_confidence is not None:
+        keep &= confidence >= cfg.min_confidence
+    if cfg.keep_fraction is not None and cfg.keep_fraction < 1:
+        # Exactly the k most confident (a stable rank, so ties cannot keep more than asked for).
+        k = max(2, int(round(cfg.keep_fraction * len(confidence))))
+        top = np.argsort(-confidence, kind="stable")[:k]
+        ranked = np.zeros_like(keep)
+        ranked[top] = True
+        keep &= ranked
+    if keep.sum() < 2:
+        raise InputError(None, "--keep-fraction/--min-confidence", "fewer than 2 particles would be kept",
+                         "keep a larger fraction or lower the confidence threshold")
+    return keep
+
+
+def _chunks(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray, keep: np.ndarray,
+            apix: float, device: torch.device, read_chunk: int, on_chunk: Callable[[int], None] | None = None):
+    ctf_all = particles.ctf_params() if particles.ctf is not None else None
+    indices = np.flatnonzero(keep)
+    for idx, images in particles.iter_chunks(read_chunk, indices):
+        images = torch.as_tensor(images * particles.sign[idx, None, None], dtype=torch.float32, device=device)
+        yield ParticleChunk(images=images, rotations=torch.as_tensor(rotations[idx], dtype=torch.float32, device=device),
+                            half_sets=half[idx], shifts=torch.as_tensor(shifts[idx], dtype=torch.float32, device=device),
+                            ctf=None if ctf_all is None else ctf_all.index(torch.as_tensor(idx)).to(device), apix=apix)
+        if on_chunk:
+            on_chunk(len(idx))
+
+
+def _reconstruct(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray, keep: np.ndarray,
+                 apix: float, device: torch.device, read_chunk: int,
+                 progress: Callable[[str, int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total = int(keep.sum())
+    bar = _progress_bar(total, "reconstruct")
+    done = [0]
+
+    def tick(k: int) -> None:
+        bar.update(k)
+        done[0] += k
+        if progress:
+            progress("reconstruct", done[0], total)
+
+    try:
+        return reconstruct_half_maps(_chunks(particles, rotations, shifts, half, keep, apix, device, read_chunk, tick),
+                                     box=particles.box, device=device)
+    finally:
+        bar.close()
+
+
+def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+            keep: np.ndarray, apix: float, device: torch.device) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    from cryofastar_core.refine import RefineConfig, refine_poses
+
+    idx = np.flatnonzero(keep)
+
+    def load(local: np.ndarray) -> torch.Tensor:
+        g = idx[local]
+        return torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32, device=device)
+
+    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
+    result = refine_poses(load, ctf, apix, rotations[idx], shifts[idx], half[idx],
+                          RefineConfig(iterations=cfg.refine_iters), device=device)
+    rotations, shifts = rotations.copy(), shifts.copy()
+    rotations[idx] = np.asarray(result.rotations)
+    shifts[idx] = np.asarray(result.shifts)
+    return rotations, shifts, [dict(h) for h in result.history]
+
+
+def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+                   keep: np.ndarray, confidence: np.ndarray, est: dict, full: torch.Tensor, half1: torch.Tensor,
+                   half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float) -> list[str]:
+    from cryofastar_core.plots import confidence_histogram, fsc_plot, viewing_direction_plot
+
+    with staged_output_dir(out) as stage:
+        # A per-particle confidence in [0, 1] under a label RELION 3.1 knows, so RELION programs keep it.
+        conf01 = 1.0 - 1.0 / np.maximum(confidence, 1.0)
+        write_particles_star(particles, stage / "particles.star", rotations=rotations, shifts=shifts, half_set=half,
+                             extra_columns={CONFIDENCE_LABEL: conf01}, keep=keep)
+        if particles.source_format == "cryosparc":
+            write_particles_cs(particles, stage / "particles.cs", rotations, shifts, half_set=half, keep=keep)
+        write_map(stage / "map.mrc", full.cpu().numpy(), apix)
+        write_map(stage / "half1.mrc", half1.cpu().numpy(), apix)
+        write_map(stage / "half2.mrc", half2.cpu().numpy(), apix)
+        fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", thresholds=(0.143,))
+        viewing_direction_plot(rotations[keep], stage / "viewing_directions.png")
+        confidence_histogram(confidence, stage / "confidence.png",
+                             threshold=float(confidence[keep].min()) if not keep.all() else None)
+        np.savetxt(stage / "fsc.tsv", np.stack([freq.cpu().numpy() / apix, curve.cpu().numpy()], 1),
+                   header="frequency_1_per_A\tfsc", delimiter="\t", fmt="%.6f")
+        names = sorted(p.name for p in stage.iterdir())
+    return names
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="particle", dynamic_ncols=True, mininterval=1.0,
+                disable=os.environ.get("CRYOFASTAR_NO_PROGRESS") == "1")
+
+
+def _settings(cfg: JobConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _weights_identity(path: Path) -> dict:
+    content = read_weights_file(path)
+    h = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"path": str(path), "sha256": h, "config": content.get("config"), "provenance": content.get("extra", {})}
+
+
+def _fingerprint(cfg: JobConfig, particles: ParticleSet, weights: dict) -> str:
+    src = Path(particles.source)
+    st = src.stat()
+    relevant = {k: v for k, v in _settings(cfg).items() if k not in ("out_dir", "device", "threads", "read_chunk")}
+    blob = json.dumps({"source": str(src.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+                       "weights": weights["sha256"], "settings": relevant}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _completed_report(out: Path, fingerprint: str) -> Report | None:
+    path = out / REPORT
+    if not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if payload.pop("fingerprint", None) != fingerprint or not all((out / o).exists() for o in payload.get("outputs", [])):
+        return None
+    return Report(**payload)
+
+
+def _load_poses(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return None
+            return {k: z[k] for k in z.files if k != "fingerprint"}
+    except (OSError, ValueError, KeyError):
+        return None

@@ -1,0 +1,129 @@
+"""Centred Fourier transforms, frequency grids and Fourier cropping / padding.
+
+Convention: "centred" means the origin sits at index ``n // 2`` in both real and Fourier space
+(fftshift convention), so frequency index ``i`` is ``k = (i - n // 2) / n`` cycles/px. Transforms are
+unnormalised in the forward direction (numpy's "backward" norm): the DC term is the sum of the pixels,
+which makes the Fourier-slice theorem hold without extra factors (the 2D transform of a sum over z is
+the central slice of the 3D transform).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _fftn_c(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
+
+
+def _ifftn_c(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
+
+
+def fft2c(x: Tensor) -> Tensor:
+    """``(..., D, D)`` real or complex -> centred complex 2D transform ``(..., D, D)`` (DC at ``D // 2``)."""
+    return _fftn_c(x, (-2, -1))
+
+
+def ifft2c(x: Tensor) -> Tensor:
+    """Inverse of :func:`fft2c`; returns complex (take ``.real`` for images)."""
+    return _ifftn_c(x, (-2, -1))
+
+
+def fft3c(x: Tensor) -> Tensor:
+    """``(..., D, D, D)`` -> centred complex 3D transform."""
+    return _fftn_c(x, (-3, -2, -1))
+
+
+def ifft3c(x: Tensor) -> Tensor:
+    """Inverse of :func:`fft3c`; returns complex."""
+    return _ifftn_c(x, (-3, -2, -1))
+
+
+def freq_1d(n: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Centred frequencies ``(n,)`` in cycles/px: ``(i - n // 2) / n``."""
+    return (torch.arange(n, device=device, dtype=dtype) - n // 2) / n
+
+
+def freq_grid_2d(box: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Centred 2D frequency grid ``(D, D, 2)`` holding ``(kx, ky)`` in cycles/px; indexed ``[y, x]``."""
+    k = freq_1d(box, device=device, dtype=dtype)
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    return torch.stack([kx, ky], dim=-1)
+
+
+def radial_index_grid(box: int, ndim: int, device=None) -> Tensor:
+    """Integer Fourier shell index ``round(|k| * box)`` on a centred ``box**ndim`` grid."""
+    k = torch.arange(box, device=device, dtype=torch.float32) - box // 2
+    grids = torch.meshgrid(*([k] * ndim), indexing="ij")
+    r = torch.sqrt(sum(g * g for g in grids))
+    return torch.round(r).long()
+
+
+def _crop_or_pad_centred(ft: Tensor, new: int, ndim: int) -> Tensor:
+    """Crop or zero-pad the last ``ndim`` axes of a centred array around index ``n // 2``."""
+    old = ft.shape[-1]
+    if new == old:
+        return ft
+    if new < old:
+        start = old // 2 - new // 2
+        sl = (Ellipsis,) + (slice(start, start + new),) * ndim
+        return ft[sl]
+    out = ft.new_zeros(ft.shape[:-ndim] + (new,) * ndim)
+    start = new // 2 - old // 2
+    sl = (Ellipsis,) + (slice(start, start + old),) * ndim
+    out[sl] = ft
+    return out
+
+
+def _resample(x: Tensor, new_box: int, ndim: int) -> Tensor:
+    old = x.shape[-1]
+    if any(s != old for s in x.shape[-ndim:]):
+        raise ValueError(f"expected square/cubic last {ndim} axes, got {tuple(x.shape)}")
+    if new_box == old:
+        return x.clone()
+    dims = tuple(range(-ndim, 0))
+    ft = _fftn_c(x, dims)
+    ft = _crop_or_pad_centred(ft, new_box, ndim)
+    out = _ifftn_c(ft, dims).real
+    # Unnormalised forward FFT: DC = mean * old**ndim, inverse divides by new**ndim; this factor keeps
+    # pixel values (and the mean) unchanged, so a smooth image looks the same at any box.
+    return out * (new_box / old) ** ndim
+
+
+def fourier_crop(images: Tensor, new_box: int) -> Tensor:
+    """Downsample ``(..., D, D)`` real images to ``(..., d, d)`` by cropping their centred transform.
+
+    Scaling: pixel values are preserved (the image mean is unchanged; a band-limited image is
+    resampled exactly). The pixel size grows by ``D / d``. The transform's Nyquist row/column of the
+    cropped grid is kept as is and the real part taken.
+    """
+    if new_box > images.shape[-1]:
+        raise ValueError(f"fourier_crop: new_box {new_box} > box {images.shape[-1]}; use fourier_pad")
+    return _resample(images, new_box, 2)
+
+
+def fourier_pad(images: Tensor, new_box: int) -> Tensor:
+    """Upsample ``(..., d, d)`` real images to ``(..., D, D)`` by zero-padding their transform (values preserved)."""
+    if new_box < images.shape[-1]:
+        raise ValueError(f"fourier_pad: new_box {new_box} < box {images.shape[-1]}; use fourier_crop")
+    return _resample(images, new_box, 2)
+
+
+def fourier_crop_volume(vol: Tensor, new_box: int) -> Tensor:
+    """Downsample ``(..., D, D, D)`` volumes to ``(..., d, d, d)`` (voxel values preserved, as :func:`fourier_crop`)."""
+    if new_box > vol.shape[-1]:
+        raise ValueError(f"fourier_crop_volume: new_box {new_box} > box {vol.shape[-1]}")
+    return _resample(vol, new_box, 3)
+
+
+def fourier_pad_volume(vol: Tensor, new_box: int) -> Tensor:
+    """Upsample ``(..., d, d, d)`` volumes to ``(..., D, D, D)`` (voxel values preserved)."""
+    if new_box < vol.shape[-1]:
+        raise ValueError(f"fourier_pad_volume: new_box {new_box} < box {vol.shape[-1]}")
+    return _resample(vol, new_box, 3)
+
+
+def pad_centred(x: Tensor, new: int, ndim: int) -> Tensor:
+    """Zero-pad (or crop) the last ``ndim`` axes of a real-space array, keeping the centre at ``n // 2``."""
+    return _crop_or_pad_centred(x, new, ndim)

@@ -1,0 +1,34 @@
+"""In-plane shifts as Fourier phase ramps.
+
+Convention (``geometry.py``): a shift ``s = (sx, sy)`` in pixels has RELION's origin meaning,
+``image(p) = centred_image(p + s)``; by the shift theorem ``F_img(k) = F_centred(k) * exp(+2 pi i k.s)``
+with ``k`` in cycles/px. Multiplying by the conjugate ramp re-centres a particle.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fourier import fft2c, freq_1d, ifft2c
+
+
+def phase_ramp(box: int, shifts: Tensor) -> Tensor:
+    """``(B, D, D)`` complex ramps ``exp(+2 pi i (kx sx + ky sy))`` on the centred grid; shifts ``(B, 2)`` px.
+
+    Multiplying a centred image transform by this APPLIES the shift (the particle moves by ``-s``).
+    """
+    shifts = torch.as_tensor(shifts)
+    if not shifts.is_floating_point():
+        shifts = shifts.float()
+    k = freq_1d(box, device=shifts.device, dtype=shifts.dtype)
+    phase = 2 * torch.pi * (k[None, None, :] * shifts[:, 0, None, None] + k[None, :, None] * shifts[:, 1, None, None])
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+def shift_images(images: Tensor, shifts: Tensor) -> Tensor:
+    """Apply shifts ``(B, 2)`` (px, origin convention) to real images ``(B, D, D)`` by Fourier phase ramp.
+
+    The shift is periodic (content leaving one edge re-enters at the other), as RELION's ``shiftImageInFourierTransform``.
+    """
+    ramp = phase_ramp(images.shape[-1], shifts.to(device=images.device, dtype=images.dtype))
+    return ifft2c(fft2c(images) * ramp).real

@@ -1,0 +1,488 @@
+"""Local pose refinement by projection matching, alternating with gold-standard reconstruction.
+
+What it does: starting from given poses (the feed-forward estimate), each iteration
+
+1. takes the two current half maps (gold standard: a particle of half set ``h`` is only ever compared
+   with the map of half set ``h``, so the half maps stay independent and their FSC stays honest),
+2. for every particle, scores candidate poses in a neighbourhood of its current pose against projections
+   of its own half map and keeps the best one,
+3. back-projects the particle with its new pose into new half maps (same pass over the data), and
+4. reports the FSC between the new half maps.
+
+Choices, and why:
+
+* **Candidates.** Rotations ``R @ exp(omega)`` for ``omega`` on a cubic grid of spacing ``step`` inside a
+  ball of radius ``radius`` (both in degrees; ``R`` maps image to map coordinates, so ``exp(omega)`` is a
+  small rotation about image-frame axes: its z component is the in-plane angle). The same perturbation
+  set is used for every particle, so the projections of a batch form one ``project_ft`` call. Shifts:
+  ``s + delta`` for ``delta`` on a square grid of spacing ``shift_step`` inside a disc of
+  ``shift_radius`` (pixels of the input box), scored for every rotation candidate at once as a matrix
+  product with phase ramps (cheaper than projecting again, and exact at sub-pixel offsets).
+* **Coarse to fine.** Both steps and both radii are multiplied by ``shrink`` after every iteration
+  (default 0.5: 4° in a ball of 8° (33 rotations), then 2°/4°, 1°/2°, ...). The frequency band used in
+  matching grows with the data: the first iteration uses shells up to the half-map FSC = 0.5 crossing, later
+  ones the FSC = 0.143 crossing, each plus ``extra_shells``, clamped to ``[min_shells, max_shells]``.
+* **Cropping.** Matching runs on a Fourier-cropped box ``d = 2 (ceil(r_lim) + 2) <= D`` (the half map is
+  Fourier-cropped to ``d`` before projection, the image transforms are cut to the same frequencies), so a
+  coarse iteration costs a fraction of a fine one. Frequencies stay in cycles per input pixel, so shifts
+  are always in input pixels.
+* **Score.** A normalised, CTF-aware, noise-whitened cross-correlation over the half plane of
+  frequencies ``1 <= |k| <= r_lim`` (Friedel symmetry of real images makes the other half redundant; DC
+  is skipped because it only carries the ice/background level):
+  ``score = Re sum_k conj(f c P) X e^{-2 pi i k.(s + delta)} / N  /  sqrt(sum_k |f c P|^2 / N)``
+  with ``X`` the image transform, ``P`` the projection, ``c`` the CTF, ``f`` the reference's FSC weight
+  (``max(FSC_half, 0)`` per shell, a Wiener-like down-weighting of shells the half map does not know
+  well) and ``N`` the radially averaged power spectrum of the images (measured during the previous pass
+  over the data; at low SNR it is close to the noise spectrum). The image norm is the same for every
+  candidate and is left out. This is the matched filter of a Gaussian noise model with an unknown
+  per-image scale; it needs no absolute greyscale.
+* **References.** Each half map is multiplied by a soft spherical mask (``mask_radius``, ``mask_width``)
+  before projection and before the FSC used for scheduling and reporting (the "masked FSC").
+* **Result.** The best candidate is kept (no soft average). Rotations are composed in float64 on the CPU
+  so that repeated composition does not drift from SO(3).
+
+Memory and cost: images are read ``chunk_size`` at a time through ``load_images`` (never all ``N``); only
+poses (``N x 11`` float64) live for the whole run. Within a chunk, particles are matched in batches of
+``b = max(1, batch_points // (J d^2))`` with ``J`` the number of rotation candidates; the projection of one
+batch peaks at about **350 bytes x b x J x d^2** (gather indices and trilinear weights of ``project_ft``),
+i.e. ~350 MB with the default ``batch_points = 2**20``. The two back-projectors hold
+``2 x (pad D)^3 x 12`` bytes. The work is linear in ``N``: one read, ``J`` projections of ``d^2``
+samples and ``J x T`` scores per particle per iteration (``T`` shift candidates), plus one insertion.
+Everything runs on ``device`` (CPU or GPU); ``load_images`` may return tensors on any device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .geometry import rotation_angle_deg, rotvec_to_matrix
+from .physics.ctf import CTFParams, ctf_at_frequencies
+from .physics.fourier import fft2c, fourier_crop_volume
+from .physics.projection import prepare_volume, project_ft
+from .reconstruct import Backprojector, fsc, resolution_at, soft_sphere_mask
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class RefineConfig:
+    """Settings of :func:`refine_poses` (see the module docstring for what each does).
+
+    Angles in degrees, shifts in pixels of the input box, resolution limits in Fourier shells of the
+    input box. ``mask_radius`` ``None`` means ``0.45 * D - mask_width``.
+    """
+
+    iterations: int = 3
+    angle_step_deg: float = 4.0
+    angle_radius_deg: float = 8.0
+    shift_step_px: float = 1.0
+    shift_radius_px: float = 2.0
+    shrink: float = 0.5
+    first_fsc_threshold: float = 0.5
+    fsc_threshold: float = 0.143
+    extra_shells: float = 2.0
+    min_shells: float = 4.0
+    max_shells: float | None = None
+    chunk_size: int = 512
+    batch_points: int = 1 << 20
+    use_ctf: bool = True
+    whiten: bool = True
+    fsc_weighting: bool = True
+    mask_radius: float | None = None
+    mask_width: float = 3.0
+    pad: int = 2
+    subgrid: bool = True
+    soft: bool = False
+
+    def validate(self) -> None:
+        if self.iterations < 0:
+            raise ValueError("RefineConfig.iterations must be >= 0")
+        for name in ("angle_step_deg", "angle_radius_deg", "shift_step_px", "chunk_size", "batch_points"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RefineConfig.{name} must be > 0")
+        if self.shift_radius_px < 0:
+            raise ValueError("RefineConfig.shift_radius_px must be >= 0")
+        if not 0 < self.shrink <= 1:
+            raise ValueError("RefineConfig.shrink must be in (0, 1]")
+        if self.pad < 1:
+            raise ValueError("RefineConfig.pad must be >= 1")
+
+
+@dataclass
+class RefineResult:
+    """Output of :func:`refine_poses`.
+
+    ``rotations`` ``(N, 3, 3)`` and ``shifts`` ``(N, 2)``: refined poses, float64 on the CPU.
+    ``history``: one dict per reconstruction (entry 0 = the starting poses, entry ``i`` = after iteration
+    ``i``) with the masked half-map FSC (``fsc``, per shell), ``resolution_0143``/``resolution_05`` (Å) and,
+    for ``i >= 1``, the search settings used and how far the poses moved.
+    ``half1``, ``half2``, ``full``: the final maps ``(D, D, D)`` on ``device`` (unmasked).
+    """
+
+    rotations: Tensor
+    shifts: Tensor
+    history: list[dict] = field(default_factory=list)
+    half1: Tensor | None = None
+    half2: Tensor | None = None
+    full: Tensor | None = None
+
+
+def _ball_grid(ndim: int, radius_steps: float) -> tuple[Tensor, Tensor]:
+    """Integer points ``(J, ndim)`` with norm ``<= radius_steps`` (origin first, then by norm), and for each
+    point and axis the index of its neighbours at ``-1`` and ``+1`` along that axis, ``(J, ndim, 2)``
+    (``-1`` where the neighbour lies outside the ball)."""
+    n = int(math.floor(radius_steps + 1e-9))
+    r = torch.arange(-n, n + 1, dtype=torch.int64)
+    g = torch.stack(torch.meshgrid(*([r] * ndim), indexing="ij"), -1).reshape(-1, ndim)
+    norm2 = (g * g).sum(-1)
+    g = g[norm2 <= radius_steps ** 2 + 1e-9]
+    g = g[torch.argsort((g * g).sum(-1), stable=True)]
+    side = 2 * n + 3  # one spare cell on each side so that neighbours of edge points have a slot
+    weights = side ** torch.arange(ndim)
+    lookup = torch.full((side ** ndim,), -1, dtype=torch.int64)
+    lookup[((g + n + 1) * weights).sum(-1)] = torch.arange(g.shape[0])
+    nb = torch.empty(g.shape[0], ndim, 2, dtype=torch.int64)
+    for a in range(ndim):
+        for k, sgn in enumerate((-1, 1)):
+            h = g.clone()
+            h[:, a] += sgn
+            nb[:, a, k] = lookup[((h + n + 1) * weights).sum(-1)]
+    return g, nb
+
+
+def perturbation_grid(step_deg: float, radius_deg: float) -> Tensor:
+    """Rotation vectors ``(J, 3)`` (radians) on a cubic grid of spacing ``step_deg`` inside a ball of
+    ``radius_deg``; the identity comes first."""
+    g, _ = _ball_grid(3, radius_deg / step_deg)
+    return torch.deg2rad(g.double() * step_deg)
+
+
+def shift_grid(step_px: float, radius_px: float) -> Tensor:
+    """Shift offsets ``(T, 2)`` (px) on a square grid of spacing ``step_px`` inside a disc of ``radius_px``;
+    zero first."""
+    g, _ = _ball_grid(2, radius_px / step_px)
+    return g.double() * step_px
+
+
+def matching_shells(freq: Tensor, curve: Tensor, box: int, threshold: float, cfg: RefineConfig) -> float:
+    """Matching radius (shells of ``box``): the FSC ``threshold`` crossing plus ``extra_shells``, clamped."""
+    res = resolution_at(freq, curve, 1.0, threshold)  # apix 1: resolution in px
+    cross = box / res if math.isfinite(res) and res > 0 else 0.0
+    upper = box / 2 - 1 if cfg.max_shells is None else min(cfg.max_shells, box / 2 - 1)
+    return float(min(max(cross + cfg.extra_shells, cfg.min_shells), upper))
+
+
+class _Band:
+    """The Fourier samples used in matching: half plane, ``1 <= |q| <= r_lim`` (q in input-box shells)."""
+
+    def __init__(self, box: int, r_lim: float, device: torch.device):
+        self.box = box
+        self.crop = min(box, 2 * (int(math.ceil(r_lim)) + 2))
+        d = self.crop
+        q = torch.arange(d, device=device) - d // 2
+        qy, qx = torch.meshgrid(q, q, indexing="ij")
+        r2 = qx * qx + qy * qy
+        keep = ((qy > 0) | ((qy == 0) & (qx > 0))) & (r2 <= r_lim * r_lim)
+        self.qx, self.qy = qx[keep], qy[keep]
+        self.idx_crop = ((self.qy + d // 2) * d + self.qx + d // 2)          # into the (d, d) projection
+        self.idx_full = ((self.qy + box // 2) * box + self.qx + box // 2)    # into the (D, D) image transform
+        self.shell = torch.round(torch.sqrt(r2[keep].double())).long()
+        self.kx = self.qx.double() / box  # cycles per input pixel
+        self.ky = self.qy.double() / box
+
+    def ramps(self, shifts: Tensor, dtype: torch.dtype) -> Tensor:
+        """``exp(-2 pi i k.s)`` ``(..., P)`` for shifts ``(..., 2)`` px: multiplying UNDOES the shift."""
+        s = shifts.to(device=self.kx.device, dtype=torch.float64)
+        phase = -2 * torch.pi * (s[..., 0:1] * self.kx + s[..., 1:2] * self.ky)
+        return torch.polar(torch.ones_like(phase), phase).to(_complex(dtype))
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+class _PowerSpectrum:
+    """Radially averaged power of image transforms at the input box (sum and count per shell)."""
+
+    def __init__(self, box: int, device: torch.device):
+        q = torch.arange(box, device=device) - box // 2
+        r = torch.sqrt((q[:, None] ** 2 + q[None, :] ** 2).double())
+        self.shell = torch.round(r).long().reshape(-1)
+        n = int(self.shell.max()) + 1
+        self.total = torch.zeros(n, dtype=torch.float64, device=device)
+        self.count = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def add(self, ft: Tensor) -> None:
+        p = (ft.abs() ** 2).reshape(ft.shape[0], -1).double().sum(0)
+        self.total.index_add_(0, self.shell, p)
+        self.count.index_add_(0, self.shell, torch.full_like(p, ft.shape[0]))
+
+    def ready(self) -> bool:
+        return bool(self.count.sum() > 0)
+
+    def mean(self) -> Tensor:
+        return self.total / self.count.clamp_min(1)
+
+
+def _as_tensor(x, dtype=torch.float64) -> Tensor:
+    return (x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))).detach().to("cpu", dtype)
+
+
+def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float,
+                 rotations: Tensor | np.ndarray, shifts: Tensor | np.ndarray, half_set: Tensor | np.ndarray,
+                 cfg: RefineConfig | None = None, device: torch.device | str | None = None,
+                 progress: ProgressFn | None = None,
+                 initial_half_maps: tuple[Tensor, Tensor] | None = None) -> RefineResult:
+    """Refine ``N`` poses locally; see the module docstring.
+
+    ``load_images(idx)``: ``idx`` ``(n,)`` int64 indices into ``0..N-1`` -> real images ``(n, D, D)``
+    (contrast sign applied, at the reconstruction box). ``ctf``: per-particle parameters in the same order
+    (``None``: no CTF). ``apix``: Å/px of the images. ``rotations`` ``(N, 3, 3)`` (internal convention),
+    ``shifts`` ``(N, 2)`` px, ``half_set`` ``(N,)`` in {1, 2}. ``initial_half_maps``: half maps of the
+    starting poses if the caller already has them (saves one pass over the data). ``progress(stage, done,
+    total)`` is called after every chunk.
+    """
+    cfg = cfg or RefineConfig()
+    cfg.validate()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    R_all = _as_tensor(rotations)
+    s_all = _as_tensor(shifts)
+    half = _as_tensor(half_set, torch.int64)
+    N = R_all.shape[0]
+    if R_all.shape != (N, 3, 3) or s_all.shape != (N, 2) or half.shape != (N,):
+        raise ValueError(f"refine_poses: rotations (N,3,3), shifts (N,2), half_set (N,) expected, got "
+                         f"{tuple(R_all.shape)}, {tuple(s_all.shape)}, {tuple(half.shape)}")
+    if N == 0:
+        raise ValueError("refine_poses: no particles")
+    if not bool(((half == 1) | (half == 2)).all()):
+        raise ValueError("refine_poses: half_set values must be 1 or 2")
+    if ctf is not None and len(ctf) != N:
+        raise ValueError(f"refine_poses: {len(ctf)} CTF entries for {N} particles")
+    use_ctf = ctf if (ctf is not None and cfg.use_ctf) else None
+    if use_ctf is not None:
+        use_ctf = use_ctf.to(dev)
+
+    probe = load_images(np.arange(min(N, 1), dtype=np.int64))
+    D = int(probe.shape[-1])
+    del probe
+    mask = soft_sphere_mask(D, cfg.mask_radius if cfg.mask_radius is not None else 0.45 * D - cfg.mask_width,
+                            cfg.mask_width, device=dev)
+    R_all = R_all.clone()
+    s_all = s_all.clone()
+    history: list[dict] = []
+    spectrum = _PowerSpectrum(D, dev)
+
+    def chunks():
+        for start in range(0, N, cfg.chunk_size):
+            idx = np.arange(start, min(N, start + cfg.chunk_size), dtype=np.int64)
+            imgs = load_images(idx)
+            if imgs.shape[1:] != (D, D):
+                raise ValueError(f"load_images returned {tuple(imgs.shape)}, expected (n, {D}, {D})")
+            yield idx, imgs.to(device=dev, dtype=torch.float32)
+
+    def insert(bps: list[Backprojector], idx: np.ndarray, imgs: Tensor) -> None:
+        h = half[idx]
+        for k, bp in enumerate(bps, start=1):
+            sel = torch.nonzero(h == k).flatten()
+            if sel.numel() == 0:
+                continue
+            gi = torch.as_tensor(idx)[sel]
+            bp.insert(imgs[sel.to(dev)], R_all[gi].to(dev, torch.float32), shifts=s_all[gi].to(dev, torch.float32),
+                      ctf=None if use_ctf is None else use_ctf.index(gi.to(dev)), apix=apix)
+
+    def tick(stage: str, done: int) -> None:
+        if progress:
+            progress(stage, done, N)
+
+    if initial_half_maps is None:
+        bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
+        done = 0
+        for idx, imgs in chunks():
+            spectrum.add(fft2c(imgs))
+            insert(bps, idx, imgs)
+            done += len(idx)
+            tick("refine: initial reconstruction", done)
+        maps = [bp.finalize() for bp in bps]
+    else:
+        maps = [m.to(dev, torch.float32) for m in initial_half_maps]
+        bps = None
+    freq, curve = fsc(maps[0] * mask, maps[1] * mask)
+    history.append(_fsc_entry(0, freq, curve, apix))
+
+    for it in range(cfg.iterations):
+        scale = cfg.shrink ** it
+        a_step, a_rad = cfg.angle_step_deg * scale, cfg.angle_radius_deg * scale
+        s_step, s_rad = cfg.shift_step_px * scale, cfg.shift_radius_px * scale
+        thr = cfg.first_fsc_threshold if it == 0 else cfg.fsc_threshold
+        r_lim = matching_shells(freq, curve, D, thr, cfg)
+        band = _Band(D, r_lim, dev)
+        g_rot, nb_rot = _ball_grid(3, a_rad / a_step)
+        g_sh, nb_sh = _ball_grid(2, s_rad / s_step)
+        omegas = torch.deg2rad(g_rot.double() * a_step)                      # (J, 3) rad
+        deltas = g_sh.double() * s_step                                      # (T, 2) px
+        perturb = rotvec_to_matrix(omegas)                                   # (J, 3, 3) float64 CPU
+        nbs = (nb_rot.to(dev), nb_sh.to(dev)) if cfg.subgrid else None
+        grids = (g_rot.to(dev, torch.float32), g_sh.to(dev, torch.float32)) if cfg.soft else None
+        E = band.ramps(deltas.to(dev), torch.float32).T.contiguous()         # (P, T)
+        refs = [prepare_volume(fourier_crop_volume(m * mask, band.crop), pad=cfg.pad) for m in maps]
+        filt = torch.ones(band.shell.shape, dtype=torch.float64, device=dev)
+        if cfg.fsc_weighting:
+            filt = filt * curve.to(dev)[band.shell.clamp(max=curve.numel() - 1)].clamp(0.0, 1.0)
+        if cfg.whiten and spectrum.ready():
+            inv_noise = 1.0 / spectrum.mean()[band.shell].clamp_min(1e-30)
+        else:
+            inv_noise = None
+        next_spectrum = _PowerSpectrum(D, dev)
+        new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
+        moved_deg, moved_px, edge_rot, edge_shift = [], [], 0, 0
+        # Grid points missing a neighbour: the best score there may lie outside the searched region.
+        n_edge_rot = (nb_rot < 0).any(-1).any(-1)
+        n_edge_shift = (nb_sh < 0).any(-1).any(-1)
+        done = 0
+        stage = f"refine {it + 1}/{cfg.iterations}"
+        for idx, imgs in chunks():
+            ft = fft2c(imgs)
+            next_spectrum.add(ft)
+            if inv_noise is None and cfg.whiten:
+                # No spectrum yet (the caller gave the starting half maps): use the first chunk's.
+                spectrum.add(ft)
+                inv_noise = 1.0 / spectrum.mean()[band.shell].clamp_min(1e-30)
+            w = (filt if inv_noise is None else filt * inv_noise).to(torch.float32)
+            X = ft.reshape(ft.shape[0], -1)[:, band.idx_full]                # (n, P)
+            del ft
+            for k in (1, 2):
+                sel = torch.nonzero(half[idx] == k).flatten()
+                if sel.numel() == 0:
+                    continue
+                gi = torch.as_tensor(idx)[sel]
+                best_j, best_t, frac_r, frac_s = _match(
+                    refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], perturb, E, w,
+                    None if use_ctf is None else use_ctf.index(gi.to(dev)), apix, cfg.batch_points, nbs, grids)
+                best_j, best_t = best_j.cpu(), best_t.cpu()
+                omega = omegas[best_j] + torch.deg2rad(frac_r.cpu().double() * a_step)
+                R_new = R_all[gi] @ rotvec_to_matrix(omega)
+                s_new = s_all[gi] + deltas[best_t] + frac_s.cpu().double() * s_step
+                moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
+                moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
+                edge_rot += int(n_edge_rot[best_j].sum())
+                edge_shift += int(n_edge_shift[best_t].sum())
+                R_all[gi] = _orthonormalise(R_new)
+                s_all[gi] = s_new
+            insert(new_bps, idx, imgs)
+            done += len(idx)
+            tick(stage, done)
+        spectrum = next_spectrum
+        maps = [bp.finalize() for bp in new_bps]
+        bps = new_bps
+        freq, curve = fsc(maps[0] * mask, maps[1] * mask)
+        moved_deg_t, moved_px_t = torch.cat(moved_deg), torch.cat(moved_px)
+        entry = _fsc_entry(it + 1, freq, curve, apix)
+        entry.update(
+            angle_step_deg=a_step, angle_radius_deg=a_rad, shift_step_px=s_step, shift_radius_px=s_rad,
+            n_rotations=int(omegas.shape[0]), n_shifts=int(deltas.shape[0]), match_shells=r_lim,
+            match_resolution=float(D * apix / r_lim), match_box=band.crop,
+            median_rotation_change_deg=float(moved_deg_t.median()), mean_rotation_change_deg=float(moved_deg_t.mean()),
+            median_shift_change_px=float(moved_px_t.median()),
+            fraction_rotation_at_edge=edge_rot / N, fraction_shift_at_edge=edge_shift / N)
+        history.append(entry)
+
+    if bps is None:
+        # No iteration ran and the caller supplied the maps: there is nothing to sum; rebuild the full map.
+        bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
+        for idx, imgs in chunks():
+            insert(bps, idx, imgs)
+        maps = [bp.finalize() for bp in bps]
+    full = bps[0].add_(bps[1]).finalize()
+    return RefineResult(rotations=R_all, shifts=s_all, history=history, half1=maps[0], half2=maps[1], full=full)
+
+
+def _match(vft, band: _Band, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,
+           ctf: CTFParams | None, apix: float, batch_points: int,
+           neighbours: tuple[Tensor, Tensor] | None = None,
+           soft_grids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Best candidate per particle: indices into ``perturb`` ``(J, 3, 3)`` and into the shift grid, and the
+    sub-grid offsets ``(n, 3)``, ``(n, 2)`` in grid steps (zeros without ``neighbours``).
+
+    ``X`` ``(n, P)``: image transforms on the band; ``R`` ``(n, 3, 3)``, ``s`` ``(n, 2)``: current poses
+    (float64, CPU); ``E`` ``(P, T)``: ramps undoing each shift offset; ``w`` ``(P,)``: FSC weight / noise
+    power; ``neighbours``: ``(J, 3, 2)`` and ``(T, 2, 2)`` grid-neighbour indices (see :func:`_ball_grid`) for
+    the parabolic sub-grid peak; ``soft_grids``: the integer grids ``(J, 3)``, ``(T, 2)``: if given, the
+    offsets instead move the best grid point to the posterior mean under weights ``exp(max(score, 0)^2)``.
+    """
+    dev = X.device
+    n, J, T = X.shape[0], perturb.shape[0], E.shape[1]
+    d = band.crop
+    b = max(1, batch_points // (J * d * d))
+    Y = X * band.ramps(s.to(dev), torch.float32)                            # undo the current shift
+    if ctf is not None:
+        c = ctf_at_frequencies(ctf, band.kx[None] / apix, band.ky[None] / apix).to(torch.float32)
+    best_j = torch.empty(n, dtype=torch.long, device=dev)
+    best_t = torch.empty(n, dtype=torch.long, device=dev)
+    frac_r = torch.zeros(n, 3, device=dev)
+    frac_s = torch.zeros(n, 2, device=dev)
+    Er, Ei = E.real.contiguous(), E.imag.contiguous()
+    for a in range(0, n, b):
+        sl = slice(a, min(n, a + b))
+        m = sl.stop - a
+        cand = (R[sl, None] @ perturb[None]).reshape(-1, 3, 3).to(dev, torch.float32)
+        proj = project_ft(vft, cand).reshape(m, J, d * d)[:, :, band.idx_crop]   # (m, J, P)
+        if ctf is not None:
+            proj = proj * c[sl, None]
+        norm = torch.sqrt(((proj.real ** 2 + proj.imag ** 2) * w).sum(-1)).clamp_min(1e-30)  # (m, J)
+        Z = proj.conj() * (Y[sl, None] * w)                                  # (m, J, P)
+        del proj
+        score = (Z.real.reshape(m * J, -1) @ Er - Z.imag.reshape(m * J, -1) @ Ei).reshape(m, J, T)
+        del Z
+        score = score / norm[..., None]
+        flat = score.reshape(m, J * T).argmax(-1)
+        j, t = flat // T, flat % T
+        best_j[sl], best_t[sl] = j, t
+        if soft_grids is not None:
+            ll = score.clamp_min(0.0) ** 2
+            p = torch.softmax(ll.reshape(m, J * T), -1).reshape(m, J, T)
+            g_r, g_s = soft_grids
+            frac_r[sl] = p.sum(2) @ g_r - g_r[j]
+            frac_s[sl] = p.sum(1) @ g_s - g_s[t]
+        elif neighbours is not None:
+            rows = torch.arange(m, device=dev)
+            s0 = score[rows, j, t]
+            nb_r, nb_s = neighbours
+            frac_r[sl] = _parabolic_peak(s0, nb_r[j], lambda idx: score[rows[:, None, None], idx, t[:, None, None]])
+            frac_s[sl] = _parabolic_peak(s0, nb_s[t], lambda idx: score[rows[:, None, None], j[:, None, None], idx])
+    return best_j, best_t, frac_r, frac_s
+
+
+def _parabolic_peak(s0: Tensor, nb: Tensor, lookup: Callable[[Tensor], Tensor]) -> Tensor:
+    """Per-axis vertex of the parabola through the scores at ``-1, 0, +1`` grid steps, ``(m, ndim)`` in steps.
+
+    ``s0`` ``(m,)``: score at the best point; ``nb`` ``(m, ndim, 2)``: neighbour indices (``-1``: none, then
+    the offset is 0); ``lookup(idx)`` returns the scores at ``idx`` ``(m, ndim, 2)``. Clamped to half a
+    step, i.e. the point stays in the best grid cell.
+    """
+    have = (nb >= 0).all(-1)
+    sc = lookup(nb.clamp_min(0))
+    sm, sp = sc[..., 0], sc[..., 1]
+    curv = sm - 2 * s0[:, None] + sp
+    ok = have & (curv < 0)
+    off = 0.5 * (sm - sp) / torch.where(ok, curv, torch.ones_like(curv))
+    return torch.where(ok, off.clamp(-0.5, 0.5), torch.zeros_like(off))
+
+
+def _orthonormalise(R: Tensor) -> Tensor:
+    """Nearest rotations (SVD polar factor) of ``(n, 3, 3)`` float64 matrices."""
+    U, _, Vh = torch.linalg.svd(R)
+    d = torch.sign(torch.linalg.det(U @ Vh))
+    U = U.clone()
+    U[:, :, -1] *= d[:, None]
+    return U @ Vh
+
+
+def _fsc_entry(iteration: int, freq: Tensor, curve: Tensor, apix: float) -> dict:
+    return dict(iteration=iteration, resolution_0143=float(resolution_at(freq, curve, apix, 0.143)),
+                resolution_05=float(resolution_at(freq, curve, apix, 0.5)),
+                fsc=[round(float(v), 5) for v in curve.cpu()])

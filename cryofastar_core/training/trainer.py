@@ -1,0 +1,618 @@
+"""The training loop: curriculum stages, AdamW with warm-up + cosine, bf16 on CUDA, checkpoints, resume, DDP.
+
+Run folder (only rank 0 writes)::
+
+    config.yaml      the validated configuration of the run
+    metrics.csv      step, stage, views, snr, lr, loss terms, views/s, TFLOP/s, validation errors
+    checkpoint.pt    latest full state (model, optimiser, schedule position, RNG); weights-only loadable
+    loss.png         loss curves, refreshed at every checkpoint
+    weights.pt       final model (cryofastar_core.model.save_weights), written when the run stops
+    summary.json     throughput and FLOP estimates
+
+Distributed: under ``torchrun`` each rank simulates its share of the GLOBAL batch (``batch_size /
+world_size`` samples, seeded per global sample index), so the data and the averaged gradients do not
+depend on the number of ranks. gloo on CPU, NCCL on CUDA.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from torch import nn
+
+from cryofastar_core.errors import InputError
+from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
+from cryofastar_core.io.atomic_write import atomic_output
+
+from .config import StageConfig, TrainConfig
+from .data import VALIDATION_STREAM, BatchSimulator, TrainingBatch, VolumeFTCache, VolumeSource
+from .schedule import learning_rate, snr_at, stage_at, views_at
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cryofastar-train-checkpoint"
+CHECKPOINT_VERSION = 1
+FIXED_COLUMNS = ["step", "stage", "views", "snr", "ctf", "lr"]
+TAIL_COLUMNS = ["grad_norm", "views_per_s", "tflops", "val_rot_err_deg", "val_rot_err_mean_deg",
+                "val_shift_err_px", "elapsed_s"]
+HALF_EXPORT_PARAMS = 20_000_000
+# Dense bf16 tensor-core peaks (TFLOP/s) for the utilisation estimate; unknown devices report none.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+VolumeFactory = Callable[[StageConfig, str], VolumeSource]
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a distributed run (read from torchrun's environment by the CLI)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did: ``steps_done`` is the global step reached."""
+
+    steps_done: int
+    total_steps: int
+    last_loss: float | None
+    weights_path: Path | None
+    views_per_s: float | None
+    tflops: float | None
+
+
+def default_volume_factory(cfg: TrainConfig) -> VolumeFactory:
+    """Volumes from :class:`cryofastar_core.training.volumes.VolumeLibrary` (``split`` and ``n_pseudo`` per stage)."""
+
+    def make(stage: StageConfig, split: str) -> VolumeSource:
+        from .volumes import VolumeLibrary
+
+        return VolumeLibrary(box=cfg.box, split=split, cache_dir=cfg.cache_dir, n_pseudo=stage.n_pseudo, seed=cfg.seed)
+
+    return make
+
+
+def resolve_device(device: str, dist: DistInfo) -> torch.device:
+    """``auto`` -> CUDA when available; under DDP on CUDA, the rank's local GPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(None, "--device", f"unknown device {device!r}", "use auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(None, "--device", "CUDA was requested but no GPU is visible", "use --device cpu or auto")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, device: str = "auto",
+          max_steps: int | None = None, dist: DistInfo | None = None,
+          volume_factory: VolumeFactory | None = None) -> TrainResult:
+    """Train (or continue) the run in ``out_dir`` until all stages are done or ``max_steps`` global steps.
+
+    ``max_steps`` truncates the run without changing its schedule, so a run stopped there and resumed
+    later follows the same trajectory as an uninterrupted one.
+    """
+    dist = dist or DistInfo()
+    dev = resolve_device(device, dist)
+    if dist.world_size > 1:
+        _init_process_group(dev, dist)
+    try:
+        return _Trainer(cfg, Path(out_dir), dev, dist, volume_factory or default_volume_factory(cfg)).run(resume, max_steps)
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _init_process_group(dev: torch.device, dist: DistInfo) -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        return
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                             rank=dist.rank, world_size=dist.world_size)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: Path, dev: torch.device, dist: DistInfo,
+                 volume_factory: VolumeFactory):
+        self.cfg, self.out, self.dev, self.dist = cfg, out_dir, dev, dist
+        self.volume_factory = volume_factory
+        self.is_main = dist.rank == 0
+        self.ckpt_path = out_dir / "checkpoint.pt"
+        self.csv_path = out_dir / "metrics.csv"
+        self._sources: dict[tuple, VolumeFTCache] = {}
+        self._val_batches: dict[int, TrainingBatch] = {}
+        self._columns: list[str] | None = None
+        self._rows: list[dict] = []
+        self._flops_per_view: float | None = None
+        self._tb = None
+
+    # --- set-up -------------------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        for i, s in enumerate(self.cfg.stages):
+            if s.batch_size % self.dist.world_size:
+                raise InputError(None, f"stages[{i}].batch_size",
+                                 f"{s.batch_size} samples cannot be split over {self.dist.world_size} processes",
+                                 "make the global batch size a multiple of the number of processes")
+
+    def _build_model(self) -> nn.Module:
+        from cryofastar_core.model import CryoFastAR, load_weights, model_config
+
+        overrides = dict(self.cfg.model.overrides)
+        overrides.setdefault("checkpointing", self.cfg.activation_checkpointing)
+        mcfg = model_config(self.cfg.model.size, self.cfg.box, **overrides)
+        torch.manual_seed(self.cfg.seed)  # identical initialisation on every rank
+        model = CryoFastAR(mcfg)
+        if self.cfg.init_weights:
+            src = load_weights(self.cfg.init_weights)
+            try:
+                model.load_state_dict(src.state_dict(), strict=True)
+            except RuntimeError as exc:
+                raise InputError(self.cfg.init_weights, "init_weights", f"does not match the configured model ({exc})",
+                                 "use weights of the same size and box, or drop init_weights") from None
+        return model.to(self.dev)
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        # No weight decay on biases, norms and embeddings (1-D tensors), as usual for ViTs.
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        o = self.cfg.optimizer
+        return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=self.cfg.stages[0].lr, betas=tuple(o.betas), eps=o.eps)
+
+    def _source(self, stage: StageConfig, split: str) -> VolumeFTCache:
+        key = (split, stage.n_pseudo)
+        if key not in self._sources:
+            self._sources[key] = VolumeFTCache(self.volume_factory(stage, split), self.dev, self.cfg.volume_cache)
+        src = self._sources[key]
+        if len(src) == 0:
+            raise InputError(self.cfg.cache_dir, f"stage '{stage.name}'", f"the volume library split '{split}' is empty",
+                             "build the volume library or set n_pseudo > 0")
+        if stage.volumes == "single" and stage.single_index >= len(src):
+            raise InputError(None, f"stage '{stage.name}'.single_index",
+                             f"{stage.single_index} is past the {len(src)} volumes of split '{split}'",
+                             f"use an index below {len(src)}")
+        return src
+
+    # --- main loop ----------------------------------------------------------------------------------
+    def run(self, resume: bool, max_steps: int | None) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        self._check_config()
+        if self.is_main:
+            self._prepare_out_dir(resume)
+        self._barrier()
+        model = self._build_model()
+        optimizer = self._make_optimizer(model)
+        step = 0
+        if resume:
+            step = self._load_checkpoint(model, optimizer)
+        if self.is_main:
+            self._init_metrics(step, resume)
+        ddp_model = model
+        if dist.world_size > 1:
+            ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        from cryofastar_core.model import LossConfig, fpm_loss
+
+        loss_cfg = LossConfig(**cfg.loss)
+        total = cfg.total_steps
+        end = total if max_steps is None else max(0, min(total, max_steps))
+        use_bf16 = cfg.bf16 and self.dev.type == "cuda"
+        if self.dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.is_main:
+            n_params = sum(p.numel() for p in model.parameters())
+            log.info("training %s (%.2f M parameters) on %s x%d, steps %d -> %d of %d, run folder %s",
+                     cfg.model.size, n_params / 1e6, self.dev, dist.world_size, step, end, total, self.out)
+        model.train()
+        interval = _Interval()
+        last_loss = None
+        t_start = time.perf_counter()
+        views_per_s = None
+        first_step_of_process = True
+        while step < end:
+            pos = stage_at(cfg.stages, step)
+            stage = pos.stage
+            lr = learning_rate(stage, pos.local_step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            views = views_at(stage, cfg.seed, step)
+            snr = snr_at(stage, pos.local_step)
+            per_rank = stage.batch_size // dist.world_size
+            sim = BatchSimulator(self._source(stage, stage.split), cfg.box, self.dev)
+            batch = sim.make_batch(stage, seed=cfg.seed, step=step, first_sample=dist.rank * per_rank,
+                                   n_samples=per_rank, views=views, snr=snr)
+            counter = _flop_counter() if first_step_of_process else None
+            with counter if counter is not None else _nullcontext():
+                with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = ddp_model(batch.images)
+                loss, terms = fpm_loss(out, batch.targets, batch.clean, loss_cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            if counter is not None:
+                self._flops_per_view = counter.get_total_flops() / max(1, per_rank * views)
+            first_step_of_process = False
+            clip = cfg.optimizer.grad_clip
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
+            optimizer.step()
+            step += 1
+            interval.add({k: v for k, v in terms.items() if v.ndim == 0}, grad_norm.detach(),
+                         views * stage.batch_size)
+
+            at_end = step == end
+            do_ckpt = step % cfg.checkpoint_every == 0 or at_end
+            val_every = cfg.val_every or cfg.checkpoint_every
+            do_val = step % val_every == 0 or at_end
+            do_log = step % cfg.log_every == 0 or do_ckpt or do_val
+            if do_log:
+                means, gnorm, views_per_s = self._reduce_interval(interval)
+                last_loss = means.get("loss")
+                val = self._validate(model, stage, pos.index, use_bf16) if do_val and self.is_main else {}
+                if self.is_main:
+                    row = dict(step=step, stage=stage.name, views=views, snr="" if snr is None else _num(snr),
+                               ctf=int(stage.ctf), lr=_num(lr), **{k: _num(v) for k, v in means.items()},
+                               grad_norm=_num(gnorm), views_per_s=_num(views_per_s),
+                               tflops=_num(self._tflops(views_per_s)) if self._flops_per_view else "",
+                               elapsed_s=_num(time.perf_counter() - t_start), **val)
+                    self._write_row(row)
+                    log.info("step %d/%d [%s] V=%d snr=%s lr=%.2e loss=%.4f %s%.0f views/s%s%s", step, total,
+                             stage.name, views, "clean" if snr is None else f"{snr:.3g}", lr, last_loss,
+                             " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss") + " ",
+                             views_per_s, self._throughput_note(views_per_s),
+                             f" val_rot_err={val['val_rot_err_deg']:.2f} deg" if val else "")
+            if do_ckpt:
+                if self.is_main:
+                    self._save_checkpoint(model, optimizer, step)
+                    self._plot()
+                self._barrier()
+            if do_log:
+                interval = _Interval()  # after validation and checkpoint I/O, so views/s counts training only
+        weights_path = None
+        if self.is_main:
+            weights_path = self._export(model, step, total)
+            self._write_summary(step, total, views_per_s)
+            if self._tb is not None:
+                self._tb.close()
+        self._barrier()
+        return TrainResult(step, total, last_loss, weights_path, views_per_s,
+                           self._tflops(views_per_s) if views_per_s and self._flops_per_view else None)
+
+    # --- distributed helpers ------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def _reduce_interval(self, interval: "_Interval") -> tuple[dict[str, float], float, float]:
+        keys = sorted(interval.sums)
+        vec = torch.stack([interval.sums[k] for k in keys] + [interval.grad_norm]).double() / max(1, interval.n)
+        if self.dist.world_size > 1:
+            vec = vec.to(self.dev)
+            torch.distributed.all_reduce(vec)
+            vec = vec / self.dist.world_size
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        elapsed = time.perf_counter() - interval.t0
+        vals = vec.cpu().tolist()
+        means = dict(zip(keys, vals[:-1]))
+        means = {"loss": means.pop("loss"), **means} if "loss" in means else means
+        return means, vals[-1], interval.views / max(elapsed, 1e-9)
+
+    def _peak_tflops(self) -> float | None:
+        if self.dev.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.dev)
+        return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+    def _throughput_note(self, views_per_s: float | None) -> str:
+        """`` 123.4 TFLOP/s (31% of peak)`` on CUDA, from the FLOPs counted on the first step."""
+        tflops = self._tflops(views_per_s)
+        if tflops is None or self.dev.type != "cuda":
+            return ""
+        peak = self._peak_tflops()
+        per_gpu = tflops / self.dist.world_size
+        return f" {per_gpu:.1f} TFLOP/s/GPU" + (f" ({100 * per_gpu / peak:.0f}% of bf16 peak)" if peak else "")
+
+    def _tflops(self, views_per_s: float | None) -> float | None:
+        if not views_per_s or not self._flops_per_view:
+            return None
+        return self._flops_per_view * views_per_s / 1e12
+
+    # --- validation ---------------------------------------------------------------------------------
+    def _validation_batch(self, stage: StageConfig, index: int) -> TrainingBatch:
+        """A fixed held-out batch per stage: ``heldout`` volumes (or the stage's single volume), the stage's
+        hardest setting (views_max, snr_end, its CTF and shifts), seeded apart from training data."""
+        if index not in self._val_batches:
+            split = stage.split if stage.volumes == "single" else "heldout"
+            try:
+                source = self._source(stage, split)
+            except InputError:
+                source = self._source(stage, stage.split)  # no held-out volumes: new poses of training ones
+            sim = BatchSimulator(source, self.cfg.box, self.dev)
+            self._val_batches[index] = sim.make_batch(stage, seed=self.cfg.seed, step=index,
+                                                      first_sample=0, n_samples=self.cfg.val_samples,
+                                                      views=stage.views_max, snr=stage.snr_end,
+                                                      stream=VALIDATION_STREAM)
+        return self._val_batches[index]
+
+    @torch.no_grad()
+    def _validate(self, model: nn.Module, stage: StageConfig, index: int, use_bf16: bool) -> dict:
+        batch = self._validation_batch(stage, index)
+        model.eval()
+        try:
+            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(batch.images)
+        finally:
+            model.train()
+        errs = validation_errors(out.xyz.float(), out.conf.float(), batch, self.cfg.box)
+        return {k: _num(v) for k, v in errs.items()}
+
+    # --- files --------------------------------------------------------------------------------------
+    def _prepare_out_dir(self, resume: bool) -> None:
+        if resume:
+            if not self.ckpt_path.is_file():
+                raise InputError(self.out, "--resume", "no checkpoint.pt in the run folder",
+                                 "start a new run without --resume, or point --o at the folder of an earlier run")
+        else:
+            if self.ckpt_path.exists() or self.csv_path.exists():
+                raise InputError(self.out, "--o", "the run folder already holds a run",
+                                 "add --resume to continue it, or choose a new --o folder")
+            self.out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        cfg_path = self.out / "config.yaml"
+        if resume and cfg_path.is_file() and cfg_path.read_text() != text:
+            log.warning("the configuration differs from the one the run started with (%s); continuing with the new one",
+                        cfg_path)
+        with atomic_output(cfg_path) as tmp:
+            tmp.write_text(text)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        except Exception:  # tensorboard not installed: CSV and PNG only
+            self._tb = None
+
+    def _init_metrics(self, step: int, resume: bool) -> None:
+        if resume and self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._columns = list(reader.fieldnames or []) or None
+                # Rows past the checkpoint were logged by a run that died before saving: drop them.
+                self._rows = [r for r in reader if r.get("step") and int(r["step"]) <= step]
+            self._rewrite_csv()
+
+    def _write_row(self, row: dict) -> None:
+        if self._columns is None:
+            terms = [k for k in row if k not in FIXED_COLUMNS and k not in TAIL_COLUMNS]
+            self._columns = FIXED_COLUMNS + terms + TAIL_COLUMNS
+            self._rewrite_csv()
+        self._rows.append(row)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, self._columns, extrasaction="ignore", restval="").writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _rewrite_csv(self) -> None:
+        with atomic_output(self.csv_path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, self._columns or FIXED_COLUMNS, extrasaction="ignore", restval="")
+                w.writeheader()
+                w.writerows(self._rows)
+
+    def _save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        pos = stage_at(self.cfg.stages, max(0, step - 1))
+        rng = {"torch": torch.get_rng_state()}
+        if self.dev.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.dev)
+        payload = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+            "step": step, "stage": pos.stage.name, "stage_index": pos.index,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            # The schedule is a pure function of the global step (schedule.py); stored for the record.
+            "scheduler": {"kind": "per-stage warm-up + cosine", "step": step},
+            "rng": rng,
+            "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(),
+        }
+        with atomic_output(self.ckpt_path) as tmp:
+            torch.save(payload, tmp)
+
+    def _load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        try:
+            payload = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(self.ckpt_path, None, f"cannot read the checkpoint ({type(exc).__name__}: {exc})",
+                             "restore the file or start a new run") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(self.ckpt_path, "format", "not a CryoFastAR training checkpoint",
+                             "point --o at a folder written by cryofastar train")
+        if payload.get("format_version") != CHECKPOINT_VERSION:
+            raise InputError(self.ckpt_path, "format_version", f"version {payload.get('format_version')} is not supported",
+                             "resume with the CryoFastAR version that wrote it")
+        try:
+            model.load_state_dict(payload["model"], strict=True)
+        except RuntimeError as exc:
+            raise InputError(self.ckpt_path, "model", f"does not match the configured model ({str(exc)[:300]})",
+                             "resume with the configuration the run started with") from None
+        optimizer.load_state_dict(payload["optimizer"])
+        _optimizer_to(optimizer, self.dev)
+        rng = payload.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.dev.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.dev)
+        step = int(payload["step"])
+        if self.is_main:
+            log.info("resumed from %s at step %d (stage %s)", self.ckpt_path, step, payload.get("stage"))
+        return step
+
+    def _plot(self) -> None:
+        try:
+            plot_training_curves(self._rows, self.out / "loss.png", title=f"CryoFastAR training ({self.out.name})")
+        except Exception as exc:  # a figure must never stop training
+            log.warning("could not draw loss.png: %s", exc)
+
+    def _export(self, model: nn.Module, step: int, total: int) -> Path:
+        from cryofastar_core.model import save_weights
+
+        n_params = sum(p.numel() for p in model.parameters())
+        half = {"true": True, "false": False}.get(self.cfg.export_half, n_params > HALF_EXPORT_PARAMS)
+        path = self.out / "weights.pt"
+        pos = stage_at(self.cfg.stages, max(0, step - 1))
+        volumes = {f"{split}/n_pseudo={n}": [s.name for s in getattr(src.source, "specs", [])]
+                   for (split, n), src in self._sources.items()}
+        extra = {"trained_steps": step, "total_steps": total, "complete": step >= total,
+                 "last_stage": pos.stage.name, "train_config": self.cfg.to_dict(), "volumes": volumes}
+        save_weights(model, path, extra=extra, half=half)
+        log.info("wrote %s (%s, step %d of %d)", path, "fp16" if half else "fp32", step, total)
+        return path
+
+    def _write_summary(self, step: int, total: int, views_per_s: float | None) -> None:
+        peak = self._peak_tflops()
+        tflops = self._tflops(views_per_s)
+        per_device = tflops / self.dist.world_size if tflops else None
+        summary = {
+            "steps_done": step, "total_steps": total, "device": str(self.dev), "world_size": self.dist.world_size,
+            "device_name": torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu",
+            "views_per_s": views_per_s, "train_flops_per_view": self._flops_per_view,
+            "achieved_tflops_total": tflops, "achieved_tflops_per_device": per_device, "peak_tflops_bf16": peak,
+            "utilisation": (per_device / peak) if (per_device and peak) else None,
+        }
+        with atomic_output(self.out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+
+
+def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """Loss terms (log scale) beside the validation rotation error, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    def column(key: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for r in rows:
+            v = r.get(key, "")
+            if v not in ("", None) and math.isfinite(float(v)):
+                xs.append(float(r["step"]))
+                ys.append(float(v))
+        return xs, ys
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in ("regression", "grid", "denoise"):
+        xs, ys = column(key)
+        pts = [(x, y) for x, y in zip(xs, ys) if y > 0]
+        if pts:
+            ax_loss.plot(*zip(*pts), label=key, lw=1.2)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss term")
+    ax_loss.grid(alpha=0.3, which="both")
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize=8)
+    for key, label in (("val_rot_err_deg", "median"), ("val_rot_err_mean_deg", "mean")):
+        xs, ys = column(key)
+        if xs:
+            ax_val.plot(xs, ys, "o-", ms=3, lw=1.2, label=label)
+    ax_val.set_xlabel("step")
+    ax_val.set_ylabel("held-out rotation error (deg)")
+    ax_val.set_ylim(bottom=0)
+    ax_val.grid(alpha=0.3)
+    if ax_val.get_legend_handles_labels()[0]:
+        ax_val.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatch, box: int) -> dict[str, float]:
+    """Pose errors of predicted FPMs against the batch's ground truth (auxiliary views only).
+
+    Rotations come from confidence-weighted Kabsch; per sample the hand (mirror) with the smaller mean
+    error is taken, as the loss is hand-invariant. Returns the median and mean rotation error (degrees)
+    and the median shift error (pixels).
+    """
+    from cryofastar_core.model import denormalize, kabsch
+    from cryofastar_core.model.fpm import relative_rotations
+
+    fit = kabsch(denormalize(xyz[:, 1:]), conf[:, 1:], box)
+    truth = relative_rotations(batch.rotations[:, 0], batch.rotations)[:, 1:].to(fit.rotation.dtype)
+    err_same = rotation_angle_deg(fit.rotation, truth)
+    err_flip = rotation_angle_deg(mirror_rotations(fit.rotation), truth)
+    flip = err_flip.mean(-1) < err_same.mean(-1)
+    err = torch.where(flip[:, None], err_flip, err_same)
+    shift_err = torch.linalg.norm(fit.shift - batch.shifts[:, 1:].to(fit.shift.dtype), dim=-1)
+    return {"val_rot_err_deg": float(err.median()), "val_rot_err_mean_deg": float(err.mean()),
+            "val_shift_err_px": float(shift_err.median())}
+
+
+class _Interval:
+    """Running sums of the loss terms between two log lines (kept on the device: no per-step sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.grad_norm = torch.zeros((), dtype=torch.float64)
+        self.n = 0
+        self.views = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, views: int) -> None:
+        for k, v in terms.items():
+            v = v.detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.grad_norm = self.grad_norm.to(grad_norm.device) + grad_norm.double()
+        self.n += 1
+        self.views += views
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, dev: torch.device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(dev)
+
+
+def _flop_counter():
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        return FlopCounterMode(display=False)
+    except Exception:  # older torch: no estimate
+        return None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _num(v) -> float | str:
+    if v is None:
+        return ""
+    v = float(v)
+    return v if math.isfinite(v) else ""

@@ -1,0 +1,178 @@
+"""The main job end to end on a tiny simulated set, with tiny (untrained) weights: plumbing, outputs,
+resume, SIGTERM, untouched inputs, RELION reading our STAR, bad input through `cryofastar run`.
+
+Accuracy of the trained model is measured by the benchmark, not here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.io import CONFIDENCE_LABEL, read_particles
+from cryofastar_core.job import JobConfig, run
+from cryofastar_core.model import CryoFastAR, model_config, save_weights
+
+BOX = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
+                       neck_dim=16)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_weights(CryoFastAR(cfg), path, extra={"note": "untrained, for plumbing tests"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def sim_star(tmp_path_factory, tiny_map_file) -> Path:
+    out = tmp_path_factory.mktemp("sim")
+    return simulate(SimulateConfig(out_dir=out, n=80, box=BOX, snr=1.0, seed=3, map_path=tiny_map_file,
+                                   ctf=True, max_shift=1.0))
+
+
+@pytest.fixture(scope="module")
+def big_sim_star(tmp_path_factory, tiny_map_file) -> Path:
+    """Enough particles that the job is still running when SIGTERM arrives."""
+    out = tmp_path_factory.mktemp("bigsim")
+    return simulate(SimulateConfig(out_dir=out, n=1500, box=BOX, snr=1.0, seed=4, map_path=tiny_map_file))
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _cfg(star: Path, out: Path, weights: Path, **kw) -> JobConfig:
+    return JobConfig(particles=star, out_dir=out, weights=str(weights), views=16, candidates=3, anchors=4,
+                     chunks_per_batch=2, device="cpu", **kw)
+
+
+def test_run_writes_every_output_and_leaves_inputs_untouched(sim_star, tiny_weights, tmp_path, relion):
+    before = _checksums(sim_star.parent)
+    out = tmp_path / "job"
+    report = run(_cfg(sim_star, out, tiny_weights, keep_fraction=0.9))
+    assert _checksums(sim_star.parent) == before
+    for name in ("particles.star", "map.mrc", "half1.mrc", "half2.mrc", "fsc.png", "viewing_directions.png",
+                 "confidence.png", "report.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".cryofastar-staging-*"))
+    data = json.loads((out / "report.json").read_text())
+    assert data["n_particles"] == 80 and data["n_kept"] == report.n_kept == 72
+    assert set(data["timings_s"]) >= {"read", "load_weights", "poses", "reconstruct", "write", "total"}
+    assert data["weights"]["sha256"] == hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+
+    # Image names are kept as they were: relative to the folder the input was made in (its "project").
+    ours = read_particles(out / "particles.star", sim_star.parent)
+    inp = read_particles(sim_star)
+    assert len(ours) == 72
+    assert set(ours.table["rlnImageName"]) <= set(inp.table["rlnImageName"])
+    assert set(inp.table.columns) <= set(ours.table.columns)  # every input column kept
+    conf = ours.table[CONFIDENCE_LABEL].to_numpy()
+    assert np.all((conf >= 0) & (conf <= 1))
+    np.testing.assert_allclose(np.linalg.det(ours.rotations), 1.0, atol=1e-5)
+
+    # RELION 3.1 reads our STAR (with the confidence column) and keeps every value.
+    copy = tmp_path / "copy.star"
+    handler = shutil.which("relion_star_handler")
+    assert handler, "RELION 3.1 (relion_star_handler) is required"
+    proc = subprocess.run([handler, "--i", str(out / "particles.star"), "--o", str(copy)],
+                          capture_output=True, text=True, cwd=sim_star.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "unknown label" not in (proc.stdout + proc.stderr).lower()
+    np.testing.assert_allclose(read_particles(copy, sim_star.parent).table[CONFIDENCE_LABEL].to_numpy(), conf, atol=1e-5)
+
+
+def test_rerun_on_complete_output_does_nothing(sim_star, tiny_weights, tmp_path):
+    out = tmp_path / "job"
+    run(_cfg(sim_star, out, tiny_weights))
+    stamp = (out / "map.mrc").stat().st_mtime_ns
+    again = run(_cfg(sim_star, out, tiny_weights))
+    assert (out / "map.mrc").stat().st_mtime_ns == stamp
+    assert again.n_particles == 80
+
+
+def test_resume_after_inference_skips_the_model(sim_star, tiny_weights, tmp_path):
+    out = tmp_path / "job"
+    run(_cfg(sim_star, out, tiny_weights))
+    (out / "report.json").unlink()
+    (out / "map.mrc").unlink()
+    report = run(_cfg(sim_star, out, tiny_weights))
+    assert report.resumed_from_poses and (out / "map.mrc").exists()
+    # Other settings: the saved poses no longer apply, the job starts again cleanly.
+    report = run(_cfg(sim_star, out, tiny_weights, seed=5))
+    assert not report.resumed_from_poses
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, CRYOFASTAR_NO_PROGRESS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.Popen([sys.executable, "-m", "cryofastar_core.cli.main", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _run_args(star: Path, out: Path, weights: Path) -> list[str]:
+    return ["run", "--particles", str(star), "--o", str(out), "--weights", str(weights), "--views", "16",
+            "--candidates", "3", "--anchors", "4", "--device", "cpu"]
+
+
+def test_sigterm_mid_run_then_rerun(big_sim_star, tiny_weights, tmp_path):
+    out = tmp_path / "job"
+    proc = _cli(*_run_args(big_sim_star, out, tiny_weights))
+    # Terminate as soon as the job has created its output folder (after reading and loading weights).
+    deadline = time.time() + 60
+    while time.time() < deadline and not out.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the job finished before SIGTERM arrived")  # machine too fast for this timing
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not (out / "report.json").exists()
+    assert not list(out.glob(".cryofastar-staging-*")) and not list(out.glob(".*.tmp*"))
+    proc = _cli(*_run_args(big_sim_star, out, tiny_weights))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_stack", "too_few_views", "bad_keep", "bad_weights",
+                                  "output_is_input"])
+def test_bad_input_reaches_the_user_as_one_clear_message(case, sim_star, tiny_weights, tmp_path):
+    out = tmp_path / "job"
+    star, weights, extra = sim_star, tiny_weights, []
+    if case == "missing_file":
+        star = tmp_path / "nope.star"
+    elif case == "missing_stack":
+        star = tmp_path / "p.star"
+        star.write_text(sim_star.read_text().replace("particles.mrcs", "gone.mrcs"))
+    elif case == "too_few_views":
+        extra = ["--views", "500"]
+    elif case == "bad_keep":
+        extra = ["--keep-fraction", "1.5"]
+    elif case == "bad_weights":
+        weights = tmp_path / "w.pt"
+        torch.save({"state_dict": {}}, weights)
+    elif case == "output_is_input":
+        out = sim_star.parent
+    args = _run_args(star, out, weights)
+    if extra:
+        args += extra
+    proc = _cli(*args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err and "error:" in err, err
+    assert "Fix:" in err or "fix" in err.lower(), err
+    if case != "output_is_input":
+        assert not (out / "report.json").exists() and not (out / "particles.star").exists()

@@ -176,3 +176,11 @@ def test_bad_input_reaches_the_user_as_one_clear_message(case, sim_star, tiny_we
     assert "Fix:" in err or "fix" in err.lower(), err
     if case != "output_is_input":
         assert not (out / "report.json").exists() and not (out / "particles.star").exists()
+
+
+def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
+    out = tmp_path / "job"
+    report = run(_cfg(sim_star, out, tiny_weights, refine_iters=1))
+    assert len(report.refinement) == 2  # the starting poses, then one iteration
+    assert "refine" in report.timings_s
+    assert read_particles(out / "particles.star", sim_star.parent).rotations is not None

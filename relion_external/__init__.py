@@ -1,0 +1,6 @@
+"""RELION External-job adapter for CryoFastAR: ``cryofastar-relion`` (see README.md in this folder).
+
+Modules: :mod:`~relion_external.protocol` (RELION's argv), :mod:`~relion_external.nodes` (version
+detection, ``RELION_OUTPUT_NODES.star``), :mod:`~relion_external.markers` (exit and abort markers),
+:mod:`~relion_external.main` (the program).
+"""

@@ -1,0 +1,142 @@
+"""``cryofastar-relion``: CryoFastAR as a RELION External job (RELION 3.1, 4.0 and 5.0).
+
+RELION runs this with the project folder as the working directory::
+
+    cryofastar-relion --o External/job012/ --in_parts Import/job001/particles.star \\
+        --weights /path/weights.pt --gpu 0 --j 4
+
+It runs :func:`cryofastar_core.job.run` with ``out_dir = --o`` and ``project_dir = .``, writes
+``RELION_OUTPUT_NODES.star`` for the RELION version that owns the project, and then exactly one exit
+marker: ``RELION_JOB_EXIT_SUCCESS``, ``_FAILURE`` (the reason is printed to stderr, i.e. ``run.err``) or
+``_ABORTED`` (the GUI's Abort button, noticed between batches). Progress goes to stdout (``run.out``).
+Nothing is written outside ``--o``. See ``relion_external/README.md``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from cryofastar_core.errors import CryoFastARError, InputError
+from relion_external.markers import JobAborted, JobMarkers
+from relion_external.nodes import detect_relion_version, job_output_nodes, write_output_nodes
+from relion_external.protocol import job_settings, parse_external_args, particles_path, unused_flags
+
+PROG = "cryofastar-relion"
+EXIT_ABORTED = 130  # RELION ignores exit codes; queue systems and shell chains see this one
+
+
+class Terminated(BaseException):
+    """SIGTERM (scancel, a queue time limit): unwinds so the job is marked failed, not left running."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+class ProgressReporter:
+    """The engine's ``progress(stage, done, total)`` hook: a line in ``run.out`` every ``interval`` seconds
+    per stage (and at each stage's end), and a poll for RELION's abort request at every call."""
+
+    def __init__(self, markers: JobMarkers, interval: float = 2.0, stream=None):
+        self.markers, self.interval = markers, interval
+        self.stream = stream if stream is not None else sys.stdout
+        self._last: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.markers.check_abort()
+        now = time.monotonic()
+        if done >= total or now - self._last.get(stage, -1e9) >= self.interval:
+            self._last[stage] = now
+            pct = 100.0 * done / total if total else 100.0
+            print(f"{PROG}: {stage}: {done}/{total} particles ({pct:.0f} %)", file=self.stream, flush=True)
+
+
+def relion_version(params: dict[str, str | None], project_dir: Path, job_dir: Path) -> int:
+    """The ``relion_version`` user parameter (3, 3.1, 4, 4.0, 5, 5.0) if given, else detected."""
+    value = params.get("relion_version")
+    if value:
+        major = value.strip().split(".")[0]
+        if major not in ("3", "4", "5"):
+            raise InputError(None, "relion_version", f"'{value}' is not a RELION version this adapter knows",
+                             "leave 'relion_version' empty (detected from default_pipeline.star), or use 3.1, 4.0 or 5.0")
+        return int(major)
+    return detect_relion_version(project_dir, job_dir)
+
+
+def run_external_job(argv: list[str]) -> int:
+    """Parse ``argv``, run the job, write nodes and exactly one exit marker; return the exit code."""
+    # The output folder first, so that even a bad command line ends with a FAILURE marker RELION can see.
+    try:
+        args = parse_external_args(argv)
+    except CryoFastARError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+    project = Path.cwd()
+    job_dir = Path(args.out_dir)
+    markers = JobMarkers(job_dir)
+    status, code = "failure", 1
+    try:
+        from cryofastar_core.job import JobConfig, run
+
+        settings = job_settings(args)
+        particles = particles_path(args)
+        version = relion_version(args.params, project, job_dir)
+        print(f"{PROG}: project {project}; output {args.out_dir}; RELION {version}.x pipeline", flush=True)
+        print(f"{PROG}: particles {particles}; settings {settings}", flush=True)
+        for flag in ("in_3dref", "in_mask"):
+            if flag in args.inputs:
+                print(f"{PROG}: note: --{flag} {args.inputs[flag]} is not used (poses are estimated "
+                      "without a reference)", flush=True)
+        ignored = unused_flags(args)
+        if ignored:
+            print(f"{PROG}: note: ignoring {' '.join(ignored)}", flush=True)
+        markers.check_abort()
+
+        cfg = JobConfig(particles=particles, out_dir=job_dir, project_dir=project, **settings)
+        report = run(cfg, progress=ProgressReporter(markers))
+        write_output_nodes(job_dir, job_output_nodes(args.out_dir), version)
+        print(f"{PROG}: done: {report.n_kept} of {report.n_particles} particles kept; gold-standard resolution "
+              f"(FSC 0.143) {report.resolution_0143:.2f} A; outputs in {args.out_dir}", flush=True)
+        status, code = "success", 0
+    except JobAborted as exc:
+        print(f"{PROG}: aborted: {exc}", flush=True)
+        print(f"{PROG}: aborted by the user; no outputs were written", file=sys.stderr, flush=True)
+        status, code = "aborted", EXIT_ABORTED
+    except CryoFastARError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    except Terminated:
+        print(f"{PROG}: error: terminated (SIGTERM: cancelled, or the queue's time limit). "
+              "Run the job again ('Continue') to resume after the pose estimate", file=sys.stderr, flush=True)
+        code = 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception as exc:  # a bug, not bad input: keep the traceback for the report
+        traceback.print_exc(file=sys.stderr)
+        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}. Please report this with run.err attached",
+              file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        markers.finish(status)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``cryofastar-relion = relion_external.main:main``)."""
+    # No progress bars: stderr is RELION's run.err, where the GUI shows errors. Headless plotting.
+    os.environ.setdefault("CRYOFASTAR_NO_PROGRESS", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return run_external_job(sys.argv[1:] if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

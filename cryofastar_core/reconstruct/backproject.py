@@ -132,7 +132,7 @@ class Backprojector:
         which only tames voxels with almost no data (CTF zeros, gaps) and leaves well-sampled ones unbiased.
         RELION instead derives a per-shell ``1 / tau^2`` from the half-map FSC; not done here.
         """
-        Dp, D, n = self.padded_box, self.box, self._grid_n
+        Dp, D = self.padded_box, self.box
         num = self.numerator + _friedel_mirror(self.numerator).conj()
         wt = self.weight + _friedel_mirror(self.weight)
         num, wt = pad_centred(num, Dp, 3), pad_centred(wt, Dp, 3)   # drop the margin

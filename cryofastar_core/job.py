@@ -28,6 +28,7 @@ import torch
 
 from cryofastar_core import __version__
 from cryofastar_core.errors import InputError
+from cryofastar_core.inference.distributed import Communicator, dist_env, rank_device
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import CONFIDENCE_LABEL, ParticleSet, read_particles, write_map, write_particles_cs, write_particles_star
@@ -35,6 +36,7 @@ from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
 from cryofastar_core.reconstruct import ParticleChunk, fsc, random_half_sets, reconstruct_half_maps, resolution_at
+from cryofastar_core.reconstruct.backproject import Backprojector
 from cryofastar_core.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ class Report:
     outputs: list[str] = field(default_factory=list)
     resumed_from_poses: bool = False
     status: str = "complete"
+    processes: int = 1  # ranks of a distributed (torchrun) run
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
@@ -140,65 +143,94 @@ class _Stage:
         self.timer.timings[self.name] = round(time.perf_counter() - self.t0, 3)
 
 
-def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None) -> Report:
-    """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress."""
+def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
+        comm: Communicator | None = None) -> Report:
+    """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group, or an explicit ``comm``) every
+    rank calls this with the same ``cfg``: the pose chunks and the reconstruction are shared out, rank 0
+    alone decides about resuming, refines (if asked) and writes, and every rank returns rank 0's report.
+    An error on any rank is raised on every rank (:mod:`cryofastar_core.inference.distributed`).
+    """
     cfg.validate()
+    comm = comm or Communicator.from_process_group()
     timer = _Timer()
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     device = cfg.torch_device()
+    if comm.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device(rank_device("cuda", dist_env()))
+    main_progress = progress if comm.is_main else None
 
-    with timer.stage("read"):
-        particles = read_particles(cfg.particles, cfg.project_dir)
-        _refuse_overwriting_inputs(particles, out)
-        if len(particles) < cfg.views:
-            raise InputError(cfg.particles, None, f"{len(particles)} particles is fewer than --views {cfg.views}",
-                             f"use --views {max(4, len(particles))} or more particles")
-        apix_all = np.asarray(particles.apix, dtype=np.float64)
-        if not np.allclose(apix_all, apix_all[0], rtol=1e-4):
-            raise InputError(cfg.particles, "rlnImagePixelSize", "particles have different pixel sizes",
-                             "run one optics group (pixel size) at a time")
-        apix = float(apix_all[0])
+    def prepare():
+        with timer.stage("read"):
+            particles = read_particles(cfg.particles, cfg.project_dir)
+            _refuse_overwriting_inputs(particles, out)
+            if len(particles) < cfg.views:
+                raise InputError(cfg.particles, None, f"{len(particles)} particles is fewer than --views {cfg.views}",
+                                 f"use --views {max(4, len(particles))} or more particles")
+            apix_all = np.asarray(particles.apix, dtype=np.float64)
+            if not np.allclose(apix_all, apix_all[0], rtol=1e-4):
+                raise InputError(cfg.particles, "rlnImagePixelSize", "particles have different pixel sizes",
+                                 "run one optics group (pixel size) at a time")
+        with timer.stage("load_weights"):
+            weights_path = resolve_weights(cfg.weights)
+            model = load_weights(weights_path, device=device)
+            model_box = int(model.cfg.box)
+            if cfg.box is not None and cfg.box != model_box:
+                raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
+                                 f"use --box {model_box} or weights trained at box {cfg.box}")
+            weights_info = _weights_identity(weights_path)
+        return particles, float(apix_all[0]), model, model_box, weights_info
 
-    with timer.stage("load_weights"):
-        weights_path = resolve_weights(cfg.weights)
-        model = load_weights(weights_path, device=device)
-        model_box = int(model.cfg.box)
-        if cfg.box is not None and cfg.box != model_box:
-            raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
-                             f"use --box {model_box} or weights trained at box {cfg.box}")
-        weights_info = _weights_identity(weights_path)
-
+    particles, apix, model, model_box, weights_info = comm.check(prepare)
     fingerprint = _fingerprint(cfg, particles, weights_info)
-    out.mkdir(parents=True, exist_ok=True)
+    if comm.distributed and len(set(comm.gather(lambda: fingerprint))) > 1:
+        raise InputError(cfg.particles, None, "the processes of this distributed run see different inputs, "
+                         "weights or settings", "put particles, weights and --o on a file system that every node "
+                         "shares, and start every process with the same options")
     state = out / STATE_DIR
-    done_report = _completed_report(out, fingerprint)
-    if done_report is not None:
-        log.info("%s already holds a complete run with these inputs and settings: nothing to do", out)
-        return done_report
-    # From here on the folder must not look finished: drop an older run's report and stale staging.
-    (out / REPORT).unlink(missing_ok=True)
-    for stale in out.glob(".cryofastar-staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-    # Poses: resume from a finished inference stage of an interrupted run with the same fingerprint.
     poses_file = state / "poses.npz"
-    resumed = False
+
+    def decide() -> tuple[str, object]:
+        """Rank 0: nothing to do, resume from saved poses, or estimate them."""
+        out.mkdir(parents=True, exist_ok=True)
+        done_report = _completed_report(out, fingerprint)
+        if done_report is not None:
+            return "done", done_report
+        # From here on the folder must not look finished: drop an older run's report and stale staging.
+        (out / REPORT).unlink(missing_ok=True)
+        for stale in out.glob(".cryofastar-staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        # Poses: resume from a finished inference stage of an interrupted run with the same fingerprint.
+        saved = _load_poses(poses_file, fingerprint)
+        if saved is not None:
+            return "resume", saved
+        if state.exists():
+            shutil.rmtree(state)  # state of other inputs or settings: restart cleanly
+        return "estimate", None
+
     with timer.stage("poses"):
-        est = _load_poses(poses_file, fingerprint)
-        if est is not None:
-            resumed = True
+        decision, payload = comm.on_main(decide)
+        if decision == "done":
+            log.info("%s already holds a complete run with these inputs and settings: nothing to do", out)
+            return payload
+        resumed = decision == "resume"
+        if resumed:
+            est = payload
             log.info("resuming: feed-forward poses from an earlier run of this job")
         else:
-            if state.exists():
-                shutil.rmtree(state)  # state of other inputs or settings: restart cleanly
-            est = _estimate(cfg, particles, model, model_box, device, progress)
-            state.mkdir(parents=True, exist_ok=True)
-            with atomic_output(poses_file) as tmp:
-                np.savez(tmp, fingerprint=fingerprint, **{k: v for k, v in est.items() if k != "fingerprint"})
-                # np.savez appends .npz to names without it; the temp name keeps the suffix.
+            est = _estimate(cfg, particles, model, model_box, device, main_progress, comm)
+
+            def save_poses() -> None:
+                state.mkdir(parents=True, exist_ok=True)
+                with atomic_output(poses_file) as tmp:
+                    np.savez(tmp, fingerprint=fingerprint, **{k: v for k, v in est.items() if k != "fingerprint"})
+                    # np.savez appends .npz to names without it; the temp name keeps the suffix.
+
+            comm.on_main(save_poses)
     del model
     rotations, shifts, confidence = est["rotations"], est["shifts"], est["confidence"]
 
@@ -212,29 +244,93 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None)
     refinement: list[dict] = []
     if cfg.refine_iters > 0:
         with timer.stage("refine"):
-            rotations, shifts, refinement = _refine(cfg, particles, rotations, shifts, half, keep, apix, device)
+            # Refinement runs on rank 0 only (the others wait) until it shares its work out itself.
+            rotations, shifts, refinement = comm.on_main(
+                lambda: _refine(cfg, particles, rotations, shifts, half, keep, apix, device))
 
     with timer.stage("reconstruct"):
-        full, half1, half2 = _reconstruct(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk, progress)
-        freq, curve = fsc(half1, half2)
-        res = resolution_at(freq, curve, apix, 0.143)
-        log.info("gold-standard resolution (half-map FSC 0.143): %.2f Å", res)
+        if comm.distributed:
+            halves = _accumulate_shard(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk,
+                                       main_progress, comm)
+            maps = comm.on_main(lambda: _finalize_with_fsc(halves, apix), share=False)
+        else:
+            full, half1, half2 = _reconstruct(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk,
+                                              progress)
+            maps = (full, half1, half2, *_fsc_resolution(half1, half2, apix))
 
-    with timer.stage("write"):
-        outputs = _write_outputs(out, particles, rotations, shifts, half, keep, confidence, est, full, half1, half2,
-                                 freq, curve, apix)
-    timer.timings["total"] = round(time.perf_counter() - t_start, 3)
-    report = Report(
-        version=__version__, settings=_settings(cfg), weights=weights_info, n_particles=len(particles),
-        n_kept=int(keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
-        n_chunks=int(est["n_chunks"]), apix=apix, box=int(particles.box), model_box=model_box,
-        resolution_0143=float(res), timings_s=timer.timings, refinement=refinement, outputs=outputs + [REPORT],
-        resumed_from_poses=resumed)
-    payload = json.loads(report.to_json())
-    payload["fingerprint"] = fingerprint
-    with atomic_output(out / REPORT) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
-    return report
+    def write() -> Report:
+        full, half1, half2, freq, curve, res = maps
+        with timer.stage("write"):
+            outputs = _write_outputs(out, particles, rotations, shifts, half, keep, confidence, est, full, half1,
+                                     half2, freq, curve, apix)
+        timer.timings["total"] = round(time.perf_counter() - t_start, 3)
+        report = Report(
+            version=__version__, settings=_settings(cfg), weights=weights_info, n_particles=len(particles),
+            n_kept=int(keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
+            n_chunks=int(est["n_chunks"]), apix=apix, box=int(particles.box), model_box=model_box,
+            resolution_0143=float(res), timings_s=timer.timings, refinement=refinement, outputs=outputs + [REPORT],
+            resumed_from_poses=resumed, processes=comm.world_size)
+        payload = json.loads(report.to_json())
+        payload["fingerprint"] = fingerprint
+        with atomic_output(out / REPORT) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
+        return report
+
+    return comm.on_main(write)
+
+
+def _fsc_resolution(half1: torch.Tensor, half2: torch.Tensor, apix: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    freq, curve = fsc(half1, half2)
+    res = resolution_at(freq, curve, apix, 0.143)
+    log.info("gold-standard resolution (half-map FSC 0.143): %.2f Å", res)
+    return freq, curve, res
+
+
+def _accumulate_shard(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+                      keep: np.ndarray, apix: float, device: torch.device, read_chunk: int,
+                      progress: Callable[[str, int, int], None] | None, comm: Communicator) -> list[Backprojector]:
+    """Insert this rank's contiguous share of the kept particles into two half-set Backprojectors, then sum
+    the accumulators of every rank into rank 0's (the others' hold nothing useful afterwards)."""
+    indices = np.flatnonzero(keep)
+    mine = np.array_split(indices, comm.world_size)[comm.rank]
+    my_keep = np.zeros_like(keep)
+    my_keep[mine] = True
+    halves = [Backprojector(particles.box, device=device) for _ in range(2)]
+    total = len(indices)
+
+    def insert_mine() -> None:
+        bar = _progress_bar(total, "reconstruct", enabled=comm.is_main)
+        done = [0]
+
+        def tick(k: int) -> None:
+            # This rank's share times the number of ranks: an estimate of the whole.
+            k_all = min(k * comm.world_size, total - done[0])
+            bar.update(k_all)
+            done[0] += k_all
+            if progress:
+                progress("reconstruct", done[0], total)
+
+        try:
+            for ch in _chunks(particles, rotations, shifts, half, my_keep, apix, device, read_chunk, tick):
+                h = np.asarray(ch.half_sets)
+                for k, bp in enumerate(halves, start=1):
+                    sel = torch.as_tensor(np.flatnonzero(h == k), device=device)
+                    if sel.numel():
+                        bp.insert(ch.images[sel], ch.rotations[sel], shifts=ch.shifts[sel],
+                                  ctf=None if ch.ctf is None else ch.ctf.index(sel), apix=ch.apix)
+        finally:
+            bar.close()
+
+    comm.check(insert_mine)
+    comm.reduce_sum_([t for bp in halves for t in (bp.numerator, bp.weight)], dst=0)
+    return halves
+
+
+def _finalize_with_fsc(halves: list[Backprojector], apix: float) -> tuple:
+    """``(full, half1, half2, freq, curve, resolution)`` from summed half-set accumulators."""
+    half1, half2 = halves[0].finalize(), halves[1].finalize()
+    full = halves[0].add_(halves[1]).finalize()
+    return (full, half1, half2, *_fsc_resolution(half1, half2, apix))
 
 
 def _refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:
@@ -247,7 +343,7 @@ def _refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:
 
 
 def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int, device: torch.device,
-              progress: Callable[[str, int, int], None] | None) -> dict:
+              progress: Callable[[str, int, int], None] | None, comm: Communicator | None = None) -> dict:
     n = len(particles)
 
     def load(indices: np.ndarray) -> torch.Tensor:
@@ -256,7 +352,7 @@ def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, mo
 
     ecfg = EstimatorConfig(views=cfg.views, candidates=cfg.candidates, anchors=cfg.anchors,
                            chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
-    bar = _progress_bar(n, "poses")
+    bar = _progress_bar(n, "poses", enabled=comm is None or comm.is_main)
     last = [0]
 
     def tick(done: int) -> None:
@@ -266,7 +362,7 @@ def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, mo
             progress("poses", done, n)
 
     try:
-        est = estimate_poses(model, load, n, ecfg, progress=tick)
+        est = estimate_poses(model, load, n, ecfg, progress=tick, comm=comm)
     finally:
         bar.close()
     scale = model_px_to_input_px(particles.box, model_box)
@@ -372,11 +468,11 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
     return names
 
 
-def _progress_bar(total: int, desc: str):
+def _progress_bar(total: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="particle", dynamic_ncols=True, mininterval=1.0,
-                disable=os.environ.get("CRYOFASTAR_NO_PROGRESS") == "1")
+                disable=not enabled or os.environ.get("CRYOFASTAR_NO_PROGRESS") == "1")
 
 
 def _settings(cfg: JobConfig) -> dict:

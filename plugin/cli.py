@@ -69,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "from CRYOSPARC_PASSWORD or a saved `python -m cryosparc.tools login`")
     job = p.add_argument_group("job options (see `cryofastar run --help`)")
     add_job_arguments(job)
-    if "--chunks-per-batch" not in p._option_string_actions:
-        job.add_argument("--chunks-per-batch", type=int, default=4, help="chunks per forward batch (default 4)")
     return p
 
 

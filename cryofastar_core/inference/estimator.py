@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
+from cryofastar_core.inference.distributed import Communicator
 from cryofastar_core.model.fpm import denormalize
 from cryofastar_core.model.kabsch import kabsch
 
@@ -89,11 +90,18 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: EstimatorConfig,
-                   progress: Callable[[int], None] | None = None) -> PoseEstimate:
+                   progress: Callable[[int], None] | None = None, comm: Communicator | None = None) -> PoseEstimate:
     """Estimate poses for ``n_particles`` particles read through ``load``.
 
     ``progress(k)`` is called with the number of particles finished after each batch.
+
+    With a distributed ``comm`` (several ranks), every rank must call this with the same arguments: the
+    reference candidates and then the chunk batches are dealt out to the ranks batch by batch (so each
+    forward pass holds exactly the images it would hold in one process), the results are gathered, and
+    every rank returns the same complete estimate. ``progress`` then counts this rank's share times the
+    number of ranks (an estimate of the whole).
     """
+    comm = comm or Communicator()
     if n_particles < cfg.views:
         raise ValueError(f"need at least {cfg.views} particles for {cfg.views} views per pass, got {n_particles}")
     rng = np.random.default_rng(cfg.seed)
@@ -101,15 +109,27 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     order = rng.permutation(n_particles)
     candidates = order[: min(cfg.candidates, n_particles - n_aux)]
     aux = order[len(candidates): len(candidates) + n_aux]
+    device = next(model.parameters()).device
 
-    # 1. Reference selection: each candidate with the same auxiliary set.
-    aux_images = load(aux)
-    cand_pred: list[ViewPrediction] = []
-    for start in range(0, len(candidates), cfg.chunks_per_batch):
-        idx = candidates[start: start + cfg.chunks_per_batch]
-        ref_images = load(idx)
-        batch = torch.cat([ref_images[:, None], aux_images[None].expand(len(idx), -1, -1, -1)], dim=1)
-        cand_pred.append(predict_views(model, batch, cfg.weighting))
+    # 1. Reference selection: each candidate with the same auxiliary set; candidate batches shared out.
+    cand_batches = [candidates[s: s + cfg.chunks_per_batch] for s in range(0, len(candidates), cfg.chunks_per_batch)]
+
+    def score_my_candidates() -> list[tuple[int, ViewPrediction]]:
+        mine = range(comm.rank, len(cand_batches), comm.world_size)
+        if not mine:
+            return []
+        aux_images = load(aux)
+        out = []
+        for b in mine:
+            idx = cand_batches[b]
+            ref_images = load(idx)
+            batch = torch.cat([ref_images[:, None], aux_images[None].expand(len(idx), -1, -1, -1)], dim=1)
+            pred = predict_views(model, batch, cfg.weighting)
+            out.append((b, _to_device(pred, "cpu") if comm.distributed else pred))
+        return out
+
+    scored = sorted((item for part in comm.gather(score_my_candidates) for item in part), key=lambda t: t[0])
+    cand_pred = [p if not comm.distributed else _to_device(p, device) for _, p in scored]
     conf = torch.cat([p.confidence for p in cand_pred])  # (K, V)
     resid = torch.cat([p.residual for p in cand_pred])
     scores = _standardise(conf.mean(1)) - _standardise(resid[:, 1:].median(1).values)
@@ -142,21 +162,20 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     keep(np.array([ref]), first, slice(0, 1))
     rotations[ref] = np.eye(3)  # the frame is the reference's, by definition
     keep(aux, first, slice(1, None))
+    n_first = int(done.sum())
 
     # 3. Chunks of new particles: everything not yet in the first pass.
     rest = np.setdiff1d(np.arange(n_particles), np.concatenate([[ref], aux]), assume_unique=False)
     rest = rng.permutation(rest)
     per_chunk = cfg.views - 1 - cfg.anchors
     chunks = [rest[i: i + per_chunk] for i in range(0, len(rest), per_chunk)]
-    fixed = load(np.concatenate([[ref], anchors]))  # (1 + A, d, d), the same in every chunk
     result = PoseEstimate(rotations, shifts, confidence, residual, ref, anchors, scores.cpu().numpy(), n_chunks=len(chunks))
-    if progress:
-        progress(int(done.sum()))
 
-    def batches() -> Iterator[list[np.ndarray]]:
-        group: list[np.ndarray] = []
-        for c in chunks:
-            if group and len(c) != len(group[0]):
+    def batches() -> Iterator[list[int]]:
+        """Chunk numbers per forward batch (chunks of equal size only)."""
+        group: list[int] = []
+        for c in range(len(chunks)):
+            if group and len(chunks[c]) != len(chunks[group[0]]):
                 yield group
                 group = []
             group.append(c)
@@ -166,40 +185,85 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
         if group:
             yield group
 
-    # Read and preprocess the next batch while the model runs on this one.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        it = batches()
-        nxt = next(it, None)
-        pending = pool.submit(load, np.concatenate(nxt)) if nxt is not None else None
-        while nxt is not None:
-            group, new_images = nxt, pending.result()
+    my_batches = list(batches())[comm.rank:: comm.world_size]
+    drift: dict[int, float] = {}
+    flipped = [0]
+
+    def tick() -> None:
+        if progress:
+            mine = int(done.sum()) - n_first
+            progress(min(n_particles, n_first + mine * comm.world_size))
+
+    def run_my_chunks() -> None:
+        if not my_batches:
+            return
+        fixed = load(np.concatenate([[ref], anchors]))  # (1 + A, d, d), the same in every chunk
+        # Read and preprocess the next batch while the model runs on this one.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            it = iter(my_batches)
             nxt = next(it, None)
-            pending = pool.submit(load, np.concatenate(nxt)) if nxt is not None else None
-            new_images = new_images.reshape(len(group), len(group[0]), *new_images.shape[-2:])
-            batch = torch.cat([fixed[None].expand(len(group), -1, -1, -1), new_images], dim=1)
-            pred = predict_views(model, batch, cfg.weighting)
-            for b, idx in enumerate(group):
-                p = ViewPrediction(pred.rotation[b], pred.shift[b], pred.confidence[b], pred.residual[b])
-                p = _align_hand(p, anchor_rot, cfg.anchors, result)
-                keep(idx, p, slice(1 + cfg.anchors, None))
-            if progress:
-                progress(int(done.sum()))
+            pending = pool.submit(load, np.concatenate([chunks[c] for c in nxt])) if nxt is not None else None
+            while nxt is not None:
+                group, new_images = nxt, pending.result()
+                nxt = next(it, None)
+                pending = pool.submit(load, np.concatenate([chunks[c] for c in nxt])) if nxt is not None else None
+                new_images = new_images.reshape(len(group), len(chunks[group[0]]), *new_images.shape[-2:])
+                batch = torch.cat([fixed[None].expand(len(group), -1, -1, -1), new_images], dim=1)
+                pred = predict_views(model, batch, cfg.weighting)
+                for b, c in enumerate(group):
+                    p = ViewPrediction(pred.rotation[b], pred.shift[b], pred.confidence[b], pred.residual[b])
+                    p, was_flipped, drift[c] = _align_hand(p, anchor_rot, cfg.anchors)
+                    flipped[0] += int(was_flipped)
+                    keep(chunks[c], p, slice(1 + cfg.anchors, None))
+                tick()
+
+    if not comm.distributed:
+        tick()
+        run_my_chunks()
+    else:
+        def my_share() -> dict:
+            tick()
+            run_my_chunks()
+            idx = np.flatnonzero(done)
+            return {"idx": idx, "rotations": rotations[idx], "shifts": shifts[idx], "confidence": confidence[idx],
+                    "residual": residual[idx], "flipped": flipped[0], "drift": drift}
+
+        shares = comm.gather(my_share)
+        drift, flipped[0] = {}, 0
+        for share in shares:
+            idx = share["idx"]
+            rotations[idx], shifts[idx] = share["rotations"], share["shifts"]
+            confidence[idx], residual[idx] = share["confidence"], share["residual"]
+            done[idx] = True
+            flipped[0] += share["flipped"]
+            drift.update(share["drift"])
+        if progress:
+            progress(int(done.sum()))
     assert done.all(), "every particle must receive a pose"
+    result.flipped_chunks = flipped[0]
+    result.chunk_drift_deg = [drift[c] for c in sorted(drift)]
     if result.flipped_chunks:
         log.info("hand check: %d of %d chunks flipped to agree with the anchors", result.flipped_chunks, result.n_chunks)
     return result
 
 
-def _align_hand(pred: ViewPrediction, anchor_rot: torch.Tensor, n_anchors: int, result: PoseEstimate) -> ViewPrediction:
-    """Flip a chunk (Q -> F Q F) when its anchors agree better with the first pass mirrored."""
+def _to_device(pred: ViewPrediction, device: torch.device | str) -> ViewPrediction:
+    return ViewPrediction(*(getattr(pred, f).to(device) for f in ("rotation", "shift", "confidence", "residual")))
+
+
+def _align_hand(pred: ViewPrediction, anchor_rot: torch.Tensor, n_anchors: int) -> tuple[ViewPrediction, bool, float]:
+    """Flip a chunk (Q -> F Q F) when its anchors agree better with the first pass mirrored.
+
+    Returns the (possibly flipped) prediction, whether it was flipped, and the median angle (degrees)
+    between the chunk's anchors and the first pass's (a health check: near 0 when frames agree).
+    """
     q = pred.rotation[1: 1 + n_anchors].to(anchor_rot.dtype)
     e_same = torch.linalg.matrix_norm(q - anchor_rot).sum()
     e_flip = torch.linalg.matrix_norm(mirror_rotations(q) - anchor_rot).sum()
     rotation = pred.rotation
-    if e_flip < e_same:
+    flipped = bool(e_flip < e_same)
+    if flipped:
         rotation = mirror_rotations(rotation)
         q = mirror_rotations(q)
-        result.flipped_chunks += 1
-    # Health check: the chunk's frame should agree with the first pass up to noise.
-    result.chunk_drift_deg.append(float(rotation_angle_deg(q, anchor_rot).median()))
-    return ViewPrediction(rotation, pred.shift, pred.confidence, pred.residual)
+    drift = float(rotation_angle_deg(q, anchor_rot).median())
+    return ViewPrediction(rotation, pred.shift, pred.confidence, pred.residual), flipped, drift

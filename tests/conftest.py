@@ -64,6 +64,21 @@ def tiny_map_file(tmp_path_factory, tiny_map):
 
 
 @pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """An untrained, tiny CryoFastAR weights file at box 32, for plumbing tests (not accuracy)."""
+    import torch
+
+    from cryofastar_core.model import CryoFastAR, model_config, save_weights
+
+    torch.manual_seed(0)
+    cfg = model_config("XS", 32, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
+                       neck_dim=16)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_weights(CryoFastAR(cfg), path, extra={"note": "untrained, for plumbing tests"})
+    return path
+
+
+@pytest.fixture(scope="session")
 def relion() -> dict[str, str]:
     """Absolute paths of the RELION binaries; fails (not skips) when any is missing."""
     found = {name: shutil.which(name) for name in RELION_BINARIES}

@@ -1,10 +1,8 @@
 """Atomic model -> density map: layout, centring, scaling, determinism, PDB vs mmCIF."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import gemmi
 import numpy as np
 import pytest
 

@@ -10,7 +10,6 @@ import cryofastar_core.plots as plots
 from cryofastar_core.cli.main import main
 from cryofastar_core.reconstruct.from_particles import ReconstructConfig, reconstruct_particles as reconstruct
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
-from cryofastar_core.errors import InputError
 from cryofastar_core.reconstruct import fsc
 
 OUTPUTS = ["fsc.png", "fsc.tsv", "half1.mrc", "half2.mrc", "map.mrc"]
@@ -58,7 +57,7 @@ def test_half_sets_from_star_and_no_ctf_is_worse(tmp_path, noiseless_set):
     np.testing.assert_allclose(half1, ref.numpy(), atol=1e-4 * float(np.abs(ref.numpy()).max()))
     assert res.resolution_0143 == pytest.approx(6.0)  # noiseless: above 0.143 up to Nyquist
     # Ignoring the CTF of CTF-modulated images must hurt (the CTF branch is really used).
-    res_no = reconstruct(ReconstructConfig(particles=noiseless_set, out_dir=tmp_path / "b", ctf=False, threads=1))
+    reconstruct(ReconstructConfig(particles=noiseless_set, out_dir=tmp_path / "b", ctf=False, threads=1))
     truth = torch.from_numpy(cio.read_map(noiseless_set.parent / "truth.mrc")[0])
     _, c_ctf = fsc(torch.from_numpy(cio.read_map(tmp_path / "a" / "map.mrc")[0]), truth)
     _, c_no = fsc(torch.from_numpy(cio.read_map(tmp_path / "b" / "map.mrc")[0]), truth)

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cryofastar_core.io import read_particles
 from cryofastar_core.io.cs import write_particles_cs
-from cryofastar_core.model import CryoFastAR, model_config, save_weights
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,16 +45,6 @@ STUB_SCONTROL = r"""#!/bin/bash
 # Test stand-in for `scontrol show hostnames LIST`: this machine.
 [[ "$1 $2" == "show hostnames" ]] && echo localhost
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path)
-    return path
 
 
 @pytest.fixture(scope="module")

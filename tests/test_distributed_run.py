@@ -19,22 +19,11 @@ import torch
 from cryofastar_core.inference.distributed import Communicator, PeerFailure
 from cryofastar_core.io import read_particles
 from cryofastar_core.job import JobConfig, run
-from cryofastar_core.model import CryoFastAR, model_config, save_weights
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = 32
 JOB = ["--views", "16", "--candidates", "4", "--anchors", "4", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path, extra={"note": "untrained, for plumbing tests"})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,8 @@ import torch
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
 from cryofastar_core.io import CONFIDENCE_LABEL, read_particles
 from cryofastar_core.job import JobConfig, run
-from cryofastar_core.model import CryoFastAR, model_config, save_weights
 
 BOX = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path, extra={"note": "untrained, for plumbing tests"})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from scipy.spatial.transform import Rotation
 
 from cryofastar_core import geometry
 from cryofastar_core.cli.simulate import SimulateConfig, simulate
-from cryofastar_core.model import CryoFastAR, model_config, save_weights
 from plugin import cli, run_in_cryosparc
 from plugin.server import CryoSPARCServer, JobInfo
 
@@ -48,16 +47,6 @@ ALIGNMENTS3D = [("alignments3D/split", "<u4"), ("alignments3D/shift", "<f4", (2,
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path)
-    return path
-
-
 def _write_particles_cs(path: Path, tabs: dict, n: int, blob_idx: np.ndarray | None = None) -> Dataset:
     """A particle ``.cs`` as CryoSPARC's extraction writes it: blob, ctf and location slots, no alignments."""
     p, optics = tabs["particles"], tabs["optics"].iloc[0]
@@ -277,11 +266,11 @@ def _check_alignment_dtypes(ds: Dataset) -> None:
 
 
 # --- offline ---------------------------------------------------------------------------------------
-def test_offline_round_trip(cs_project, weights, tmp_path, capsys):
+def test_offline_round_trip(cs_project, tiny_weights, tmp_path, capsys):
     before = _checksums(cs_project["root"])
     out = tmp_path / "out"
     rc = cli.main(["--cs", str(cs_project["cs"]), "--project-dir", str(cs_project["root"]), "--o", str(out),
-                   "--weights", str(weights), *JOB_ARGS])
+                   "--weights", str(tiny_weights), *JOB_ARGS])
     assert rc == 0, capsys.readouterr().err
     assert _checksums(cs_project["root"]) == before  # inputs untouched
     source = Dataset.load(cs_project["cs"])
@@ -303,10 +292,10 @@ def test_offline_refuses_server_options_and_missing_output(cs_project, tmp_path,
 
 
 # --- server mode -----------------------------------------------------------------------------------
-def test_server_round_trip_exact_calls(cs_project, weights, tmp_path):
+def test_server_round_trip_exact_calls(cs_project, tiny_weights, tmp_path):
     fake = FakeServer(cs_project["root"], cs_project["cs"], tmp_path / "server")
     out = tmp_path / "work"
-    result = run_in_cryosparc(fake, PROJECT, WORKSPACE, f"{SOURCE}.particles", out_dir=out, weights=str(weights),
+    result = run_in_cryosparc(fake, PROJECT, WORKSPACE, f"{SOURCE}.particles", out_dir=out, weights=str(tiny_weights),
                               **JOB_KW)
     assert result.external_job == EXT and result.image_source == "mounted"
     assert fake.names() == ["find_job", "load_output", "project_dir", "create_external_job", "connect_input", "start",
@@ -383,7 +372,7 @@ def _secret_forms() -> list[str]:
     return [SECRET, hashlib.sha256(SECRET.encode()).hexdigest()]
 
 
-def test_server_cli_streams_images_and_never_leaks_the_password(cs_project, weights, tmp_path, monkeypatch, capsys,
+def test_server_cli_streams_images_and_never_leaks_the_password(cs_project, tiny_weights, tmp_path, monkeypatch, capsys,
                                                                 caplog):
     _secret_env(monkeypatch)
     caplog.set_level("DEBUG")
@@ -396,7 +385,7 @@ def test_server_cli_streams_images_and_never_leaks_the_password(cs_project, weig
 
     out = tmp_path / "work"
     rc = cli.main(["--project", PROJECT, "--workspace", WORKSPACE, "--particles", f"{SOURCE}.particles",
-                   "--o", str(out), "--weights", str(weights), "--keep-fraction", "0.9", *JOB_ARGS], connect=connect)
+                   "--o", str(out), "--weights", str(tiny_weights), "--keep-fraction", "0.9", *JOB_ARGS], connect=connect)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert seen[0].password == SECRET and seen[0].email == "lab@example.org"  # the password was used ...
@@ -431,10 +420,10 @@ def test_server_errors_quoting_the_password_are_redacted(cs_project, tmp_path, m
     _assert_nowhere(_secret_forms(), [captured.out, captured.err, caplog.text, repr(fake.calls)], [tmp_path])
 
 
-def test_engine_failure_marks_the_job_failed_with_the_reason(cs_project, weights, tmp_path, capsys):
+def test_engine_failure_marks_the_job_failed_with_the_reason(cs_project, tiny_weights, tmp_path, capsys):
     fake = FakeServer(cs_project["root"], cs_project["bad_cs"], tmp_path / "server")
     rc = cli.main(["--project", PROJECT, "--workspace", WORKSPACE, "--particles", "J43.particles",
-                   "--url", "http://cryosparc.invalid:39000", "--o", str(tmp_path / "work"), "--weights", str(weights),
+                   "--url", "http://cryosparc.invalid:39000", "--o", str(tmp_path / "work"), "--weights", str(tiny_weights),
                    *JOB_ARGS], connect=lambda creds: fake)
     err = capsys.readouterr().err
     assert rc == 2  # InputError from the engine

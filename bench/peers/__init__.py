@@ -1,0 +1,1 @@
+"""One module per method the benchmark runs (ours and the peers); shared plumbing in ``common``."""

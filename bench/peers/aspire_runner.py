@@ -23,6 +23,14 @@ if __name__ == "__main__":
     ap.add_argument("--n-theta", type=int, default=72)
     a = ap.parse_args()
 
+    import os
+    from pathlib import Path
+
+    # ASPIRE writes its log files under ./logs: keep them inside this run's output folder.
+    a.star, a.data_folder = str(Path(a.star).resolve()), str(Path(a.data_folder).resolve())
+    a.out = str(Path(a.out).resolve())
+    os.chdir(Path(a.out).parent)
+
     from aspire.abinitio import CLSyncVoting
     from aspire.classification import NeighborVarianceClassSelector
     from aspire.denoising import DefaultClassAvgSource

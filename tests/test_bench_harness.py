@@ -65,7 +65,8 @@ def test_cryodrgn_pose_conversion_matches_parse_pose_star():
     np.testing.assert_allclose(rot, utils.R_from_relion(euler), atol=1e-10)
 
 
-def test_aspire_rotations_are_ours():
+def test_aspire_rotations_are_ours(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ASPIRE writes ./logs on import
     """ASPIRE's ``Volume.project(Rotation(R))`` equals our ``project(V, R)`` for the same array and matrix."""
     pytest.importorskip("aspire")
     from aspire.utils import Rotation

@@ -149,8 +149,8 @@ def test_high_defocus_reconstruction_like_relion(tmp_path, tiny_map_file, relion
     """Defocus 2.5-3 µm at 3 Å/px, box 32: the CTF's point spread reaches beyond the box.
 
     Our simulator and ``relion_project`` apply the CTF on the box's own Fourier grid (a circular
-    convolution, test c), and ``relion_reconstruct`` inverts it on that grid. RELION must stay above the
-    threshold; ours is reported as an expected failure (not a pass) while it falls short, with the curve.
+    convolution, test c), and ``relion_reconstruct`` inverts it on that grid. Both must stay above the
+    threshold.
     """
     from cryofastar_core.reconstruct.from_particles import ReconstructConfig, reconstruct_particles as reconstruct
     from cryofastar_core.simulate_particles import SimulateConfig, simulate
@@ -165,8 +165,4 @@ def test_high_defocus_reconstruction_like_relion(tmp_path, tiny_map_file, relion
     curves = _fsc_report("[d] defocus 2.5-3 µm, 3 Å/px, box 32 (1000 particles, noiseless)", maps,
                          [("relion", "truth"), ("ours", "truth"), ("ours", "relion")])
     _assert_fsc_high({"relion~truth": curves["relion~truth"]})
-    try:
-        _assert_fsc_high({k: v for k, v in curves.items() if k.startswith("ours")})
-    except AssertionError as exc:
-        pytest.xfail(f"known gap: cryofastar's Backprojector zero-pads images in real space, which does not invert "
-                     f"a CTF applied on the box grid once its point spread exceeds the box ({exc})")
+    _assert_fsc_high({k: v for k, v in curves.items() if k.startswith("ours")})

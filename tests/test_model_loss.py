@@ -48,7 +48,7 @@ def test_loss_bounds_and_terms():
     manual = (out.conf[..., None] * (out.xyz - target) ** 2).mean()
     assert not terms["hand_flipped"].any()
     torch.testing.assert_close(loss, manual - 0.1 * log_c)
-    full, terms_full = fpm_loss(out, target, clean, LossConfig())
+    full, terms_full = fpm_loss(out, target, clean, LossConfig(grid_weight=10.0))  # every term on
     expected = terms_full["regression"] - 0.1 * terms_full["log_conf"] + 10 * terms_full["grid"] + terms_full["denoise"]
     torch.testing.assert_close(full, expected)
     torch.testing.assert_close(terms_full["denoise"], ((out.denoised - clean) ** 2).mean())

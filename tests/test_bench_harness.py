@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import run_benchmark  # noqa: E402
 from bench.datasets import DatasetSpec, build_dataset, dataset_grid, parse_dataset_name  # noqa: E402
-from bench.peers import common, peer_cryodrgn  # noqa: E402
-from cryofastar_core.geometry import random_rotations, relion_euler_to_matrix  # noqa: E402
+from bench.peers import common  # noqa: E402
+from cryofastar_core.geometry import random_rotations  # noqa: E402
 
 
 def test_dataset_names_round_trip():
@@ -54,18 +54,43 @@ def test_run_stages_stops_on_timeout_and_failure(tmp_path):
     assert not ok and run.status == "failed" and len(run.stages) == 1 and run.stages[0].rc == 3
 
 
-def test_cryodrgn_pose_conversion_matches_parse_pose_star():
+def _run_isolated(module: str, code: str, tmp_path: Path) -> str:
+    """Run ``code`` in its own Python process and return its stdout.
+
+    The peers reconfigure logging when imported (they disable existing loggers) and ASPIRE writes
+    ./logs; none of that may leak into the rest of the suite, so they are never imported here.
+    """
+    if importlib.util.find_spec(module) is None:  # not importorskip: that would import it here
+        pytest.skip(f"{module} is an optional benchmark peer (bench/README.md)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+CRYODRGN_CHECK = r"""
+import numpy as np, torch
+from cryodrgn import utils
+from bench.peers import peer_cryodrgn
+from cryofastar_core.geometry import relion_euler_to_matrix
+
+rng = np.random.default_rng(0)
+euler = np.stack([rng.uniform(-180, 180, 20), rng.uniform(0, 180, 20), rng.uniform(-180, 180, 20)], 1)
+ours = relion_euler_to_matrix(*torch.tensor(euler).T).numpy()
+origin_px = rng.uniform(-3, 3, (20, 2))
+R, shift = peer_cryodrgn.poses_from_cryodrgn(utils.R_from_relion(euler), origin_px / 64, 64)
+np.testing.assert_allclose(R, ours, atol=1e-10)
+np.testing.assert_allclose(shift, origin_px, atol=1e-12)
+rot, trans = peer_cryodrgn.poses_to_cryodrgn(R, shift, 64)
+np.testing.assert_allclose(rot, utils.R_from_relion(euler), atol=1e-10)
+print("ok")
+"""
+
+
+def test_cryodrgn_pose_conversion_matches_parse_pose_star(tmp_path):
     """cryoDRGN's own RELION reader (``utils.R_from_relion``, used by ``parse_pose_star``) against ours."""
-    utils = pytest.importorskip("cryodrgn.utils")
-    rng = np.random.default_rng(0)
-    euler = np.stack([rng.uniform(-180, 180, 20), rng.uniform(0, 180, 20), rng.uniform(-180, 180, 20)], 1)
-    ours = relion_euler_to_matrix(*torch.tensor(euler).T).numpy()
-    origin_px = rng.uniform(-3, 3, (20, 2))
-    R, shift = peer_cryodrgn.poses_from_cryodrgn(utils.R_from_relion(euler), origin_px / 64, 64)
-    np.testing.assert_allclose(R, ours, atol=1e-10)
-    np.testing.assert_allclose(shift, origin_px, atol=1e-12)
-    rot, trans = peer_cryodrgn.poses_to_cryodrgn(R, shift, 64)
-    np.testing.assert_allclose(rot, utils.R_from_relion(euler), atol=1e-10)
+    assert _run_isolated("cryodrgn", CRYODRGN_CHECK, tmp_path).split()[-1] == "ok"
 
 
 ASPIRE_CHECK = r"""
@@ -90,18 +115,8 @@ print(cc(theirs, ours).min(), cc(theirs, other).min())
 
 
 def test_aspire_rotations_are_ours(tmp_path):
-    """ASPIRE's ``Volume.project(Rotation(R))`` equals our ``project(V, R)`` for the same array and matrix.
-
-    Run in its own process: importing ASPIRE reconfigures logging (it disables existing loggers) and
-    writes ./logs, neither of which may leak into the rest of the suite.
-    """
-    if importlib.util.find_spec("aspire") is None:  # not importorskip: that would import it here
-        pytest.skip("ASPIRE is an optional benchmark peer (pip install .[bench])")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    proc = subprocess.run([sys.executable, "-c", ASPIRE_CHECK], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    same, transposed = map(float, proc.stdout.split()[-2:])
+    """ASPIRE's ``Volume.project(Rotation(R))`` equals our ``project(V, R)`` for the same array and matrix."""
+    same, transposed = map(float, _run_isolated("aspire", ASPIRE_CHECK, tmp_path).split()[-2:])
     assert same > 0.99, same
     assert transposed < 0.95, transposed  # the other common convention does not match
 

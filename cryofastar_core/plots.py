@@ -15,7 +15,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cryofastar_core.io import atomic_output  # noqa: E402
@@ -118,8 +119,10 @@ def viewing_direction_plot(rotations, path: str | os.PathLike, bins: tuple[int, 
     fig = plt.figure(figsize=(7, 4))
     ax = fig.add_subplot(111, projection="mollweide")
     mesh = ax.pcolormesh(az_edges, el_edges, density.T, cmap="viridis", shading="flat")
-    fig.colorbar(mesh, ax=ax, orientation="horizontal", pad=0.08, fraction=0.05,
-                 label="particles per steradian")
+    cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", pad=0.08, fraction=0.05,
+                      label="particles per steradian")
+    cb.ax.xaxis.set_major_locator(MaxNLocator(5))  # large counts otherwise print as overlapping labels
+    cb.ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
     ax.grid(alpha=0.4)
     ax.set_xlabel("azimuth (RELION rot)")
     ax.set_ylabel("elevation (90° − tilt)")

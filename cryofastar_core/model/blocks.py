@@ -82,12 +82,9 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ReferenceBlock(nn.Module):
-    """View Integration: reference tokens attend to themselves, then to all auxiliary tokens.
-
-    ``ref`` ``(B, T, d)``; ``aux`` ``(B, (V−1)·T, d)`` (the auxiliary views concatenated), or ``None``
-    when there is no auxiliary view (the cross-attention is then skipped).
-    """
+class _DecoderBlock(nn.Module):
+    """Pre-LN self-attention, cross-attention to a normalised context, MLP (the layers both decoder
+    branches share; each branch's ``forward`` decides who attends to whom)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -98,6 +95,14 @@ class ReferenceBlock(nn.Module):
         self.cross = CrossAttention(dim, heads)
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
+
+
+class ReferenceBlock(_DecoderBlock):
+    """View Integration: reference tokens attend to themselves, then to all auxiliary tokens.
+
+    ``ref`` ``(B, T, d)``; ``aux`` ``(B, (V−1)·T, d)`` (the auxiliary views concatenated), or ``None``
+    when there is no auxiliary view (the cross-attention is then skipped).
+    """
 
     def forward(self, ref: torch.Tensor, aux: torch.Tensor | None, rope: RoPE2D,
                 rope_aux: RoPE2D | None) -> torch.Tensor:
@@ -107,23 +112,13 @@ class ReferenceBlock(nn.Module):
         return ref + self.mlp(self.norm3(ref))
 
 
-class AuxiliaryBlock(nn.Module):
+class AuxiliaryBlock(_DecoderBlock):
     """View Update: each auxiliary view attends to itself, then to the updated reference tokens.
 
     ``aux`` ``(B, V−1, T, d)``; self-attention runs batched over ``B·(V−1)`` views. The
     cross-attention runs as one ``(B, (V−1)·T)`` query sequence against the ``T`` reference keys,
     which is the same as per-view cross-attention without repeating the reference ``V−1`` times.
     """
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm_context = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, heads)
-        self.norm3 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, mlp_ratio)
 
     def forward(self, aux: torch.Tensor, ref: torch.Tensor, rope: RoPE2D, rope_aux: RoPE2D) -> torch.Tensor:
         b, n, t, d = aux.shape

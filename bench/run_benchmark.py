@@ -149,24 +149,27 @@ def _fmt(x, spec=".2f") -> str:
 
 
 def goal_lines(records: list[dict]) -> list[str]:
-    """Per dataset and our variant: time ratio vs the fastest peer at equal or better rotation error and
-    resolution (against the truth); if no peer gets there, vs the fastest finished peer."""
+    """Per dataset and our variant, the issue's goal: total time at least 10x below the fastest peer
+    whose rotation error and resolution (against the truth) ours equals or beats. Peers more accurate
+    than ours never count as "equal accuracy"; the line says so and gives the plain time ratio."""
     out = []
     for ds in sorted({r["dataset"] for r in records}):
         rows = [r for r in records if r["dataset"] == ds and r["status"] == "ok"]
         ours = [r for r in rows if r["method"] in OURS]
         peers = [r for r in rows if r["method"] not in OURS]
         for o in ours:
-            good = [p for p in peers if p["rot_median_deg"] <= o["rot_median_deg"]
-                    and p["res_truth_fsc05_A"] <= o["res_truth_fsc05_A"]]
-            if good:
-                p = min(good, key=lambda r: r["wall_s"])
-                out.append(f"- {ds}, {o['method']}: {p['wall_s'] / o['wall_s']:.1f}x the speed of the fastest peer at "
-                           f"equal or better accuracy ({p['method']}: {p['wall_s']:.0f} s vs {o['wall_s']:.0f} s)")
+            beaten = [p for p in peers if o["rot_median_deg"] <= p["rot_median_deg"]
+                      and o["res_truth_fsc05_A"] <= p["res_truth_fsc05_A"]]
+            if beaten:
+                p = min(beaten, key=lambda r: r["wall_s"])
+                ratio = p["wall_s"] / o["wall_s"]
+                verdict = "goal met" if ratio >= 10 else "goal not met (needs 10x)"
+                out.append(f"- {ds}, {o['method']}: {ratio:.1f}x faster than {p['method']} at equal or better "
+                           f"rotation error and resolution ({p['wall_s']:.0f} s vs {o['wall_s']:.0f} s): {verdict}")
             elif peers:
                 p = min(peers, key=lambda r: r["wall_s"])
-                out.append(f"- {ds}, {o['method']}: no peer reached equal or better rotation error and resolution; "
-                           f"time ratio vs the fastest finished peer ({p['method']}) {p['wall_s'] / o['wall_s']:.2f}")
+                out.append(f"- {ds}, {o['method']}: goal not met: ours does not match any finished peer on both rotation error and resolution; time ratio vs "
+                           f"the fastest ({p['method']}) {p['wall_s'] / o['wall_s']:.2f}")
             else:
                 out.append(f"- {ds}, {o['method']}: no peer finished")
     return out

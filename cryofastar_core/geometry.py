@@ -132,6 +132,34 @@ def random_rotations(n: int, generator: torch.Generator | None = None, dtype: to
     return quaternion_to_matrix(q).to(dtype=dtype, device=device)
 
 
+def rotations_within_tilt(n: int, max_tilt_deg: float, generator: torch.Generator | None = None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` rotations ``Q`` ``(n, 3, 3)`` whose viewing direction ``Q e_z`` lies uniformly on the cap within
+    ``max_tilt_deg`` of ``e_z``, with a uniform in-plane angle: ``Q = T(n) Rz(ψ)``, ``T`` the shortest
+    rotation taking ``e_z`` to ``n``. At 180° this is Haar-uniform (uniform direction × uniform ψ).
+    """
+    if not 0.0 <= max_tilt_deg <= 180.0:
+        raise ValueError(f"max_tilt_deg must be in [0, 180], got {max_tilt_deg}")
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    cos_max = math.cos(math.radians(max_tilt_deg))
+    cos_t = 1.0 - u[:, 0] * (1.0 - cos_max)  # uniform in cos θ: uniform on the cap's area
+    theta = torch.arccos(cos_t.clamp(-1.0, 1.0))
+    phi = 2 * math.pi * u[:, 1]
+    psi = 2 * math.pi * u[:, 2]
+    # T(n) = Rz(φ) Ry(θ) Rz(−φ) takes e_z to n = (sinθ cosφ, sinθ sinφ, cosθ) along the great circle
+    return (_rot_z(phi) @ _rot_y(theta) @ _rot_z(-phi) @ _rot_z(psi)).to(dtype)
+
+
+def _rot_z(a: torch.Tensor) -> torch.Tensor:
+    c, s, o, i = torch.cos(a), torch.sin(a), torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([torch.stack([c, -s, o], -1), torch.stack([s, c, o], -1), torch.stack([o, o, i], -1)], -2)
+
+
+def _rot_y(a: torch.Tensor) -> torch.Tensor:
+    c, s, o, i = torch.cos(a), torch.sin(a), torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([torch.stack([c, o, s], -1), torch.stack([o, i, o], -1), torch.stack([-s, o, c], -1)], -2)
+
+
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     """Unit quaternions ``(w, x, y, z)`` -> rotation matrices."""
     w, x, y, z = q.unbind(-1)

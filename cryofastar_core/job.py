@@ -242,14 +242,24 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
             half = random_half_sets(len(particles), torch.Generator().manual_seed(cfg.seed))
 
     refinement: list[dict] = []
+    refined_maps: list = []  # rank 0's final half/full maps from refinement (kept off the broadcast)
     if cfg.refine_iters > 0:
+        def refine_on_main() -> tuple[np.ndarray, np.ndarray, list[dict]]:
+            *poses, maps_ = _refine(cfg, particles, rotations, shifts, half, keep, apix, device, main_progress)
+            refined_maps.extend(maps_)
+            return tuple(poses)
+
         with timer.stage("refine"):
             # Refinement runs on rank 0 only (the others wait) until it shares its work out itself.
-            rotations, shifts, refinement = comm.on_main(
-                lambda: _refine(cfg, particles, rotations, shifts, half, keep, apix, device, main_progress))
+            rotations, shifts, refinement = comm.on_main(refine_on_main)
 
     with timer.stage("reconstruct"):
-        if comm.distributed:
+        if cfg.refine_iters > 0:
+            # Refinement's last pass already inserted every kept particle at its final pose into half-set
+            # accumulators like the ones below: reuse those maps instead of reading the particles again.
+            maps = comm.on_main(lambda: (*refined_maps, *_fsc_resolution(refined_maps[1], refined_maps[2], apix)),
+                                share=False)
+        elif comm.distributed:
             halves = _accumulate_shard(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk,
                                        main_progress, comm)
             maps = comm.on_main(lambda: _finalize_with_fsc(halves, apix), share=False)
@@ -426,7 +436,8 @@ def _reconstruct(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarr
 
 def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
             keep: np.ndarray, apix: float, device: torch.device,
-            progress: Callable[[str, int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+            progress: Callable[[str, int, int], None] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, list[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     from cryofastar_core.refine import RefineConfig, refine_poses
 
     idx = np.flatnonzero(keep)
@@ -442,7 +453,7 @@ def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shift
     rotations, shifts = rotations.copy(), shifts.copy()
     rotations[idx] = np.asarray(result.rotations)
     shifts[idx] = np.asarray(result.shifts)
-    return rotations, shifts, [dict(h) for h in result.history]
+    return rotations, shifts, [dict(h) for h in result.history], (result.full, result.half1, result.half2)
 
 
 def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,

@@ -173,3 +173,16 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     assert len(report.refinement) == 2  # the starting poses, then one iteration
     assert "refine" in report.timings_s
     assert read_particles(out / "particles.star", sim_star.parent).rotations is not None
+    # The written maps are refinement's last reconstruction, reused rather than rebuilt: they must equal a
+    # fresh CTF-corrected reconstruction of the written particles at their refined poses and half sets.
+    from cryofastar_core.io import read_map
+    from cryofastar_core.job import _reconstruct
+
+    written = read_particles(out / "particles.star", sim_star.parent)
+    keep = np.ones(len(written), dtype=bool)
+    full, half1, half2 = _reconstruct(written, written.rotations, written.shifts, written.half_set, keep,
+                                      float(written.apix[0]), torch.device("cpu"), 256, None)
+    for name, fresh in (("map.mrc", full), ("half1.mrc", half1), ("half2.mrc", half2)):
+        stored = torch.as_tensor(read_map(out / name)[0], dtype=torch.float32)
+        scale = float(fresh.abs().max())
+        assert float((stored - fresh).abs().max()) < 1e-3 * scale, name

@@ -39,6 +39,26 @@ def test_round_trip(tmp_path):
     torch.testing.assert_close(c.xyz, a.xyz, atol=1e-2, rtol=1e-2)
 
 
+
+def test_files_from_before_the_head_choice_load_as_linear(tmp_path):
+    """Weights written before ``ModelConfig.head``/``abs_pos`` existed: per-pixel linear head, RoPE only."""
+    torch.manual_seed(0)
+    model = CryoFastAR(model_config("XS", 16, head="linear", abs_pos=False)).eval()
+    with torch.no_grad():
+        model.aux_head.out.weight.normal_(std=0.02)
+    path = tmp_path / "old.pt"
+    save_weights(model, path)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["head"], payload["config"]["abs_pos"]
+    torch.save(payload, path)
+    loaded = load_weights(path)
+    assert loaded.cfg.head == "linear" and not loaded.cfg.abs_pos
+    assert not loaded.ref_head.affine
+    images = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images).xyz, model(images).xyz)
+
+
 def test_extra_must_be_plain(tmp_path):
     with pytest.raises(TypeError):
         save_weights(_model(), tmp_path / "w.pt", extra={"obj": object()})

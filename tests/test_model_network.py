@@ -80,17 +80,41 @@ def test_activation_checkpointing_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
-def _count(size, box):
+def _count(size, box, **overrides):
     with torch.device("meta"):
-        model = CryoFastAR(model_config(size, box))
+        model = CryoFastAR(model_config(size, box, **overrides))
     return sum(p.numel() for p in model.parameters())
 
 
 def test_parameter_counts_match_brief():
-    # Brief §2.2 (analytic, reproduces the official count): L 532.6 M and S 52.0 M at D=128, p=16.
-    assert abs(_count("L", 128) / 532.6e6 - 1) < 0.01
-    assert abs(_count("S", 128) / 52.0e6 - 1) < 0.01
-    assert abs(_count("XS", 64) / 13.7e6 - 1) < 0.01
+    # Brief §2.2 (analytic, reproduces the official count with its per-pixel linear head):
+    # L 532.6 M and S 52.0 M at D=128, p=16.
+    assert abs(_count("L", 128, head="linear") / 532.6e6 - 1) < 0.005
+    assert abs(_count("S", 128, head="linear") / 52.0e6 - 1) < 0.005
+    assert abs(_count("XS", 64, head="linear") / 13.7e6 - 1) < 0.01
+    # The affine head writes 9 + p² numbers per token instead of 4 p²: smaller, never larger.
+    assert _count("S", 128) < _count("S", 128, head="linear")
+
+
+def test_affine_head_writes_an_exact_fpm():
+    """A token map A = Q[:, :2]/2, b = (Q·0 + h)/2 + 1/2 is exactly the normalised FPM of (Q, t)."""
+    from cryofastar_core.geometry import random_rotations
+    from cryofastar_core.model.fpm import fpm_targets
+    from cryofastar_core.model.heads import FPMHead
+
+    box, patch = 32, 4
+    head = FPMHead(dim=8, neck=8, patch=patch, denoise=False, affine=True)
+    q = random_rotations(1, generator=torch.Generator().manual_seed(4))[0]
+    shift = torch.tensor([1.5, -2.0])
+    g = box // patch
+    params = torch.zeros(1, g, g, 9 + patch * patch)
+    params[..., :6] = (q[:, :2] * 0.5).reshape(6)
+    params[..., 6:9] = torch.tensor([shift[0] / box, shift[1] / box, 0.0]) * 0.5 + 0.5
+    params[..., 9:] = 1.0
+    out = head._affine(params)[0]
+    target = fpm_targets(torch.eye(3)[None], q[None, None], shift[None, None], box)[0, 0]
+    torch.testing.assert_close(out[..., :3], target, atol=1e-6, rtol=0)
+    assert torch.all(out[..., 3] == 1.0)
 
 
 def test_model_config_validation():
@@ -98,4 +122,27 @@ def test_model_config_validation():
         model_config("XXL", 64)
     with pytest.raises(ValueError, match="multiple"):
         model_config("XS", 60)
+    with pytest.raises(ValueError, match="head"):
+        model_config("XS", 64, head="conv")
     assert model_config("m", 128, patch=8).tokens == 256
+
+
+def test_absolute_position_reaches_the_tokens():
+    """RoPE alone cannot tell tokens apart on a featureless image (attention sums position-free values);
+    the sine-cosine embedding gives every token its own position."""
+    from cryofastar_core.model.encoder import Encoder, sincos_position_embedding
+
+    images = torch.zeros(1, 32, 32)
+    torch.manual_seed(0)
+    rope_only = Encoder(model_config("XS", 32, abs_pos=False)).eval()
+    torch.manual_seed(0)
+    with_pos = Encoder(model_config("XS", 32, abs_pos=True)).eval()
+    with torch.no_grad():
+        a, b = rope_only(images)[0], with_pos(images)[0]
+    assert (a - a[0]).abs().max() < 1e-5
+    assert (b - b[0]).abs().amax(dim=1)[1:].min() > 1e-2
+    emb = sincos_position_embedding(8, 64)
+    assert emb.shape == (64, 64)
+    # Symmetric about the centre: mirrored positions differ only in the sign of their sine channels.
+    torch.testing.assert_close(emb[0, 16:32], emb[63, 16:32])
+    torch.testing.assert_close(emb[0, :16], -emb[63, :16])

@@ -124,3 +124,38 @@ def test_ctf_draws_within_ranges():
     assert 2.0 <= d.apix <= 3.0
     assert torch.all(d.ctf.voltage == 300) and torch.allclose(d.ctf.cs, torch.tensor(2.7))
     assert d.ctf.defocus_angle.min() >= 0 and d.ctf.defocus_angle.max() <= 180
+
+
+def test_tilt_curriculum_keeps_views_near_the_reference():
+    from cryofastar_core.geometry import rotations_within_tilt
+    from cryofastar_core.model.fpm import relative_rotations
+
+    d = draw_sample(stage(), 5, 400, torch.Generator().manual_seed(5), max_tilt_deg=25.0)
+    rel = relative_rotations(d.rotations[0], d.rotations[None])[0].double()
+    tilt = torch.rad2deg(torch.arccos(rel[1:, 2, 2].clamp(-1, 1)))
+    assert tilt.max() <= 25.0 + 1e-3 and tilt.max() > 20.0
+    # Uniform on the cap: half the area lies beyond cos θ = (1 + cos 25°) / 2.
+    import math
+    beyond = (rel[1:, 2, 2] < (1 + math.cos(math.radians(25))) / 2).double().mean()
+    assert 0.4 < float(beyond) < 0.6
+    # In-plane angle stays uniform: the mean of cos ψ over the views is near 0.
+    assert abs(float(rel[1:, 0, 0].mean())) < 0.15
+    # 0° is pure in-plane rotation; 180° is Haar-uniform (E[Q] = 0, median angle 132°).
+    q0 = rotations_within_tilt(50, 0.0, torch.Generator().manual_seed(1), torch.float64)
+    torch.testing.assert_close(q0[:, 2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(50, 3))
+    q = rotations_within_tilt(40000, 180.0, torch.Generator().manual_seed(2), torch.float64)
+    assert q.mean(0).abs().max() < 0.02
+    angle = torch.rad2deg(torch.arccos(((q.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
+    assert abs(float(angle.median()) - 132.35) < 1.5
+    with pytest.raises(ValueError, match="max_tilt_deg"):
+        rotations_within_tilt(2, 200.0)
+
+
+def test_max_tilt_is_validated_and_ramped():
+    from cryofastar_core.errors import InputError
+    from cryofastar_core.training.schedule import max_tilt_at
+
+    st = stage(max_tilt_start=10.0, max_tilt_end=90.0)
+    assert max_tilt_at(st, 0) == 10.0 and max_tilt_at(st, st.steps - 1) == 90.0
+    with pytest.raises(InputError, match="max_tilt_end"):
+        stage(max_tilt_end=270.0).validate(None, "stages[0]")

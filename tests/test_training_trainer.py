@@ -138,3 +138,26 @@ def test_cli(tmp_path, volume_cache, capsys):
     err = capsys.readouterr().err
     assert "stages[0].views_min" in err and str(cfg_path) in err
     assert not (tmp_path / "r2").exists()
+
+
+def test_validation_errors_flag_a_collapsed_model():
+    """Exact FPMs give ~0° and spread 1; one constant FPM for every view (the mean-target plateau) gives
+    spread 0, whatever its rotation error."""
+    from types import SimpleNamespace
+
+    from cryofastar_core.geometry import random_rotations
+    from cryofastar_core.model.fpm import fpm_targets
+    from cryofastar_core.training.trainer import validation_errors
+
+    box, b, v = 16, 3, 5
+    rot = random_rotations(b * v, generator=torch.Generator().manual_seed(0)).reshape(b, v, 3, 3)
+    shifts = torch.rand(b, v, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    targets = fpm_targets(rot[:, 0], rot, shifts, box)
+    batch = SimpleNamespace(rotations=rot, shifts=shifts, targets=targets)
+    conf = torch.ones(b, v, box, box)
+    exact = validation_errors(targets, conf, batch, box)
+    assert exact["val_rot_err_deg"] < 1e-2 and exact["val_shift_err_px"] < 1e-3
+    assert abs(exact["val_spread"] - 1.0) < 1e-6
+    collapsed = targets.clone()
+    collapsed[:, 1:] = targets[:1, 1:2]  # every auxiliary view gets one sample's FPM
+    assert validation_errors(collapsed, conf, batch, box)["val_spread"] < 1e-6

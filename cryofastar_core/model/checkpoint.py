@@ -79,7 +79,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> CryoFa
     with fp32 parameters on ``device``."""
     payload = read_weights_file(path)
     try:
-        cfg = ModelConfig(**payload["config"])
+        # files written before these choices existed: per-pixel linear head, RoPE only
+        cfg = ModelConfig(**{"head": "linear", "abs_pos": False, **payload["config"]})
     except (TypeError, ValueError) as exc:
         raise _error(Path(path), f"invalid model configuration ({exc})",
                      "use the CryoFastAR version that wrote the file") from exc

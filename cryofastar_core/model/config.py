@@ -22,6 +22,10 @@ class ModelConfig:
     ``xyz_grid_base``: the xyz heads predict a residual added to the planar grid ``ū/2 + 1/2``
     (the reference's own FPM for zero shift), so a freshly initialised model outputs a valid plane
     instead of a constant; switch off for a plain linear head as in the official code.
+    ``head``: ``"affine"`` (each token writes ``A ū + b`` over its pixels, the default) or ``"linear"``
+    (per-pixel linear as in the official code); see :mod:`cryofastar_core.model.heads`.
+    ``abs_pos``: add a fixed sine-cosine embedding of each patch's position to the encoder's tokens
+    (besides RoPE); see :class:`~cryofastar_core.model.encoder.Encoder`.
     ``checkpointing``: activation checkpointing of every transformer block during training.
     """
 
@@ -39,8 +43,14 @@ class ModelConfig:
     denoise_head: bool = True
     checkpointing: bool = False
     xyz_grid_base: bool = True
+    head: str = "affine"
+    abs_pos: bool = True
 
     def __post_init__(self) -> None:
+        if self.abs_pos and self.enc_dim % 4:
+            raise ValueError(f"enc_dim {self.enc_dim} must be a multiple of 4 for the position embedding")
+        if self.head not in ("affine", "linear"):
+            raise ValueError(f"head must be 'affine' or 'linear', got {self.head!r}")
         if self.patch <= 0 or self.box % self.patch:
             raise ValueError(f"box {self.box} is not a multiple of patch {self.patch}")
         for name, dim, heads in (("enc", self.enc_dim, self.enc_heads), ("dec", self.dec_dim, self.dec_heads)):

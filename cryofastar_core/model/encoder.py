@@ -10,10 +10,28 @@ from .config import ModelConfig
 from .rope import RoPE2D
 
 
-class Encoder(nn.Module):
-    """Patch embedding (p×p conv, stride p) → ``enc_depth`` pre-LN blocks → LayerNorm.
+def sincos_position_embedding(grid: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2D sine-cosine embedding ``(grid², dim)`` of each patch's position relative to the image
+    centre (row-major): half the channels encode the row, half the column, at geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"dim {dim} must be a multiple of 4 for a 2D sine-cosine embedding")
+    centre = (grid - 1) / 2
+    coords = torch.arange(grid, device=device, dtype=torch.float64) - centre
+    freqs = 1.0 / (grid ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4)))
+    angles = coords[:, None] * freqs  # (grid, dim/4)
+    per_axis = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (grid, dim/2)
+    rows = per_axis[:, None, :].expand(grid, grid, -1)
+    cols = per_axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
 
-    No absolute position embedding: positions enter only through RoPE in every attention layer.
+
+class Encoder(nn.Module):
+    """Patch embedding (p×p conv, stride p) [+ absolute position] → ``enc_depth`` pre-LN blocks → LayerNorm.
+
+    RoPE gives every attention layer relative positions, but attention outputs are sums of values,
+    which carry no position: with RoPE alone a token cannot report *where* its match in another view
+    lies. ``abs_pos`` adds a fixed sine-cosine embedding of the patch position (relative to the image
+    centre, where the particle sits) to the patch tokens, so positions travel with the features.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -27,6 +45,8 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` ``(N, D, D)`` -> tokens ``(N, T, enc_dim)`` (row-major over the patch grid)."""
         x = self.patch_embed(images[:, None]).flatten(2).transpose(1, 2)
+        if self.cfg.abs_pos:
+            x = x + sincos_position_embedding(self.cfg.grid, self.cfg.enc_dim, device=x.device).to(x.dtype)
         rope = RoPE2D(self.cfg.enc_dim // self.cfg.enc_heads, self.cfg.grid, self.cfg.grid,
                       self.cfg.rope_base, device=x.device)
         for block in self.blocks:

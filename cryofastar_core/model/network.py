@@ -33,8 +33,9 @@ class CryoFastAR(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.ref_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head)
-        self.aux_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head)
+        affine = cfg.head == "affine"
+        self.ref_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head, affine)
+        self.aux_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head, affine)
         self._init_weights()
 
     def _init_weights(self) -> None:

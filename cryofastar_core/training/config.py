@@ -41,6 +41,10 @@ class StageConfig:
     trains on entry ``single_index`` of the library split ``split``, ``library`` on all of it (real
     structures plus ``n_pseudo`` pseudo-molecules, ``training.volumes.VolumeLibrary``); validation
     uses the ``heldout`` split (or, for ``single``, new poses of the same volume).
+    ``max_tilt_start``/``max_tilt_end`` (degrees, ramped linearly over the stage): the largest angle
+    between an auxiliary view's viewing direction and the reference's (in-plane angle always uniform);
+    180 (the default) is Haar-uniform. Small tilts first make the relative pose learnable from
+    image similarity before views become unrelated-looking (a curriculum on pose difficulty).
     """
 
     name: str
@@ -71,6 +75,8 @@ class StageConfig:
     # Pixel size jitter (Å/px), uniform per sample: only scales the CTF's frequency axis (brief §3.3).
     apix_min: float = 1.0
     apix_max: float = 6.0
+    max_tilt_start: float = 180.0
+    max_tilt_end: float = 180.0
 
     def validate(self, path: str | Path | None, where: str) -> None:
         def bad(key: str, problem: str, fix: str) -> InputError:
@@ -94,6 +100,9 @@ class StageConfig:
             v = getattr(self, key)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise bad(key, f"must be a positive finite number, got {v}", "use e.g. 10 or 0.1")
+        for key in ("max_tilt_start", "max_tilt_end"):
+            if not 0 <= getattr(self, key) <= 180:
+                raise bad(key, f"must be in [0, 180] degrees, got {getattr(self, key)}", "use e.g. 30 or 180")
         if self.max_shift_px < 0:
             raise bad("max_shift_px", "must be >= 0", "use e.g. 0, 2.5 or 5")
         if self.single_index < 0:

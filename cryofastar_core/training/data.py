@@ -1,6 +1,8 @@
 """On-the-fly training data, simulated on the training device (design brief §3.3).
 
-A *sample* is ``V`` views of ONE volume: Haar-uniform rotations, uniform shifts, optional per-view
+A *sample* is ``V`` views of ONE volume: a Haar-uniform reference pose and auxiliary poses whose
+viewing directions lie within the stage's current maximum tilt of the reference's (Haar-uniform at
+180°), uniform shifts, optional per-view
 CTF (random defocus and astigmatism) at a per-sample pixel size, white noise at the stage's SNR, and
 then :func:`~cryofastar_core.physics.normalize.normalize_images`, the normalisation inference uses.
 Targets are FPMs with view 0 as the reference.
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryofastar_core.geometry import random_rotations
+from cryofastar_core.geometry import random_rotations, rotations_within_tilt
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.normalize import normalize_images
 from cryofastar_core.physics.projection import VolumeFT, prepare_volume
@@ -107,14 +109,21 @@ class SampleDraw:
     apix: float
 
 
-def draw_sample(stage: StageConfig, n_volumes: int, views: int, generator: torch.Generator) -> SampleDraw:
-    """Draw one sample's volume, poses, shifts and CTF from a CPU ``generator``."""
+def draw_sample(stage: StageConfig, n_volumes: int, views: int, generator: torch.Generator,
+                max_tilt_deg: float = 180.0) -> SampleDraw:
+    """Draw one sample's volume, poses, shifts and CTF from a CPU ``generator``; auxiliary views lie
+    within ``max_tilt_deg`` of the reference's viewing direction."""
     g = generator
     if stage.volumes == "single":
         vol = stage.single_index
     else:
         vol = int(torch.randint(n_volumes, (1,), generator=g))
-    rotations = random_rotations(views, generator=g, dtype=torch.float32)
+    if max_tilt_deg >= 180.0:
+        rotations = random_rotations(views, generator=g, dtype=torch.float32)
+    else:
+        ref = random_rotations(1, generator=g, dtype=torch.float64)
+        rel = rotations_within_tilt(views - 1, max_tilt_deg, generator=g, dtype=torch.float64)
+        rotations = torch.cat([ref, ref @ rel]).float()  # R_i = R_0 Q_i, so the FPM rotation is Q_i
     shifts = (torch.rand(views, 2, generator=g, dtype=torch.float64) * 2 - 1) * stage.max_shift_px
     apix = stage.apix_min + (stage.apix_max - stage.apix_min) * float(torch.rand(1, generator=g, dtype=torch.float64))
     ctf = None
@@ -159,7 +168,8 @@ class BatchSimulator:
         self.volumes, self.box, self.device = volumes, box, torch.device(device)
 
     def make_batch(self, stage: StageConfig, *, seed: int, step: int, first_sample: int, n_samples: int,
-                   views: int, snr: float | None, stream: int = TRAIN_STREAM) -> TrainingBatch:
+                   views: int, snr: float | None, stream: int = TRAIN_STREAM,
+                   max_tilt_deg: float = 180.0) -> TrainingBatch:
         """Samples ``first_sample .. first_sample + n_samples - 1`` of global step ``step``."""
         from cryofastar_core.model.fpm import fpm_targets
 
@@ -167,7 +177,7 @@ class BatchSimulator:
         draws, noise_seeds = [], []
         for i in range(first_sample, first_sample + n_samples):
             s = sample_seed(seed, stream, step, i)
-            draws.append(draw_sample(stage, n_volumes, views, torch.Generator().manual_seed(s)))
+            draws.append(draw_sample(stage, n_volumes, views, torch.Generator().manual_seed(s), max_tilt_deg))
             noise_seeds.append(s ^ 0x2545F4914F6CDD1D)
         cleans, noisies = [], []
         for d, ns in zip(draws, noise_seeds):

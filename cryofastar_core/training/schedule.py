@@ -54,6 +54,12 @@ def snr_at(stage: StageConfig, local_step: int) -> float | None:
     return float(math.exp((1 - frac) * math.log(stage.snr_start) + frac * math.log(stage.snr_end)))
 
 
+def max_tilt_at(stage: StageConfig, local_step: int) -> float:
+    """Linear ramp from ``max_tilt_start`` to ``max_tilt_end`` (degrees) over the stage."""
+    frac = local_step / max(1, stage.steps - 1)
+    return float((1 - frac) * stage.max_tilt_start + frac * stage.max_tilt_end)
+
+
 def views_at(stage: StageConfig, seed: int, step: int) -> int:
     """Views per sample at global ``step``: uniform in ``[views_min, views_max]``, the same on every rank."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, step, 0x5EE]))

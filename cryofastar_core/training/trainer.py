@@ -34,7 +34,7 @@ from cryofastar_core.io.atomic_write import atomic_output
 
 from .config import StageConfig, TrainConfig
 from .data import VALIDATION_STREAM, BatchSimulator, TrainingBatch, VolumeFTCache, VolumeSource
-from .schedule import learning_rate, snr_at, stage_at, views_at
+from .schedule import learning_rate, max_tilt_at, snr_at, stage_at, views_at
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ CHECKPOINT_FORMAT = "cryofastar-train-checkpoint"
 CHECKPOINT_VERSION = 1
 FIXED_COLUMNS = ["step", "stage", "views", "snr", "ctf", "lr"]
 TAIL_COLUMNS = ["grad_norm", "views_per_s", "tflops", "val_rot_err_deg", "val_rot_err_mean_deg",
-                "val_shift_err_px", "elapsed_s"]
+                "val_shift_err_px", "val_spread", "elapsed_s"]
 HALF_EXPORT_PARAMS = 20_000_000
 # Dense bf16 tensor-core peaks (TFLOP/s) for the utilisation estimate; unknown devices report none.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -236,7 +236,8 @@ class _Trainer:
             per_rank = stage.batch_size // dist.world_size
             sim = BatchSimulator(self._source(stage, stage.split), cfg.box, self.dev)
             batch = sim.make_batch(stage, seed=cfg.seed, step=step, first_sample=dist.rank * per_rank,
-                                   n_samples=per_rank, views=views, snr=snr)
+                                   n_samples=per_rank, views=views, snr=snr,
+                                   max_tilt_deg=max_tilt_at(stage, pos.local_step))
             counter = _flop_counter() if first_step_of_process else None
             with counter if counter is not None else _nullcontext():
                 with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -274,7 +275,7 @@ class _Trainer:
                              stage.name, views, "clean" if snr is None else f"{snr:.3g}", lr, last_loss,
                              " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss") + " ",
                              views_per_s, self._throughput_note(views_per_s),
-                             f" val_rot_err={val['val_rot_err_deg']:.2f} deg" if val else "")
+                             f" val_rot_err={val['val_rot_err_deg']:.2f} deg spread={val['val_spread']:.3f}" if val else "")
             if do_ckpt:
                 if self.is_main:
                     self._save_checkpoint(model, optimizer, step)
@@ -346,7 +347,7 @@ class _Trainer:
             self._val_batches[index] = sim.make_batch(stage, seed=self.cfg.seed, step=index,
                                                       first_sample=0, n_samples=self.cfg.val_samples,
                                                       views=stage.views_max, snr=stage.snr_end,
-                                                      stream=VALIDATION_STREAM)
+                                                      stream=VALIDATION_STREAM, max_tilt_deg=stage.max_tilt_end)
         return self._val_batches[index]
 
     @torch.no_grad()
@@ -551,8 +552,11 @@ def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatc
     """Pose errors of predicted FPMs against the batch's ground truth (auxiliary views only).
 
     Rotations come from confidence-weighted Kabsch; per sample the hand (mirror) with the smaller mean
-    error is taken, as the loss is hand-invariant. Returns the median and mean rotation error (degrees)
-    and the median shift error (pixels).
+    error is taken, as the loss is hand-invariant. Returns the median and mean rotation error (degrees),
+    the median shift error (pixels) and ``val_spread``: how much the auxiliary FPMs vary over the
+    batch's views relative to how much the targets vary (per pixel and coordinate, then averaged).
+    Near 0 the model outputs one FPM whatever the images (collapsed onto the mean target, the
+    plateau a regression falls into before it finds pose features); near 1 its outputs vary like poses.
     """
     from cryofastar_core.model import denormalize, kabsch
     from cryofastar_core.model.fpm import relative_rotations
@@ -564,8 +568,11 @@ def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatc
     flip = err_flip.mean(-1) < err_same.mean(-1)
     err = torch.where(flip[:, None], err_flip, err_same)
     shift_err = torch.linalg.norm(fit.shift - batch.shifts[:, 1:].to(fit.shift.dtype), dim=-1)
+    pred_aux = xyz[:, 1:].flatten(0, 1)
+    target_aux = batch.targets[:, 1:].flatten(0, 1).to(pred_aux.dtype)
+    spread = pred_aux.std(dim=0).mean() / target_aux.std(dim=0).mean().clamp_min(1e-12)
     return {"val_rot_err_deg": float(err.median()), "val_rot_err_mean_deg": float(err.mean()),
-            "val_shift_err_px": float(shift_err.median())}
+            "val_shift_err_px": float(shift_err.median()), "val_spread": float(spread)}
 
 
 class _Interval:

@@ -17,17 +17,20 @@ def _perturbed_model(box, seed=0, **overrides):
     return model
 
 
-def test_fresh_model_outputs_reference_plane():
-    model = CryoFastAR(model_config("XS", 16)).eval()
+@pytest.mark.parametrize("overrides", [{}, {"head": "affine", "abs_pos": True}])
+def test_fresh_model_outputs_reference_plane(overrides):
+    model = CryoFastAR(model_config("XS", 16, **overrides)).eval()
     out = model(torch.randn(1, 3, 16, 16))
     assert torch.allclose(out.xyz, normalize(planar_grid(16)).expand_as(out.xyz))
     assert torch.allclose(out.conf, torch.full_like(out.conf, 2.0))
 
 
-@pytest.mark.parametrize("box", [32, 64])
-@pytest.mark.parametrize("n_aux", [3, 7])
-def test_shapes_conf_and_permutation(box, n_aux):
-    model = _perturbed_model(box)
+@pytest.mark.parametrize("box, n_aux, overrides", [
+    (32, 3, {}), (32, 7, {}), (64, 3, {}), (64, 7, {}),
+    (32, 3, {"head": "affine", "abs_pos": True}),
+])
+def test_shapes_conf_and_permutation(box, n_aux, overrides):
+    model = _perturbed_model(box, **overrides)
     assert model.cfg.patch == box // 8 and model.cfg.tokens == 64
     B, V = 2, 1 + n_aux
     images = torch.randn(B, V, box, box, generator=torch.Generator().manual_seed(1))
@@ -93,7 +96,7 @@ def test_parameter_counts_match_brief():
     assert abs(_count("S", 128, head="linear") / 52.0e6 - 1) < 0.005
     assert abs(_count("XS", 64, head="linear") / 13.7e6 - 1) < 0.01
     # The affine head writes 9 + p² numbers per token instead of 4 p²: smaller, never larger.
-    assert _count("S", 128) < _count("S", 128, head="linear")
+    assert _count("S", 128, head="affine") < _count("S", 128)
 
 
 def test_affine_head_writes_an_exact_fpm():

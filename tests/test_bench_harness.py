@@ -209,3 +209,26 @@ def test_relion_project_dataset_matches_its_truth(tiny_dataset, relion):
         clean = np.asarray(m.data, np.float64)
     snr = clean.var(axis=(1, 2)) / (noisy - clean).var(axis=(1, 2))
     assert 0.7 < np.median(snr) < 1.4, np.median(snr)
+
+
+def test_resume_skips_measured_pairs_only(tmp_path, monkeypatch):
+    argv = ["--quick", "--out", str(tmp_path), "--peers", "aspire", "--resume"]
+    a = run_benchmark.parse_args(argv)
+    (spec,) = dataset_grid(a.structures, a.boxes, a.snrs, a.sizes, a.simulators, a.seed)
+    for method in ("cryofastar", "cryofastar-refine3"):
+        common.append_record(tmp_path / "results.jsonl", _record(spec.name, method, 10.0, 5.0, 8.0))
+    measured = []
+
+    def fake_measure(method, spec_, ds, args):
+        measured.append(method)
+        return _record(spec_.name, method, 20.0, 4.0, 7.0)
+
+    monkeypatch.setattr(run_benchmark, "build_dataset", lambda spec_, root: tmp_path / "ds")
+    monkeypatch.setattr(run_benchmark, "measure", fake_measure)
+    assert run_benchmark.main(argv) == 0
+    assert measured == ["aspire"]  # ours were already measured; only the missing peer ran
+    measured.clear()
+    assert run_benchmark.main(argv) == 0
+    assert measured == []
+    assert {r["method"] for r in json.loads((tmp_path / "results.json").read_text())} == {
+        "cryofastar", "cryofastar-refine3", "aspire"}

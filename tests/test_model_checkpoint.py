@@ -49,10 +49,11 @@ def test_files_from_before_the_head_choice_load_as_linear(tmp_path):
     path = tmp_path / "old.pt"
     save_weights(model, path)
     payload = torch.load(path, weights_only=True)
-    del payload["config"]["head"], payload["config"]["abs_pos"]
+    for key in ("head", "abs_pos", "ref_channel", "stem"):
+        del payload["config"][key]
     torch.save(payload, path)
     loaded = load_weights(path)
-    assert loaded.cfg.head == "linear" and not loaded.cfg.abs_pos
+    assert loaded.cfg.head == "linear" and not loaded.cfg.abs_pos and loaded.cfg.stem == "patch"
     assert not loaded.ref_head.affine
     images = torch.randn(1, 3, 16, 16)
     with torch.no_grad():

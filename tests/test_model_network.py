@@ -27,7 +27,8 @@ def test_fresh_model_outputs_reference_plane(overrides):
 
 @pytest.mark.parametrize("box, n_aux, overrides", [
     (32, 3, {}), (32, 7, {}), (64, 3, {}), (64, 7, {}),
-    (32, 3, {"head": "affine", "abs_pos": True}),
+    (32, 3, {"head": "affine", "abs_pos": True}), (32, 3, {"ref_channel": True}),
+    (64, 3, {"stem": "conv", "ref_channel": True, "head": "affine"}),
 ])
 def test_shapes_conf_and_permutation(box, n_aux, overrides):
     model = _perturbed_model(box, **overrides)
@@ -127,6 +128,10 @@ def test_model_config_validation():
         model_config("XS", 60)
     with pytest.raises(ValueError, match="head"):
         model_config("XS", 64, head="conv")
+    with pytest.raises(ValueError, match="power-of-two"):
+        model_config("XS", 48, stem="conv")  # patch 6
+    with pytest.raises(ValueError, match="stem"):
+        model_config("XS", 64, stem="resnet")
     assert model_config("m", 128, patch=8).tokens == 256
 
 

@@ -80,7 +80,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> CryoFa
     payload = read_weights_file(path)
     try:
         # files written before these choices existed: per-pixel linear head, RoPE only
-        cfg = ModelConfig(**{"head": "linear", "abs_pos": False, **payload["config"]})
+        cfg = ModelConfig(**{"head": "linear", "abs_pos": False, "ref_channel": False, "stem": "patch", **payload["config"]})
     except (TypeError, ValueError) as exc:
         raise _error(Path(path), f"invalid model configuration ({exc})",
                      "use the CryoFastAR version that wrote the file") from exc

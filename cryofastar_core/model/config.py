@@ -28,6 +28,11 @@ class ModelConfig:
     (besides RoPE); see :class:`~cryofastar_core.model.encoder.Encoder`. Both alternatives are
     experiments: on CPU budgets neither stopped the collapse described in the model card, so the
     defaults stay the form the paper trained at scale.
+    ``ref_channel``: early fusion, each view's patches are embedded with the reference image's as a
+    second channel (an experiment; the paper fuses views only in the decoder).
+    ``stem``: ``"patch"`` (one p×p linear patch embedding, the paper's) or ``"conv"`` (stride-2 3×3
+    convolutions down to the patch grid; needs a power-of-two patch); see
+    :func:`~cryofastar_core.model.encoder.conv_stem`.
     ``checkpointing``: activation checkpointing of every transformer block during training.
     """
 
@@ -47,10 +52,16 @@ class ModelConfig:
     xyz_grid_base: bool = True
     head: str = "linear"
     abs_pos: bool = False
+    ref_channel: bool = False
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         if self.abs_pos and self.enc_dim % 4:
             raise ValueError(f"enc_dim {self.enc_dim} must be a multiple of 4 for the position embedding")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and (self.patch < 2 or self.patch & (self.patch - 1)):
+            raise ValueError(f"stem 'conv' needs a power-of-two patch size, got {self.patch}")
         if self.head not in ("affine", "linear"):
             raise ValueError(f"head must be 'affine' or 'linear', got {self.head!r}")
         if self.patch <= 0 or self.box % self.patch:

@@ -25,6 +25,28 @@ def sincos_position_embedding(grid: int, dim: int, device=None) -> torch.Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
 
 
+def conv_stem(in_channels: int, dim: int, patch: int) -> nn.Sequential:
+    """Stride-2 3×3 convolutions (GELU between) from the image down to the patch grid, then a 1×1 to
+    ``dim``: ``log2(patch)`` stages, channels doubling from ``dim / 2^(stages-1)``.
+
+    A convolutional stem instead of one p×p linear patch embedding ("early convolutions help
+    transformers see better", Xiao et al. 2021): local edge and orientation features come for free,
+    which in our probes let a relative in-plane angle be learned at all within CPU budgets (model card).
+    """
+    stages = patch.bit_length() - 1
+    if patch < 2 or 1 << stages != patch:
+        raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch}")
+    layers: list[nn.Module] = []
+    width = max(16, dim >> (stages - 1))
+    c_in = in_channels
+    for i in range(stages):
+        c_out = min(dim, width << i)
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, dim, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
 class Encoder(nn.Module):
     """Patch embedding (p×p conv, stride p) [+ absolute position] → ``enc_depth`` pre-LN blocks → LayerNorm.
 
@@ -37,14 +59,18 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(1, cfg.enc_dim, kernel_size=cfg.patch, stride=cfg.patch)
+        channels = 2 if cfg.ref_channel else 1
+        if cfg.stem == "conv":
+            self.patch_embed = conv_stem(channels, cfg.enc_dim, cfg.patch)
+        else:
+            self.patch_embed = nn.Conv2d(channels, cfg.enc_dim, kernel_size=cfg.patch, stride=cfg.patch)
         self.blocks = nn.ModuleList(EncoderBlock(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio)
                                     for _ in range(cfg.enc_depth))
         self.norm = nn.LayerNorm(cfg.enc_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` ``(N, D, D)`` -> tokens ``(N, T, enc_dim)`` (row-major over the patch grid)."""
-        x = self.patch_embed(images[:, None]).flatten(2).transpose(1, 2)
+        """``images`` ``(N, D, D)`` or ``(N, C, D, D)`` -> tokens ``(N, T, enc_dim)`` (row-major over the patch grid)."""
+        x = self.patch_embed(images[:, None] if images.ndim == 3 else images).flatten(2).transpose(1, 2)
         if self.cfg.abs_pos:
             x = x + sincos_position_embedding(self.cfg.grid, self.cfg.enc_dim, device=x.device).to(x.dtype)
         rope = RoPE2D(self.cfg.enc_dim // self.cfg.enc_heads, self.cfg.grid, self.cfg.grid,

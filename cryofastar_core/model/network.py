@@ -47,10 +47,11 @@ class CryoFastAR(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        # The patch embedding initialised like a linear layer over the flattened patch.
-        w = self.encoder.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.encoder.patch_embed.bias)
+        if isinstance(self.encoder.patch_embed, nn.Conv2d):
+            # The patch embedding initialised like a linear layer over the flattened patch.
+            w = self.encoder.patch_embed.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.encoder.patch_embed.bias)
         nn.init.trunc_normal_(self.decoder.ref_embedding, std=0.02)
         nn.init.trunc_normal_(self.decoder.aux_embedding, std=0.02)
 
@@ -60,7 +61,13 @@ class CryoFastAR(nn.Module):
         if images.ndim != 4 or images.shape[-2:] != (cfg.box, cfg.box) or images.shape[1] < 1:
             raise ValueError(f"images must be (B, V, {cfg.box}, {cfg.box}), got {tuple(images.shape)}")
         b, v, d, _ = images.shape
-        tokens = self.encoder(images.reshape(b * v, d, d))
+        if cfg.ref_channel:
+            # Early fusion: every view is embedded together with the reference image as a second
+            # channel, so patch features can compare the two images pixel by pixel.
+            pairs = torch.stack([images, images[:, :1].expand_as(images)], dim=2)
+            tokens = self.encoder(pairs.reshape(b * v, 2, d, d))
+        else:
+            tokens = self.encoder(images.reshape(b * v, d, d))
         ref, aux = self.decoder(tokens.reshape(b, v, cfg.tokens, cfg.enc_dim))
         # Heads in fp32: the FPM needs more precision than bf16's 8 bits to resolve sub-degree poses.
         with torch.autocast(device_type=images.device.type, enabled=False):

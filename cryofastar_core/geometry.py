@@ -146,18 +146,10 @@ def rotations_within_tilt(n: int, max_tilt_deg: float, generator: torch.Generato
     theta = torch.arccos(cos_t.clamp(-1.0, 1.0))
     phi = 2 * math.pi * u[:, 1]
     psi = 2 * math.pi * u[:, 2]
-    # T(n) = Rz(φ) Ry(θ) Rz(−φ) takes e_z to n = (sinθ cosφ, sinθ sinφ, cosθ) along the great circle
-    return (_rot_z(phi) @ _rot_y(theta) @ _rot_z(-phi) @ _rot_z(psi)).to(dtype)
-
-
-def _rot_z(a: torch.Tensor) -> torch.Tensor:
-    c, s, o, i = torch.cos(a), torch.sin(a), torch.zeros_like(a), torch.ones_like(a)
-    return torch.stack([torch.stack([c, -s, o], -1), torch.stack([s, c, o], -1), torch.stack([o, o, i], -1)], -2)
-
-
-def _rot_y(a: torch.Tensor) -> torch.Tensor:
-    c, s, o, i = torch.cos(a), torch.sin(a), torch.zeros_like(a), torch.ones_like(a)
-    return torch.stack([torch.stack([c, o, s], -1), torch.stack([o, i, o], -1), torch.stack([-s, o, c], -1)], -2)
+    # T(n) Rz(ψ) = Rz(φ) Ry(θ) Rz(ψ − φ): T(n) = Rz(φ) Ry(θ) Rz(−φ) takes e_z to
+    # n = (sinθ cosφ, sinθ sinφ, cosθ) along the great circle; RELION's ZYZ Euler rotation is exactly
+    # this product: R = Aᵀ = Rz(rot) Ry(tilt) Rz(psi).
+    return relion_euler_to_matrix(torch.rad2deg(phi), torch.rad2deg(theta), torch.rad2deg(psi - phi)).to(dtype)
 
 
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .blocks import LayerNorm2d
+from .fpm import planar_grid
 
 
 class FPMHead(nn.Module):
@@ -55,9 +56,8 @@ class FPMHead(nn.Module):
         """``(N, g, g, 9 + p·p)`` -> ``(N, D, D, 4)``: xyz = A ū + b over each token's block, then the logits."""
         n, g, _, _ = params.shape
         p = self.patch
-        lin = torch.linspace(-1.0, 1.0, g * p, device=params.device, dtype=params.dtype)
-        y, x = torch.meshgrid(lin, lin, indexing="ij")
-        uv = torch.stack([x, y], dim=-1).reshape(g, p, g, p, 2).permute(0, 2, 1, 3, 4)  # (g, g, p, p, 2)
+        uv = planar_grid(g * p, device=params.device, dtype=params.dtype)[..., :2]  # ū's (x, y), (D, D, 2)
+        uv = uv.reshape(g, p, g, p, 2).permute(0, 2, 1, 3, 4)  # (g, g, p, p, 2): per token, its block
         mat = params[..., :6].reshape(n, g, g, 3, 2)
         xyz = torch.einsum("nabij,abpqj->nabpqi", mat, uv) + params[..., None, None, 6:9]
         xyz = xyz.permute(0, 1, 3, 2, 4, 5).reshape(n, g * p, g * p, 3)

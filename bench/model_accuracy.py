@@ -10,6 +10,11 @@ network is trained hand-invariantly; the job resolves the hand with anchors).
     python bench/model_accuracy.py --weights cryofastar_core/weights/default.pt --samples 8 \
         --snr 10 1 0.1 --views 16 32 64 128 --out bench/results/accuracy
     python bench/model_accuracy.py --snr 10 1 --views 16 --max-tilt 0 30 90 180 --out bench/results/tilt
+    python bench/model_accuracy.py --ladder --samples 8 --out bench/results/ladder
+
+``--ladder`` measures the three rungs of the training curriculum's targets instead of a grid:
+1 = clean, no CTF, no shifts, 16 views; 2 = SNR 1, CTF, shifts ±3 px, 32 views; 3 = SNR 0.1, CTF,
+shifts ±3 px, 128 views.
 
 ``--max-tilt`` limits the auxiliary viewing directions to a cone around the reference's (the
 training curriculum's pose difficulty; 180 = Haar-uniform, what real particle sets look like).
@@ -32,19 +37,23 @@ from cryofastar_core.training.volumes import VolumeLibrary
 from cryofastar_core.weights import resolve_weights
 
 EVAL_STREAM = 7  # a random stream of its own: never the training or validation draws
+# rung -> (snr or None for clean, ctf, max shift px, views)
+LADDER = {1: (None, False, 0.0, 16), 2: (1.0, True, 3.0, 32), 3: (0.1, True, 3.0, 128)}
 
 
-def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float, views: int, samples: int, seed: int,
-                  max_shift: float, max_tilt: float = 180.0) -> dict[str, float]:
+def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float | None, views: int, samples: int, seed: int,
+                  max_shift: float, max_tilt: float = 180.0, ctf: bool = True) -> dict[str, float]:
+    """``snr`` ``None``: clean images."""
     stage = StageConfig(name=f"eval-{split}", steps=1, batch_size=samples, views_min=views, views_max=views,
-                        snr_start=snr, snr_end=snr, ctf=True, max_shift_px=max_shift, volumes="library", split=split)
+                        snr_start=snr, snr_end=snr, ctf=ctf, max_shift_px=max_shift, volumes="library", split=split)
     rot, shift = [], []
     for s in range(samples):  # one sample per pass keeps memory flat at 128 views
         batch = sim.make_batch(stage, seed=seed, step=0, first_sample=s, n_samples=1, views=views, snr=snr,
-                               stream=EVAL_STREAM, max_tilt_deg=max_tilt)
+                               stream=EVAL_STREAM, max_tilt_deg=max_tilt,
+                               ctf_correction=model.cfg.ctf_correction)
         with torch.no_grad():
             out = model(batch.images)
-        err = validation_errors(out.xyz.float(), out.conf.float(), batch, sim.box)
+        err = validation_errors(out.xyz.float(), out.conf.float(), batch, sim.box, out.grid)
         rot.append(err["val_rot_err_deg"])
         shift.append(err["val_shift_err_px"])
     return {"median_rot_deg": float(np.median(rot)), "mean_rot_deg": float(np.mean(rot)),
@@ -55,7 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="default")
     ap.add_argument("--splits", nargs="+", default=["heldout", "eval"])
-    ap.add_argument("--snr", type=float, nargs="+", default=[10.0, 1.0, 0.1])
+    ap.add_argument("--snr", type=float, nargs="+", default=[10.0, 1.0, 0.1],
+                    help="signal-to-noise ratios; inf: clean images")
+    ap.add_argument("--no-ctf", action="store_true", help="images without CTF (rung 1 of the curriculum)")
     ap.add_argument("--views", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--samples", type=int, default=8, help="samples (structures x poses) per cell and split")
     ap.add_argument("--max-shift", type=float, default=3.0)
@@ -64,7 +75,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
+    ap.add_argument("--ladder", action="store_true", help="the curriculum's three rungs instead of the grid")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ladder:
+        cells = [(rung, snr, ctf, shift, views, 180.0) for rung, (snr, ctf, shift, views) in LADDER.items()]
+    else:
+        cells = [(None, None if np.isinf(snr) else snr, not args.no_ctf, args.max_shift, views, tilt)
+                 for snr in args.snr for views in args.views for tilt in args.max_tilt]
 
     path = resolve_weights(args.weights)
     model = load_weights(path, device=args.device)
@@ -74,23 +94,24 @@ def main() -> None:
     for split in args.splits:
         lib = VolumeLibrary(box=box, split=split, cache_dir=None, n_pseudo=0, seed=0)
         sim = BatchSimulator(VolumeFTCache(lib, args.device, capacity=len(lib)), box, args.device)
-        for snr in args.snr:
-            for views in args.views:
-                for tilt in args.max_tilt:
-                    r = evaluate_cell(model, sim, split, snr, views, args.samples, args.seed, args.max_shift, tilt)
-                    rows.append({"split": split, "n_structures": len(lib), "snr": snr, "views": views,
-                                 "max_tilt_deg": tilt, **r})
-                    print(f"{split:8s} SNR {snr:<5g} views {views:4d} tilt <= {tilt:5g}: median rotation error "
-                          f"{r['median_rot_deg']:6.2f} deg, median shift error {r['median_shift_px']:5.2f} px", flush=True)
+        for rung, snr, ctf, shift, views, tilt in cells:
+            r = evaluate_cell(model, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
+            rows.append({"split": split, "n_structures": len(lib), "rung": rung, "snr": "clean" if snr is None else snr,
+                         "ctf": ctf, "max_shift_px": shift, "views": views, "max_tilt_deg": tilt, **r})
+            print(f"{split:8s} {'rung ' + str(rung) if rung else ''} SNR {rows[-1]['snr']} CTF {ctf} shift {shift:g} "
+                  f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
+                  f"median shift error {r['median_shift_px']:5.2f} px", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"weights": str(path), "box": box, "samples_per_cell": args.samples, "ctf": True,
-            "max_shift_px": args.max_shift, "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
+    meta = {"weights": str(path), "box": box, "samples_per_cell": args.samples, "ladder": args.ladder,
+            "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tilted = args.max_tilt != [180.0]
-    lines = ["| split | SNR | views |" + (" max tilt (deg) |" if tilted else "")
+    tilted = not args.ladder and args.max_tilt != [180.0]
+    lines = ["| split |" + (" rung |" if args.ladder else "") + " SNR | CTF | shifts (px) | views |"
+             + (" max tilt (deg) |" if tilted else "")
              + " median rotation error (deg) | mean rotation error (deg) | median shift error (px) |",
-             "|---|---|---|" + ("---|" if tilted else "") + "---|---|---|"]
-    lines += [f"| {r['split']} ({r['n_structures']}) | {r['snr']:g} | {r['views']} |"
+             "|---|" + ("---|" if args.ladder else "") + "---|---|---|---|" + ("---|" if tilted else "") + "---|---|---|"]
+    lines += [f"| {r['split']} ({r['n_structures']}) |" + (f" {r['rung']} |" if args.ladder else "")
+              + f" {r['snr']} | {'yes' if r['ctf'] else 'no'} | ±{r['max_shift_px']:g} | {r['views']} |"
               + (f" {r['max_tilt_deg']:g} |" if tilted else "")
               + f" {r['median_rot_deg']:.2f} | {r['mean_rot_deg']:.2f} | {r['median_shift_px']:.2f} |" for r in rows]
     (args.out / "accuracy.md").write_text("\n".join(lines) + "\n")

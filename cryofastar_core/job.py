@@ -118,6 +118,7 @@ class Report:
     resumed_from_poses: bool = False
     status: str = "complete"
     processes: int = 1  # ranks of a distributed (torchrun) run
+    pose_warning: str = ""  # what the weights' held-out accuracy says of these poses (pose_trust_note)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
@@ -279,11 +280,13 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
             n_kept=int(keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
             n_chunks=int(est["n_chunks"]), apix=apix, box=int(particles.box), model_box=model_box,
             resolution_0143=float(res), timings_s=timer.timings, refinement=refinement, outputs=outputs + [REPORT],
-            resumed_from_poses=resumed, processes=comm.world_size)
+            resumed_from_poses=resumed, processes=comm.world_size,
+            pose_warning=pose_trust_note(weights_info["provenance"]))
         payload = json.loads(report.to_json())
         payload["fingerprint"] = fingerprint
         with atomic_output(out / REPORT) as tmp:
             tmp.write_text(json.dumps(payload, indent=2))
+        log.warning("%s", report.pose_warning)
         return report
 
     return comm.on_main(write)
@@ -356,9 +359,14 @@ def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, mo
               progress: Callable[[str, int, int], None] | None, comm: Communicator | None = None) -> dict:
     n = len(particles)
 
+    ctf_correction = getattr(model.cfg, "ctf_correction", "none")
+    use_ctf = ctf_correction != "none" and particles.ctf is not None
+
     def load(indices: np.ndarray) -> torch.Tensor:
         images = particles.read_images(indices)
-        return to_model_input(images, model_box, particles.sign[indices], device=device)
+        return to_model_input(images, model_box, particles.sign[indices], device=device,
+                              ctf=particles.ctf_params(indices) if use_ctf else None,
+                              apix=torch.as_tensor(particles.apix[indices]), ctf_correction=ctf_correction)
 
     ecfg = EstimatorConfig(views=cfg.views, candidates=cfg.candidates, anchors=cfg.anchors,
                            chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
@@ -490,6 +498,19 @@ def _progress_bar(total: int, desc: str, enabled: bool = True):
 
 def _settings(cfg: JobConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def pose_trust_note(provenance: dict) -> str:
+    """One plain sentence on how far these weights' feed-forward poses can be trusted, from the
+    held-out accuracy recorded in the weights file (``extra["heldout"]``, written when weights ship)."""
+    heldout = provenance.get("heldout") if isinstance(provenance, dict) else None
+    if not isinstance(heldout, dict) or "median_rot_deg" not in heldout:
+        return ("POSES NOT VALIDATED: these weights carry no held-out accuracy; do not trust the poses or the "
+                "map's resolution without an independent check (e.g. RELION/CryoSPARC refinement from this map).")
+    return (f"POSES NOT YET RELIABLE: on unseen simulated structures these weights' median rotation error is "
+            f"{float(heldout['median_rot_deg']):.0f} deg ({heldout.get('setting', 'see the model card')}); "
+            "the half-map resolution measures consistency, not correctness. Refine globally in RELION or "
+            "CryoSPARC from this map before building on it.")
 
 
 def _weights_identity(path: Path) -> dict:

@@ -65,16 +65,18 @@ def tiny_map_file(tmp_path_factory, tiny_map):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """An untrained, tiny CryoFastAR weights file at box 32, for plumbing tests (not accuracy)."""
+    """An untrained, tiny weights file of the shipped kind (line model, phase-flipped input) at box 32,
+    for plumbing tests (not accuracy)."""
     import torch
 
-    from cryofastar_core.model import CryoFastAR, model_config, save_weights
+    from cryofastar_core.model import build_model, model_config, save_weights
 
     torch.manual_seed(0)
-    cfg = model_config("XS", 32, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2,
-                       neck_dim=16)
+    cfg = model_config("XS", 32, arch="lines", n_lines=16, line_samples=16, line_radii=2, enc_dim=32, enc_depth=1,
+                       enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2, denoise_head=False,
+                       ctf_correction="phase_flip")
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(CryoFastAR(cfg), path, extra={"note": "untrained, for plumbing tests"})
+    save_weights(build_model(cfg), path, extra={"note": "untrained, for plumbing tests"})
     return path
 
 

@@ -62,6 +62,8 @@ def test_run_writes_every_output_and_leaves_inputs_untouched(sim_star, tiny_weig
     assert data["n_particles"] == 80 and data["n_kept"] == report.n_kept == 72
     assert set(data["timings_s"]) >= {"read", "load_weights", "poses", "reconstruct", "write", "total"}
     assert data["weights"]["sha256"] == hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    # Weights without a held-out accuracy on record get the plainest warning.
+    assert data["pose_warning"].startswith("POSES NOT VALIDATED")
 
     # Image names are kept as they were: relative to the folder the input was made in (its "project").
     ours = read_particles(out / "particles.star", sim_star.parent)
@@ -186,3 +188,11 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
         stored = torch.as_tensor(read_map(out / name)[0], dtype=torch.float32)
         scale = float(fresh.abs().max())
         assert float((stored - fresh).abs().max()) < 1e-3 * scale, name
+
+
+def test_pose_warning_quotes_the_recorded_accuracy():
+    from cryofastar_core.job import pose_trust_note
+
+    note = pose_trust_note({"heldout": {"median_rot_deg": 64.2, "setting": "clean, 16 views"}})
+    assert note.startswith("POSES NOT YET RELIABLE") and "64 deg (clean, 16 views)" in note
+

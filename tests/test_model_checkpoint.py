@@ -40,24 +40,29 @@ def test_round_trip(tmp_path):
 
 
 
-def test_files_from_before_the_head_choice_load_as_linear(tmp_path):
-    """Weights written before ``ModelConfig.head``/``abs_pos`` existed: per-pixel linear head, RoPE only."""
+def test_older_patch_files_load_and_removed_options_are_refused(tmp_path):
+    """Files written before ``arch`` existed (with the removed options at their neutral values, like the
+    first shipped weights) load as patch models; a file trained with a removed option is refused."""
     torch.manual_seed(0)
-    model = CryoFastAR(model_config("XS", 16, head="linear", abs_pos=False)).eval()
+    model = CryoFastAR(model_config("XS", 16)).eval()
     with torch.no_grad():
         model.aux_head.out.weight.normal_(std=0.02)
     path = tmp_path / "old.pt"
     save_weights(model, path)
     payload = torch.load(path, weights_only=True)
-    for key in ("head", "abs_pos", "ref_channel", "stem"):
+    for key in ("arch", "n_lines", "line_samples", "line_radii", "ctf_correction"):
         del payload["config"][key]
+    payload["config"].update(head="linear", abs_pos=False, ref_channel=False, stem="patch")
     torch.save(payload, path)
     loaded = load_weights(path)
-    assert loaded.cfg.head == "linear" and not loaded.cfg.abs_pos and loaded.cfg.stem == "patch"
-    assert not loaded.ref_head.affine
+    assert isinstance(loaded, CryoFastAR) and loaded.cfg.arch == "patch" and loaded.cfg.ctf_correction == "none"
     images = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(images).xyz, model(images).xyz)
+    payload["config"].update(head="affine", stem="conv")
+    torch.save(payload, path)
+    with pytest.raises(WeightsError, match=r"head='affine', stem='conv'.*dead ends"):
+        load_weights(path)
 
 
 def test_extra_must_be_plain(tmp_path):

@@ -60,3 +60,32 @@ def test_bfactor_scale_phase_shift_and_batching():
     kk = (torch.arange(D, dtype=torch.float64) - D // 2) / D
     ky, kx = torch.meshgrid(kk, kk, indexing="ij")
     assert torch.allclose(ctf_at_frequencies(two, kx[None] / 1.0, ky[None] / 1.0)[0], both[0])
+
+
+def test_phase_flip_leaves_the_ctf_amplitude_only():
+    """Phase flipping a CTF-modulated image gives the unmodulated image filtered by |CTF|, and the
+    inference path applies it at the particles' own box and pixel size."""
+    from cryofastar_core.inference.preprocess import correct_ctf, to_model_input
+    from cryofastar_core.physics.ctf import phase_flip
+    from cryofastar_core.physics.fourier import fft2c, ifft2c
+
+    g = torch.Generator().manual_seed(0)
+    box, apix = 32, 2.5
+    # Without Nyquist content: the unpaired Nyquist row and column of an even box make the real part of
+    # any filtering there non-invertible, on both sides of the comparison.
+    spectrum = fft2c(torch.randn(3, box, box, generator=g, dtype=torch.float64))
+    spectrum[:, 0, :] = 0
+    spectrum[:, :, 0] = 0
+    image = ifft2c(spectrum).real
+    p = _params(defocus_u=[9000.0, 15000.0, 22000.0], defocus_v=[8500.0, 14000.0, 21500.0],
+                defocus_angle=[10.0, 70.0, 130.0])
+    ctf = compute_ctf(p, box, apix)
+    modulated = ifft2c(fft2c(image) * ctf).real
+    expected = ifft2c(fft2c(image) * ctf.abs()).real
+    torch.testing.assert_close(phase_flip(modulated, p, apix), expected, atol=1e-10, rtol=0)
+    assert (ctf < 0).float().mean() > 0.2  # the check is not trivial: many components flip
+    torch.testing.assert_close(correct_ctf(modulated, p, apix, "none"), modulated)
+    torch.testing.assert_close(correct_ctf(modulated, None, apix, "phase_flip"), modulated)
+    direct = to_model_input(modulated.float(), box, ctf=p, apix=apix, ctf_correction="phase_flip")
+    via = to_model_input(expected.float(), box)
+    torch.testing.assert_close(direct, via, atol=1e-4, rtol=0)

@@ -41,12 +41,12 @@ def test_shapes_and_targets(sim):
     st = stage(ctf=True, max_shift_px=3.0, snr_start=1.0, snr_end=1.0)
     b = sim.make_batch(st, seed=0, step=3, first_sample=0, n_samples=3, views=5, snr=1.0)
     assert b.images.shape == (3, 5, 32, 32) and b.clean.shape == (3, 5, 32, 32)
-    assert b.targets.shape == (3, 5, 32, 32, 3) and b.rotations.shape == (3, 5, 3, 3) and b.shifts.shape == (3, 5, 2)
+    assert b.targets().shape == (3, 5, 32, 32, 3) and b.rotations.shape == (3, 5, 3, 3) and b.shifts.shape == (3, 5, 2)
     assert b.views == 5 and b.volume_index.shape == (3,)
     assert torch.isfinite(b.images).all() and torch.isfinite(b.clean).all()
-    torch.testing.assert_close(b.targets, fpm_targets(b.rotations[:, 0], b.rotations, b.shifts, 32))
+    torch.testing.assert_close(b.targets(), fpm_targets(b.rotations[:, 0], b.rotations, b.shifts, 32))
     # The reference view's target is the z = 1/2 plane (normalised z = 0) offset by its own shift.
-    torch.testing.assert_close(b.targets[:, 0, ..., 2], torch.full((3, 32, 32), 0.5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.targets()[:, 0, ..., 2], torch.full((3, 32, 32), 0.5), atol=1e-6, rtol=0)
     assert b.shifts.abs().max() <= 3.0 and b.shifts.abs().max() > 0.5
     rot = b.rotations.reshape(-1, 3, 3).double()
     torch.testing.assert_close(rot @ rot.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand_as(rot),
@@ -62,7 +62,7 @@ def test_deterministic_and_independent_of_rank_split(sim):
     # Two "ranks" of two samples each see exactly the samples of the one-process batch.
     r0 = sim.make_batch(st, first_sample=0, n_samples=2, **kw)
     r1 = sim.make_batch(st, first_sample=2, n_samples=2, **kw)
-    for name in ("images", "clean", "targets", "rotations", "shifts", "volume_index"):
+    for name in ("images", "clean", "rotations", "shifts", "volume_index"):
         assert torch.equal(torch.cat([getattr(r0, name), getattr(r1, name)]), getattr(full, name)), name
     # Different steps, seeds or samples give different data.
     other = sim.make_batch(st, first_sample=0, n_samples=4, **{**kw, "step": 12})

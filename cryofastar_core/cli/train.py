@@ -1,6 +1,8 @@
 """``cryofastar train``: train a model from a curriculum YAML (cryofastar_core/configs/*.yaml).
 
-    cryofastar train --config cryofastar_core/configs/xs-box64-cpu.yaml --o runs/xs64 [--resume]
+    cryofastar train --config cryofastar_core/configs/lines-box64-cpu.yaml --o runs/lines64 [--resume]
+    cryofastar train --config cryofastar_core/configs/lines-box64-cpu.yaml --o runs/next \
+        --init-weights cryofastar_core/weights/default.pt --from-stage R3-ctf
     torchrun --nproc_per_node 8 -m cryofastar_core.cli.train --config C.yaml --o runs/NAME
 
 Under torchrun each process reads its rank from the environment (RANK, WORLD_SIZE, LOCAL_RANK);
@@ -22,7 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --o from its last checkpoint")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this global step (the schedule is unchanged, so --resume continues exactly)")
+                   help="stop after this global step (the schedule is unchanged, so --resume continues exactly); "
+                        "with --resume and the checkpoint's step: only export weights.pt")
+    p.add_argument("--init-weights", default=None,
+                   help="start from this weights file (e.g. the shipped default.pt) instead of a fresh model")
+    p.add_argument("--from-stage", default=None,
+                   help="skip the config's stages before this one (continue a curriculum from committed weights)")
 
 
 def register(subparsers) -> None:
@@ -52,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 0:
         raise InputError(None, "--max-steps", "must be >= 0", "pass a non-negative step count")
     cfg = load_train_config(args.config)
+    if args.from_stage is not None:
+        names = [st.name for st in cfg.stages]
+        if args.from_stage not in names:
+            raise InputError(args.config, "--from-stage", f"no stage named {args.from_stage!r}",
+                             f"use one of: {', '.join(names)}")
+        cfg.stages = cfg.stages[names.index(args.from_stage):]
+    if args.init_weights is not None:
+        cfg.init_weights = args.init_weights
     dist = dist_from_env()
     if dist.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)

@@ -81,7 +81,7 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str =
         out = model(images)
     xyz = denormalize(out.xyz.float())
     conf = out.conf.float()
-    k = kabsch(xyz, conf if weighting == "confidence" else None, box)
+    k = kabsch(xyz, conf if weighting == "confidence" else None, box, out.grid)
     return ViewPrediction(k.rotation, k.shift, conf.mean(dim=(-1, -2)), k.residual)
 
 

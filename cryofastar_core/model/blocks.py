@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import RoPE2D
+from .rope import NoRoPE, RoPE2D
 
 
 class Mlp(nn.Module):
@@ -44,9 +44,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RoPE2D) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE2D, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias`` ``(B, H, N, N)``: optional additive attention scores."""
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(rope(q), rope(k), v)
+        out = F.scaled_dot_product_attention(rope(q), rope(k), v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(_merge_heads(out))
 
 
@@ -60,10 +61,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, rope_q: RoPE2D, rope_k: RoPE2D) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, rope_q: RoPE2D, rope_k: RoPE2D,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias`` ``(B, H, N_q, N_k)``: optional additive attention scores."""
         q = _split_heads(self.q(x), self.heads)
         k, v = (_split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
-        out = F.scaled_dot_product_attention(rope_q(q), rope_k(k), v)
+        out = F.scaled_dot_product_attention(rope_q(q), rope_k(k), v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(_merge_heads(out))
 
 
@@ -84,10 +87,16 @@ class EncoderBlock(nn.Module):
 
 class _DecoderBlock(nn.Module):
     """Pre-LN self-attention, cross-attention to a normalised context, MLP (the layers both decoder
-    branches share; each branch's ``forward`` decides who attends to whom)."""
+    branches share; each branch's ``forward`` decides who attends to whom).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    ``cross_positions=False`` makes the cross-attention position-free: for line tokens the angle
+    between a line of one view and a line of another means nothing (each view has its own in-plane
+    rotation), so only the content may decide which lines match.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross_positions: bool = True):
         super().__init__()
+        self.cross_positions = cross_positions
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
@@ -105,10 +114,11 @@ class ReferenceBlock(_DecoderBlock):
     """
 
     def forward(self, ref: torch.Tensor, aux: torch.Tensor | None, rope: RoPE2D,
-                rope_aux: RoPE2D | None) -> torch.Tensor:
+                rope_aux: RoPE2D | None, bias: torch.Tensor | None = None) -> torch.Tensor:
         ref = ref + self.attn(self.norm1(ref), rope)
         if aux is not None:
-            ref = ref + self.cross(self.norm2(ref), self.norm_context(aux), rope, rope_aux)
+            rq, rk = (rope, rope_aux) if self.cross_positions else (_NO_ROPE, _NO_ROPE)
+            ref = ref + self.cross(self.norm2(ref), self.norm_context(aux), rq, rk, bias)
         return ref + self.mlp(self.norm3(ref))
 
 
@@ -120,14 +130,19 @@ class AuxiliaryBlock(_DecoderBlock):
     which is the same as per-view cross-attention without repeating the reference ``V−1`` times.
     """
 
-    def forward(self, aux: torch.Tensor, ref: torch.Tensor, rope: RoPE2D, rope_aux: RoPE2D) -> torch.Tensor:
+    def forward(self, aux: torch.Tensor, ref: torch.Tensor, rope: RoPE2D, rope_aux: RoPE2D,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, t, d = aux.shape
         x = aux.reshape(b * n, t, d)
         x = x + self.attn(self.norm1(x), rope)
         x = x.reshape(b, n * t, d)
-        x = x + self.cross(self.norm2(x), self.norm_context(ref), rope_aux, rope)
+        rq, rk = (rope_aux, rope) if self.cross_positions else (_NO_ROPE, _NO_ROPE)
+        x = x + self.cross(self.norm2(x), self.norm_context(ref), rq, rk, bias)
         x = x + self.mlp(self.norm3(x))
         return x.reshape(b, n, t, d)
+
+
+_NO_ROPE = NoRoPE()
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -11,18 +11,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import __version__
 from ..errors import WeightsError
 from .config import ModelConfig
-from .network import CryoFastAR
+from .factory import build_model
+
+# Patch-model options measured as dead ends and removed (model card, "Removed options"): files that
+# used them at their neutral value load; files trained with them on are refused by name.
+REMOVED_OPTIONS = {"head": "linear", "abs_pos": False, "ref_channel": False, "stem": "patch", "decoder": "reference"}
 
 FORMAT_TAG = "cryofastar-weights"
 FORMAT_VERSION = 1
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
-def save_weights(model: CryoFastAR, path: str | Path, extra: dict | None = None, half: bool = False) -> None:
+def save_weights(model: nn.Module, path: str | Path, extra: dict | None = None, half: bool = False) -> None:
     """Write ``model`` to ``path`` (temp file + rename). ``extra``: training provenance of plain values
     (str/int/float/bool/None/tensors in dicts and lists); ``half`` stores floating tensors as fp16."""
     extra = dict(extra or {})
@@ -65,6 +70,13 @@ def read_weights_file(path: str | Path) -> dict:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     if not isinstance(config, dict):
         raise _error(path, "the model configuration is missing", fix_ours)
+    used = sorted(k for k, neutral in REMOVED_OPTIONS.items() if k in config and config[k] != neutral)
+    if used:
+        raise _error(path, "trained with model options this version no longer has ("
+                           + ", ".join(f"{k}={config[k]!r}" for k in used) + "; measured dead ends, see the model card)",
+                     "retrain with `cryofastar train`, or use the CryoFastAR version that wrote the file")
+    config = {k: v for k, v in config.items() if k not in REMOVED_OPTIONS}
+    payload["config"] = config
     unknown = sorted(set(config) - fields)
     if unknown:
         raise _error(path, f"unknown model configuration keys {unknown}",
@@ -74,17 +86,17 @@ def read_weights_file(path: str | Path) -> dict:
     return payload
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> CryoFastAR:
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Build the model described by the file at ``path`` and load its weights; returned in eval mode
     with fp32 parameters on ``device``."""
     payload = read_weights_file(path)
     try:
-        # files written before these choices existed: per-pixel linear head, RoPE only
-        cfg = ModelConfig(**{"head": "linear", "abs_pos": False, "ref_channel": False, "stem": "patch", **payload["config"]})
+        # files written before the choice of architecture existed are patch models
+        cfg = ModelConfig(**{"arch": "patch", **payload["config"]})
     except (TypeError, ValueError) as exc:
         raise _error(Path(path), f"invalid model configuration ({exc})",
                      "use the CryoFastAR version that wrote the file") from exc
-    model = CryoFastAR(cfg)
+    model = build_model(cfg)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:

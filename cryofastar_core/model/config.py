@@ -22,18 +22,16 @@ class ModelConfig:
     ``xyz_grid_base``: the xyz heads predict a residual added to the planar grid ``ū/2 + 1/2``
     (the reference's own FPM for zero shift), so a freshly initialised model outputs a valid plane
     instead of a constant; switch off for a plain linear head as in the official code.
-    ``head``: ``"linear"`` (per-pixel linear as in the official code, the default) or ``"affine"``
-    (each token writes ``A ū + b`` over its pixels); see :mod:`cryofastar_core.model.heads`.
-    ``abs_pos``: add a fixed sine-cosine embedding of each patch's position to the encoder's tokens
-    (besides RoPE); see :class:`~cryofastar_core.model.encoder.Encoder`. Both alternatives are
-    experiments: on CPU budgets neither stopped the collapse described in the model card, so the
-    defaults stay the form the paper trained at scale.
-    ``ref_channel``: early fusion, each view's patches are embedded with the reference image's as a
-    second channel (an experiment; the paper fuses views only in the decoder).
-    ``stem``: ``"patch"`` (one p×p linear patch embedding, the paper's) or ``"conv"`` (stride-2 3×3
-    convolutions down to the patch grid; needs a power-of-two patch); see
-    :func:`~cryofastar_core.model.encoder.conv_stem`.
     ``checkpointing``: activation checkpointing of every transformer block during training.
+
+    ``arch`` chooses the model class (:func:`cryofastar_core.model.factory.build_model`): ``"patch"``
+    (the paper's patch tokens, :class:`~cryofastar_core.model.network.CryoFastAR`) or ``"lines"``
+    (each view's 1D projections as tokens and a polar FPM,
+    :class:`~cryofastar_core.model.lines.LineCryoFastAR`). Line models use ``n_lines`` angles,
+    ``line_samples`` samples per line and ``line_radii`` FPM points per line. ``patch``,
+    ``xyz_grid_base`` and ``denoise_head`` only concern the patch model. ``ctf_correction``
+    (``"none"`` or ``"phase_flip"``) is how images are CTF-corrected before the model sees them, in
+    training and inference alike (:func:`cryofastar_core.inference.preprocess.correct_ctf`).
     """
 
     box: int
@@ -50,20 +48,20 @@ class ModelConfig:
     denoise_head: bool = True
     checkpointing: bool = False
     xyz_grid_base: bool = True
-    head: str = "linear"
-    abs_pos: bool = False
-    ref_channel: bool = False
-    stem: str = "patch"
+    arch: str = "patch"
+    n_lines: int = 24
+    line_samples: int = 32
+    line_radii: int = 4
+    ctf_correction: str = "none"
 
     def __post_init__(self) -> None:
-        if self.abs_pos and self.enc_dim % 4:
-            raise ValueError(f"enc_dim {self.enc_dim} must be a multiple of 4 for the position embedding")
-        if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
-        if self.stem == "conv" and (self.patch < 2 or self.patch & (self.patch - 1)):
-            raise ValueError(f"stem 'conv' needs a power-of-two patch size, got {self.patch}")
-        if self.head not in ("affine", "linear"):
-            raise ValueError(f"head must be 'affine' or 'linear', got {self.head!r}")
+        if self.ctf_correction not in ("none", "phase_flip"):
+            raise ValueError(f"ctf_correction must be 'none' or 'phase_flip', got {self.ctf_correction!r}")
+        if self.arch not in ("patch", "lines"):
+            raise ValueError(f"arch must be 'patch' or 'lines', got {self.arch!r}")
+        if self.arch == "lines":
+            self._check_lines()
+            return
         if self.patch <= 0 or self.box % self.patch:
             raise ValueError(f"box {self.box} is not a multiple of patch {self.patch}")
         for name, dim, heads in (("enc", self.enc_dim, self.enc_heads), ("dec", self.dec_dim, self.dec_heads)):
@@ -73,6 +71,15 @@ class ModelConfig:
                 # 2D RoPE splits each head in a row half and a column half of rotation pairs.
                 raise ValueError(f"{name} head dimension {dim // heads} must be a multiple of 4 for 2D RoPE")
 
+    def _check_lines(self) -> None:
+        if self.n_lines < 4 or self.n_lines % 2:
+            raise ValueError(f"n_lines must be an even number >= 4, got {self.n_lines}")
+        if self.line_samples < 4 or self.line_radii < 2:
+            raise ValueError(f"need line_samples >= 4 and line_radii >= 2, got {self.line_samples}, {self.line_radii}")
+        for name, dim, heads in (("enc", self.enc_dim, self.enc_heads), ("dec", self.dec_dim, self.dec_heads)):
+            if dim % heads or (dim // heads) % 2:
+                raise ValueError(f"{name}_dim {dim} must split into {name}_heads {heads} heads of even size")
+
     @property
     def grid(self) -> int:
         """Patches per image side."""
@@ -81,7 +88,7 @@ class ModelConfig:
     @property
     def tokens(self) -> int:
         """Tokens per view T."""
-        return self.grid ** 2
+        return self.n_lines if self.arch == "lines" else self.grid ** 2
 
 
 def model_config(size: str, box: int, **overrides) -> ModelConfig:
@@ -92,8 +99,8 @@ def model_config(size: str, box: int, **overrides) -> ModelConfig:
     key = size.upper()
     if key not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    if box % TOKENS_PER_SIDE and "patch" not in overrides:
+    if box % TOKENS_PER_SIDE and "patch" not in overrides and overrides.get("arch") != "lines":
         raise ValueError(f"box {box} is not a multiple of {TOKENS_PER_SIDE}; pass patch= explicitly")
-    params = dict(MODEL_SIZES[key], box=box, patch=box // TOKENS_PER_SIDE)
+    params = dict(MODEL_SIZES[key], box=box, patch=max(1, box // TOKENS_PER_SIDE))
     params.update(overrides)
     return ModelConfig(**params)

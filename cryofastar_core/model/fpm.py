@@ -37,19 +37,24 @@ def relative_rotations(rot_ref: torch.Tensor, rotations: torch.Tensor) -> torch.
     return rot_ref.transpose(-1, -2).unsqueeze(-3) @ rotations
 
 
-def fpm_targets(rot_ref: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, box: int) -> torch.Tensor:
-    """Normalised FPM targets ``X̃`` ``(B, V, D, D, 3)``.
+def fpm_targets(rot_ref: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, box: int,
+                grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised FPM targets ``X̃`` ``(B, V, *P, 3)`` at in-plane points ``grid`` ``(*P, 3)`` (z = 0).
 
-    ``rot_ref`` ``(B, 3, 3)`` is the reference image's pose (normally ``rotations[:, 0]``),
-    ``rotations`` ``(B, V, 3, 3)`` and ``shifts`` ``(B, V, 2)`` (internal pixels) are those of the views.
-    dtype and device follow ``rotations``.
+    ``grid`` defaults to :func:`planar_grid` (``P = (D, D)``, the patch model's dense FPM); a line
+    model passes its polar grid ``r_k u_l`` (``P = (L, K)``). ``rot_ref`` ``(B, 3, 3)`` is the
+    reference image's pose (normally ``rotations[:, 0]``), ``rotations`` ``(B, V, 3, 3)`` and
+    ``shifts`` ``(B, V, 2)`` (internal pixels) are those of the views. dtype and device follow
+    ``rotations``.
     """
     rel = relative_rotations(rot_ref.to(rotations.dtype), rotations)
-    grid = planar_grid(box, device=rotations.device, dtype=rotations.dtype)
-    xyz = torch.einsum("bvij,hwj->bvhwi", rel, grid)
+    if grid is None:
+        grid = planar_grid(box, device=rotations.device, dtype=rotations.dtype)
+    grid = grid.to(device=rotations.device, dtype=rotations.dtype)
+    xyz = torch.einsum("bvij,...j->bv...i", rel, grid)
     offset = torch.zeros(*shifts.shape[:-1], 3, device=rotations.device, dtype=rotations.dtype)
     offset[..., :2] = shifts.to(rotations.dtype) / box
-    return normalize(xyz + offset[..., None, None, :])
+    return normalize(xyz + offset.reshape(*offset.shape[:2], *([1] * (grid.ndim - 1)), 3))
 
 
 def normalize(xyz: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ def denormalize(xyz_normalised: torch.Tensor) -> torch.Tensor:
 
 
 def mirror_fpm(xyz_normalised: torch.Tensor) -> torch.Tensor:
-    """The other hand of normalised FPMs ``(..., V, D, D, 3)``: ``X̃_z -> 1 − X̃_z`` on auxiliary views.
+    """The other hand of normalised FPMs ``(..., V, P1, P2, 3)`` (dense ``D × D`` or polar ``L × K``): ``X̃_z -> 1 − X̃_z`` on auxiliary views.
 
     View 0 (the reference, the z = 0 plane) is returned unchanged.
     """

@@ -37,23 +37,30 @@ class KabschResult:
     residual: torch.Tensor
 
 
-def kabsch(fpm: torch.Tensor, weights: torch.Tensor | None, box: int) -> KabschResult:
-    """Fit ``X̂ ≈ Q ū + c`` for un-normalised FPMs ``fpm`` ``(..., D, D, 3)``.
+def kabsch(fpm: torch.Tensor, weights: torch.Tensor | None, box: int,
+           grid: torch.Tensor | None = None) -> KabschResult:
+    """Fit ``X̂ ≈ Q ū + c`` for un-normalised FPMs ``fpm`` ``(..., P1, P2, 3)`` at the in-plane points
+    ``grid`` ``(P1, P2, 3)`` (z = 0; default :func:`planar_grid` of ``box``, a line model's polar grid
+    otherwise). ``box`` converts the offset to pixels.
 
-    ``weights`` ``(..., D, D)`` (non-negative, e.g. the confidence ``C``) or ``None`` for plain
+    ``weights`` ``(..., P1, P2)`` (non-negative, e.g. the confidence ``C``) or ``None`` for plain
     Kabsch. Batched over the leading dimensions and differentiable.
     """
-    if fpm.shape[-3:] != (box, box, 3):
-        raise ValueError(f"fpm must end in ({box}, {box}, 3), got {tuple(fpm.shape)}")
     dtype = fpm.dtype
-    grid = planar_grid(box, device=fpm.device, dtype=dtype).reshape(-1, 3)  # (P, 3)
-    X = fpm.reshape(*fpm.shape[:-3], box * box, 3)  # (..., P, 3)
+    if grid is None:
+        grid = planar_grid(box, device=fpm.device, dtype=dtype)
+    points = grid.shape[:-1]
+    if grid.ndim != 3 or fpm.shape[-3:] != grid.shape:
+        raise ValueError(f"fpm must end in {tuple(grid.shape)}, got {tuple(fpm.shape)}")
+    n = points[0] * points[1]
+    grid = grid.to(device=fpm.device, dtype=dtype).reshape(-1, 3)  # (P, 3)
+    X = fpm.reshape(*fpm.shape[:-3], n, 3)  # (..., P, 3)
     if weights is None:
-        w = torch.full(X.shape[:-1], 1.0 / (box * box), device=fpm.device, dtype=dtype)
+        w = torch.full(X.shape[:-1], 1.0 / n, device=fpm.device, dtype=dtype)
     else:
-        if weights.shape[-2:] != (box, box):
-            raise ValueError(f"weights must end in ({box}, {box}), got {tuple(weights.shape)}")
-        w = weights.to(dtype).reshape(*weights.shape[:-2], box * box).expand(X.shape[:-1])
+        if weights.shape[-2:] != points:
+            raise ValueError(f"weights must end in {tuple(points)}, got {tuple(weights.shape)}")
+        w = weights.to(dtype).reshape(*weights.shape[:-2], n).expand(X.shape[:-1])
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     grid_c = w @ grid  # (..., 3), z = 0
     X_c = (w[..., None] * X).sum(-2)  # (..., 3)
@@ -70,7 +77,17 @@ def kabsch(fpm: torch.Tensor, weights: torch.Tensor | None, box: int) -> KabschR
 
 
 def _polar_3x2(A: torch.Tensor) -> torch.Tensor:
-    """Orthonormal polar factor ``A (AᵀA)^{-1/2}`` of ``(..., 3, 2)`` matrices in closed form."""
+    """Orthonormal polar factor ``A (AᵀA)^{-1/2}`` of ``(..., 3, 2)`` matrices in closed form.
+
+    An all-zero ``A`` (every point predicted at one place, as a freshly initialised auxiliary head
+    does) has no polar factor; it gets the identity frame instead of a zero matrix, so the result is
+    always a rotation.
+    """
+    flat = A.abs().flatten(-2).amax(-1)[..., None, None]
+    eye = torch.zeros_like(A)
+    eye[..., 0, 0] = 1.0
+    eye[..., 1, 1] = 1.0
+    A = torch.where(flat > torch.finfo(A.dtype).tiny ** 0.25, A, eye)
     G = A.transpose(-1, -2) @ A  # (..., 2, 2), symmetric positive semi-definite
     eps = torch.finfo(A.dtype).eps
     tr = (G[..., 0, 0] + G[..., 1, 1]).clamp_min(torch.finfo(A.dtype).tiny)

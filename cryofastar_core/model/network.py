@@ -17,25 +17,29 @@ MAX_CONF_LOGIT = 20.0  # C = 1 + exp(logit) stays finite in fp32 and its log wel
 
 @dataclass
 class ModelOutput:
-    """``xyz`` ``(B, V, D, D, 3)`` normalised FPM ``X̃``; ``conf`` ``(B, V, D, D)`` = 1 + exp(logit) ≥ 1;
+    """``xyz`` ``(B, V, P1, P2, 3)`` normalised FPM ``X̃`` at the in-plane points ``grid``
+    ``(P1, P2, 3)`` (the dense ``D × D`` planar grid of a patch model, the polar ``L × K`` grid of a
+    line model; ``None`` means the planar grid); ``conf`` ``(B, V, P1, P2)`` = 1 + exp(logit) ≥ 1;
     ``denoised`` ``(B, V, D, D)`` or ``None`` without a denoise head. View 0 is the reference."""
 
     xyz: torch.Tensor
     conf: torch.Tensor
     denoised: torch.Tensor | None
+    grid: torch.Tensor | None = None
 
 
 class CryoFastAR(nn.Module):
-    """Shared ViT encoder, reference/auxiliary decoder, and one dense head per branch."""
+    """The paper's patch-token model: shared ViT encoder, reference/auxiliary decoder, one dense head
+    per branch. Kept as the baseline of the model card's A/B; the shipped model is
+    :class:`~cryofastar_core.model.lines.LineCryoFastAR`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        affine = cfg.head == "affine"
-        self.ref_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head, affine)
-        self.aux_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head, affine)
+        self.ref_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head)
+        self.aux_head = FPMHead(cfg.dec_dim, cfg.neck_dim, cfg.patch, cfg.denoise_head)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -61,13 +65,7 @@ class CryoFastAR(nn.Module):
         if images.ndim != 4 or images.shape[-2:] != (cfg.box, cfg.box) or images.shape[1] < 1:
             raise ValueError(f"images must be (B, V, {cfg.box}, {cfg.box}), got {tuple(images.shape)}")
         b, v, d, _ = images.shape
-        if cfg.ref_channel:
-            # Early fusion: every view is embedded together with the reference image as a second
-            # channel, so patch features can compare the two images pixel by pixel.
-            pairs = torch.stack([images, images[:, :1].expand_as(images)], dim=2)
-            tokens = self.encoder(pairs.reshape(b * v, 2, d, d))
-        else:
-            tokens = self.encoder(images.reshape(b * v, d, d))
+        tokens = self.encoder(images.reshape(b * v, d, d))
         ref, aux = self.decoder(tokens.reshape(b, v, cfg.tokens, cfg.enc_dim))
         # Heads in fp32: the FPM needs more precision than bf16's 8 bits to resolve sub-degree poses.
         with torch.autocast(device_type=images.device.type, enabled=False):
@@ -84,7 +82,8 @@ class CryoFastAR(nn.Module):
                 xyz = xyz + normalize(planar_grid(d, device=out.device, dtype=out.dtype))
             conf = 1.0 + torch.exp(out[..., 3].clamp(max=MAX_CONF_LOGIT))
             denoised = torch.cat(dens, dim=1) if dens is not None else None
-        return ModelOutput(xyz=xyz, conf=conf, denoised=denoised)
+        return ModelOutput(xyz=xyz, conf=conf, denoised=denoised,
+                           grid=planar_grid(d, device=out.device, dtype=out.dtype))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

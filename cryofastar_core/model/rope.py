@@ -48,3 +48,48 @@ class RoPE2D:
         cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
         rotated = torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-2)
         return rotated.reshape(shape)
+
+
+class PeriodicRoPE1D:
+    """1D RoPE over ``n`` positions on a circle (the line angles ``θ_l = 2π l / n`` of one view).
+
+    Pair ``k`` of a head rotates by ``m_k θ`` with integer frequencies ``m_k`` (cycling through
+    ``1 .. n // 2``), so attention scores depend on the angle difference modulo 2π exactly: a cyclic
+    shift of a view's tokens (an in-plane rotation by one line step) leaves every score unchanged.
+    Same interface as :class:`RoPE2D`.
+    """
+
+    def __init__(self, head_dim: int, n: int, device=None, dtype: torch.dtype = torch.float32):
+        if head_dim % 2:
+            raise ValueError(f"head_dim {head_dim} must be even for RoPE")
+        pairs = head_dim // 2
+        freqs = torch.arange(pairs, device=device, dtype=torch.float64) % max(1, n // 2) + 1  # (pairs,)
+        theta = torch.arange(n, device=device, dtype=torch.float64) * (2 * torch.pi / n)
+        angles = theta[:, None] * freqs  # (n, pairs)
+        self.cos = torch.cos(angles).to(dtype)
+        self.sin = torch.sin(angles).to(dtype)
+
+    def tile(self, n_views: int) -> "PeriodicRoPE1D":
+        out = PeriodicRoPE1D.__new__(PeriodicRoPE1D)
+        out.cos = self.cos.repeat(n_views, 1)
+        out.sin = self.sin.repeat(n_views, 1)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-2] != self.cos.shape[0]:
+            raise ValueError(f"RoPE table has {self.cos.shape[0]} positions, sequence has {shape[-2]}")
+        x = x.reshape(*shape[:-1], 2, shape[-1] // 2)
+        first, second = x.unbind(-2)
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        return torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-2).reshape(shape)
+
+
+class NoRoPE:
+    """Position-free attention (the identity), for attention between tokens of different views."""
+
+    def tile(self, n_views: int) -> "NoRoPE":
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x

@@ -104,3 +104,18 @@ def ctf_at_frequencies(params: CTFParams, kx: torch.Tensor, ky: torch.Tensor) ->
     chi = mean_term * k2 + astig_c * (kx * kx - ky * ky) + astig_s * (kx * ky) + cs_term * k2 * k2 - offset
     ctf = -torch.sin(chi) * (torch.exp((-p["bfactor"] / 4.0).to(dt) * k2) * p["scale"].to(dt))
     return ctf.to(params.defocus_u.dtype)
+
+
+def phase_flip(images: torch.Tensor, params: CTFParams, apix: torch.Tensor | float) -> torch.Tensor:
+    """Images ``(B, D, D)`` with each Fourier component multiplied by the sign of its CTF.
+
+    Undoes the CTF's contrast reversals without amplifying noise (the amplitudes keep the CTF's
+    envelope); at low SNR the standard first step before comparing particles of different defocus.
+    """
+    from .fourier import fft2c, ifft2c
+
+    box = images.shape[-1]
+    apix = torch.as_tensor(apix, dtype=torch.float64, device=images.device)
+    ctf = compute_ctf(params.to(images.device), box, apix)
+    x = images if images.is_floating_point() else images.float()
+    return ifft2c(fft2c(x) * torch.sign(ctf).to(x.dtype)).real

@@ -49,15 +49,14 @@ class TrainingBatch:
     """One batch of ``B`` samples of ``V`` views, box ``D``, all on the training device.
 
     ``images``: ``(B, V, D, D)`` normalised noisy inputs. ``clean``: ``(B, V, D, D)`` the noise-free
-    images under the SAME per-image affine normalisation (the denoising target). ``targets``:
-    ``(B, V, D, D, 3)`` normalised FPMs (view 0 the reference). ``rotations`` ``(B, V, 3, 3)``,
+    images under the SAME per-image affine normalisation (the denoising target). ``targets(grid)``:
+    normalised FPMs at a model's in-plane points (view 0 the reference). ``rotations`` ``(B, V, 3, 3)``,
     ``shifts`` ``(B, V, 2)`` px (internal convention), ``volume_index`` ``(B,)`` int64, ``snr`` the
     requested SNR (``None``: clean), ``ctf``: whether a CTF was applied.
     """
 
     images: Tensor
     clean: Tensor
-    targets: Tensor
     rotations: Tensor
     shifts: Tensor
     volume_index: Tensor
@@ -67,6 +66,13 @@ class TrainingBatch:
     @property
     def views(self) -> int:
         return self.images.shape[1]
+
+    def targets(self, grid: Tensor | None = None) -> Tensor:
+        """Normalised FPM targets ``(B, V, *P, 3)`` at in-plane points ``grid`` ``(*P, 3)`` (default:
+        the dense planar grid of the box, ``P = (D, D)``)."""
+        from cryofastar_core.model.fpm import fpm_targets
+
+        return fpm_targets(self.rotations[:, 0], self.rotations, self.shifts, self.images.shape[-1], grid)
 
 
 class VolumeFTCache:
@@ -169,9 +175,11 @@ class BatchSimulator:
 
     def make_batch(self, stage: StageConfig, *, seed: int, step: int, first_sample: int, n_samples: int,
                    views: int, snr: float | None, stream: int = TRAIN_STREAM,
-                   max_tilt_deg: float = 180.0) -> TrainingBatch:
-        """Samples ``first_sample .. first_sample + n_samples - 1`` of global step ``step``."""
-        from cryofastar_core.model.fpm import fpm_targets
+                   max_tilt_deg: float = 180.0, ctf_correction: str = "none") -> TrainingBatch:
+        """Samples ``first_sample .. first_sample + n_samples - 1`` of global step ``step``;
+        ``ctf_correction``: the model's (:func:`cryofastar_core.inference.preprocess.correct_ctf`),
+        applied to the noisy and the clean images alike, as inference applies it to particles."""
+        from cryofastar_core.inference.preprocess import correct_ctf
 
         n_volumes = len(self.volumes)
         draws, noise_seeds = [], []
@@ -186,19 +194,18 @@ class BatchSimulator:
             clean, noisy = simulate_images(vft, d.rotations.to(self.device), d.shifts.to(self.device),
                                            d.ctf.to(self.device) if d.ctf is not None else None,
                                            apix=d.apix, snr=snr, generator=gen)
-            cleans.append(clean)
-            noisies.append(noisy)
+            ctf = d.ctf.to(self.device) if d.ctf is not None else None
+            cleans.append(correct_ctf(clean, ctf, d.apix, ctf_correction))
+            noisies.append(correct_ctf(noisy, ctf, d.apix, ctf_correction))
         D = self.box
         noisy_all = torch.stack(noisies).reshape(n_samples * views, D, D)
         clean_all = torch.stack(cleans).reshape(n_samples * views, D, D)
         images, clean_n = normalize_pair(noisy_all, clean_all)
         rotations = torch.stack([d.rotations for d in draws]).to(self.device)
         shifts = torch.stack([d.shifts for d in draws]).to(self.device)
-        targets = fpm_targets(rotations[:, 0], rotations, shifts, D)
         return TrainingBatch(
             images=images.reshape(n_samples, views, D, D),
             clean=clean_n.reshape(n_samples, views, D, D),
-            targets=targets,
             rotations=rotations,
             shifts=shifts,
             volume_index=torch.tensor([d.volume_index for d in draws], dtype=torch.int64),

@@ -149,13 +149,13 @@ class _Trainer:
                                  "make the global batch size a multiple of the number of processes")
 
     def _build_model(self) -> nn.Module:
-        from cryofastar_core.model import CryoFastAR, load_weights, model_config
+        from cryofastar_core.model import build_model, load_weights, model_config
 
         overrides = dict(self.cfg.model.overrides)
         overrides.setdefault("checkpointing", self.cfg.activation_checkpointing)
         mcfg = model_config(self.cfg.model.size, self.cfg.box, **overrides)
         torch.manual_seed(self.cfg.seed)  # identical initialisation on every rank
-        model = CryoFastAR(mcfg)
+        model = build_model(mcfg)
         if self.cfg.init_weights:
             src = load_weights(self.cfg.init_weights)
             try:
@@ -196,6 +196,7 @@ class _Trainer:
             self._prepare_out_dir(resume)
         self._barrier()
         model = self._build_model()
+        self._ctf_correction = model.cfg.ctf_correction
         optimizer = self._make_optimizer(model)
         step = 0
         if resume:
@@ -237,12 +238,13 @@ class _Trainer:
             sim = BatchSimulator(self._source(stage, stage.split), cfg.box, self.dev)
             batch = sim.make_batch(stage, seed=cfg.seed, step=step, first_sample=dist.rank * per_rank,
                                    n_samples=per_rank, views=views, snr=snr,
-                                   max_tilt_deg=max_tilt_at(stage, pos.local_step))
+                                   max_tilt_deg=max_tilt_at(stage, pos.local_step),
+                                   ctf_correction=model.cfg.ctf_correction)
             counter = _flop_counter() if first_step_of_process else None
             with counter if counter is not None else _nullcontext():
                 with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = ddp_model(batch.images)
-                loss, terms = fpm_loss(out, batch.targets, batch.clean, loss_cfg)
+                loss, terms = fpm_loss(out, batch.targets(out.grid), batch.clean, loss_cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             if counter is not None:
@@ -347,7 +349,8 @@ class _Trainer:
             self._val_batches[index] = sim.make_batch(stage, seed=self.cfg.seed, step=index,
                                                       first_sample=0, n_samples=self.cfg.val_samples,
                                                       views=stage.views_max, snr=stage.snr_end,
-                                                      stream=VALIDATION_STREAM, max_tilt_deg=stage.max_tilt_end)
+                                                      stream=VALIDATION_STREAM, max_tilt_deg=stage.max_tilt_end,
+                                                      ctf_correction=self._ctf_correction)
         return self._val_batches[index]
 
     @torch.no_grad()
@@ -359,7 +362,7 @@ class _Trainer:
                 out = model(batch.images)
         finally:
             model.train()
-        errs = validation_errors(out.xyz.float(), out.conf.float(), batch, self.cfg.box)
+        errs = validation_errors(out.xyz.float(), out.conf.float(), batch, self.cfg.box, out.grid)
         return {k: _num(v) for k, v in errs.items()}
 
     # --- files --------------------------------------------------------------------------------------
@@ -548,8 +551,10 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
         plt.close(fig)
 
 
-def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatch, box: int) -> dict[str, float]:
-    """Pose errors of predicted FPMs against the batch's ground truth (auxiliary views only).
+def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatch, box: int,
+                      grid: torch.Tensor | None = None) -> dict[str, float]:
+    """Pose errors of predicted FPMs (at the in-plane points ``grid``, default the planar grid)
+    against the batch's ground truth (auxiliary views only).
 
     Rotations come from confidence-weighted Kabsch; per sample the hand (mirror) with the smaller mean
     error is taken, as the loss is hand-invariant. Returns the median and mean rotation error (degrees),
@@ -561,7 +566,7 @@ def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatc
     from cryofastar_core.model import denormalize, kabsch
     from cryofastar_core.model.fpm import relative_rotations
 
-    fit = kabsch(denormalize(xyz[:, 1:]), conf[:, 1:], box)
+    fit = kabsch(denormalize(xyz[:, 1:]), conf[:, 1:], box, grid)
     truth = relative_rotations(batch.rotations[:, 0], batch.rotations)[:, 1:].to(fit.rotation.dtype)
     err_same = rotation_angle_deg(fit.rotation, truth)
     err_flip = rotation_angle_deg(mirror_rotations(fit.rotation), truth)
@@ -569,7 +574,7 @@ def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatc
     err = torch.where(flip[:, None], err_flip, err_same)
     shift_err = torch.linalg.norm(fit.shift - batch.shifts[:, 1:].to(fit.shift.dtype), dim=-1)
     pred_aux = xyz[:, 1:].flatten(0, 1)
-    target_aux = batch.targets[:, 1:].flatten(0, 1).to(pred_aux.dtype)
+    target_aux = batch.targets(grid)[:, 1:].flatten(0, 1).to(pred_aux.dtype)
     spread = pred_aux.std(dim=0).mean() / target_aux.std(dim=0).mean().clamp_min(1e-12)
     return {"val_rot_err_deg": float(err.median()), "val_rot_err_mean_deg": float(err.mean()),
             "val_shift_err_px": float(shift_err.median()), "val_spread": float(spread)}

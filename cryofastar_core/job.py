@@ -224,6 +224,7 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
             log.info("resuming: feed-forward poses from an earlier run of this job")
         else:
             est = _estimate(cfg, particles, model, model_box, device, main_progress, comm)
+            timer.timings["poses_reference_scoring"] = round(float(est["reference_scoring_s"]), 3)
 
             def save_poses() -> None:
                 state.mkdir(parents=True, exist_ok=True)
@@ -389,7 +390,7 @@ def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, mo
     return {"rotations": est.rotations, "shifts": est.shifts * scale, "confidence": est.confidence,
             "residual": est.residual, "reference": est.reference, "anchors": est.anchors,
             "flipped_chunks": est.flipped_chunks, "n_chunks": est.n_chunks,
-            "candidate_scores": est.candidate_scores}
+            "candidate_scores": est.candidate_scores, "reference_scoring_s": est.reference_scoring_s}
 
 
 def _select(cfg: JobConfig, confidence: np.ndarray) -> np.ndarray:

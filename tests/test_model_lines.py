@@ -173,12 +173,14 @@ def test_tiny_line_model_learns_relative_rotations_of_unseen_poses(vft):
     model.eval()
     with torch.no_grad():
         end = _rotation_error(model(val_images), val_rot)
-    assert start > 90 and end < END_DEG, (start, end)
+    assert start > 100 and end < min(END_DEG, start - MIN_DROP_DEG), (start, end)
 
 
-# Measured (1 thread): 120 deg at the start; after 600 steps 41, 53 and 80 deg in three runs (other
-# pose draws, or the same draws with floating-point order changed: learning on one structure at this
-# size is a noisy descent). Without the similarity bias the same model stayed at 104-122 deg after
-# 800 steps, so 95 deg separates "learns" from "does not".
+# Measured (1 thread, 600 steps, start -> end, deg): 120 -> 41, 120 -> 53, 120 -> 80, 130 -> 95 (four
+# runs of this set-up: other pose draws or initialisations), and 134 -> 34, 126 -> 88 at batch 16:
+# learning on one structure at this size is a noisy descent that breaks through at different steps.
+# Without the similarity bias the same model stayed at 104-122 deg after 800 steps (a drop of at most
+# 16 deg), so "below 100 deg and at least 25 deg below the start" separates learning from not.
 STEPS = 600
-END_DEG = 95.0
+END_DEG = 100.0
+MIN_DROP_DEG = 25.0

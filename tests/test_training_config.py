@@ -136,3 +136,15 @@ def test_schedule(tmp_path):
     v = [views_at(b, 0, s) for s in range(200)]
     assert min(v) == 8 and max(v) == 16 and v == [views_at(b, 0, s) for s in range(200)]
     assert v != [views_at(b, 1, s) for s in range(200)]
+
+
+def test_continue_from_committed_weights_skips_done_stages(tmp_path):
+    from cryofastar_core.training.config import continue_from
+
+    path = Path(__file__).resolve().parents[1] / "cryofastar_core" / "configs" / "lines-box64-cpu.yaml"
+    cfg = load_train_config(path)
+    later = continue_from(cfg, "R3-ctf", "w.pt", path)
+    assert [s.name for s in later.stages] == [s.name for s in cfg.stages][2:] and later.init_weights == "w.pt"
+    assert [s.name for s in cfg.stages][:2] == ["R1-clean", "R2-shifts"]  # the original is unchanged
+    with pytest.raises(InputError, match="R9"):
+        continue_from(cfg, "R9", None, path)

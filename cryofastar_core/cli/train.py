@@ -53,20 +53,12 @@ def dist_from_env():
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryofastar_core.training.config import load_train_config
+    from cryofastar_core.training.config import continue_from, load_train_config
     from cryofastar_core.training.trainer import train
 
     if args.max_steps is not None and args.max_steps < 0:
         raise InputError(None, "--max-steps", "must be >= 0", "pass a non-negative step count")
-    cfg = load_train_config(args.config)
-    if args.from_stage is not None:
-        names = [st.name for st in cfg.stages]
-        if args.from_stage not in names:
-            raise InputError(args.config, "--from-stage", f"no stage named {args.from_stage!r}",
-                             f"use one of: {', '.join(names)}")
-        cfg.stages = cfg.stages[names.index(args.from_stage):]
-    if args.init_weights is not None:
-        cfg.init_weights = args.init_weights
+    cfg = continue_from(load_train_config(args.config), args.from_stage, args.init_weights, args.config)
     dist = dist_from_env()
     if dist.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ particle's (the reference gets the identity); shifts are in model-box pixels.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -70,6 +71,7 @@ class PoseEstimate:
     flipped_chunks: int = 0
     n_chunks: int = 0
     chunk_drift_deg: list[float] = field(default_factory=list)
+    reference_scoring_s: float = 0.0  # wall time of step 1 (choosing the reference)
 
 
 @torch.no_grad()
@@ -128,6 +130,7 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
             out.append((b, _to_device(pred, "cpu") if comm.distributed else pred))
         return out
 
+    t_scoring = time.perf_counter()
     scored = sorted((item for part in comm.gather(score_my_candidates) for item in part), key=lambda t: t[0])
     cand_pred = [p if not comm.distributed else _to_device(p, device) for _, p in scored]
     conf = torch.cat([p.confidence for p in cand_pred])  # (K, V)
@@ -137,8 +140,9 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     ref = int(candidates[best])
     first = ViewPrediction(*(torch.cat([getattr(p, f) for p in cand_pred])[best]
                              for f in ("rotation", "shift", "confidence", "residual")))
-    log.info("reference particle %d chosen from %d candidates (mean confidence %.3f)", ref, len(candidates),
-             float(conf[best].mean()))
+    scoring_s = time.perf_counter() - t_scoring
+    log.info("reference particle %d chosen from %d candidates (mean confidence %.3f, %.1f s)", ref, len(candidates),
+             float(conf[best].mean()), scoring_s)
 
     # 2. Anchors: the most reliable auxiliary views of the winning pass.
     reliability = _standardise(first.confidence[1:]) - _standardise(first.residual[1:])
@@ -169,7 +173,8 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     rest = rng.permutation(rest)
     per_chunk = cfg.views - 1 - cfg.anchors
     chunks = [rest[i: i + per_chunk] for i in range(0, len(rest), per_chunk)]
-    result = PoseEstimate(rotations, shifts, confidence, residual, ref, anchors, scores.cpu().numpy(), n_chunks=len(chunks))
+    result = PoseEstimate(rotations, shifts, confidence, residual, ref, anchors, scores.cpu().numpy(), n_chunks=len(chunks),
+                          reference_scoring_s=scoring_s)
 
     def batches() -> Iterator[list[int]]:
         """Chunk numbers per forward batch (chunks of equal size only)."""

@@ -53,6 +53,7 @@ class ModelConfig:
     line_samples: int = 32
     line_radii: int = 4
     ctf_correction: str = "none"
+    peer_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.ctf_correction not in ("none", "phase_flip"):

@@ -37,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 from cryofastar_core.physics.lines import line_directions, line_transform
 
-from .blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock
+from .blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock, SelfAttention
+from .rope import NoRoPE
 from .config import ModelConfig
 from .fpm import normalize
 from .network import MAX_CONF_LOGIT, ModelOutput
@@ -54,7 +55,7 @@ def line_features(lines: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, spectrum], dim=-1)
 
 
-def line_similarity(lines: torch.Tensor) -> torch.Tensor:
+def line_similarity(lines: torch.Tensor, all_pairs: bool = False) -> torch.Tensor:
     """Cosine similarities ``(B, 2, L, V·L)`` between the reference's lines and every line of the
     sample, from ``lines`` ``(B, V, L, S)`` (view 0 the reference): channel 0 on the band-passed
     profiles (a smoothed copy removed, so the overall blob shape every line shares does not
@@ -64,7 +65,8 @@ def line_similarity(lines: torch.Tensor) -> torch.Tensor:
     Common lines have similarity 1 in channel 0 (equal marginals); they are what cross-view attention
     has to find, so these scores enter the attention as a learned bias (:class:`MatchBias`) instead of
     being rediscovered from data. Only reference-to-view pairs are needed (auxiliary views meet only
-    through the reference), so the cost is linear in the number of views.
+    through the reference), so the cost is linear in the number of views; ``all_pairs`` returns
+    ``(B, 2, V·L, V·L)`` for :class:`PeerAttention`.
     """
     b, v, n, s = lines.shape
     x = lines.float().reshape(b * v * n, 1, s)
@@ -76,7 +78,7 @@ def line_similarity(lines: torch.Tensor) -> torch.Tensor:
     for feat in (band, spec):
         feat = feat - feat.mean(-1, keepdim=True)
         feat = feat / feat.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        out.append(feat[:, :n] @ feat.transpose(-1, -2))
+        out.append((feat if all_pairs else feat[:, :n]) @ feat.transpose(-1, -2))
     return torch.stack(out, dim=1)
 
 
@@ -133,6 +135,43 @@ class LineEncoder(nn.Module):
         return self.norm(x)
 
 
+class PeerAttention(nn.Module):
+    """Auxiliary lines attend to the lines of the OTHER auxiliary views (own view masked), biased by
+    line similarity: a third view's common lines fix the rotation about a view's common line with the
+    reference, which the reference bottleneck alone passes on only indirectly. The output projection
+    starts at zero, so a fresh model behaves exactly like the decoder without it."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.bias = MatchBias(heads)
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, aux: torch.Tensor, sim: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``aux`` ``(B, V−1, L, d)``; ``sim`` ``(B, 2, N, N)`` standardised, ``N = (V−1)·L``; ``mask``
+        ``(N, N)`` additive (−inf within a view)."""
+        b, n, t, d = aux.shape
+        x = aux.reshape(b, n * t, d)
+        x = x + self.attn(self.norm(x), _NO_ROPE, self.bias(sim) + mask)
+        return x.reshape(b, n, t, d)
+
+
+def _peer_inputs(sim_all: torch.Tensor, views: int, n_lines: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised auxiliary-to-auxiliary similarities (other views only) and the own-view mask."""
+    t = n_lines
+    sim = sim_all[..., t:, t:]
+    view = torch.arange((views - 1) * t, device=sim.device) // t
+    same = view[:, None] == view[None, :]
+    keep = (~same).to(sim.dtype)
+    count = keep.sum(-1, keepdim=True)
+    mean = (sim * keep).sum(-1, keepdim=True) / count
+    std = ((((sim - mean) * keep) ** 2).sum(-1, keepdim=True) / (count - 1)).sqrt().clamp_min(1e-6)
+    mask = torch.zeros(same.shape, device=sim.device, dtype=sim.dtype).masked_fill(same, float("-inf"))
+    return (sim - mean) / std * keep, mask
+
+
 class LineDecoder(nn.Module):
     """The paper's decoder on lines: View Integration on the reference, View Update on each auxiliary
     view; auxiliary views talk to each other only through the reference. Cross-view attention is
@@ -152,10 +191,12 @@ class LineDecoder(nn.Module):
                                         for _ in range(cfg.dec_depth))
         self.ref_bias = nn.ModuleList(MatchBias(cfg.dec_heads) for _ in range(cfg.dec_depth))
         self.aux_bias = nn.ModuleList(MatchBias(cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.peers = (nn.ModuleList(PeerAttention(cfg.dec_dim, cfg.dec_heads) for _ in range(cfg.dec_depth))
+                      if cfg.peer_attention else None)
         self.norm = nn.LayerNorm(cfg.dec_dim)
 
     def forward(self, tokens: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-        """``tokens`` ``(B, V, L, enc_dim)``, ``sim`` ``(B, 2, L, V·L)`` (:func:`line_similarity`)
+        """``tokens`` ``(B, V, L, enc_dim)``, ``sim`` ``(B, 2, L or V·L, V·L)`` (:func:`line_similarity`)
         -> ``(B, V, L, dec_dim)``."""
         b, v, t, _ = tokens.shape
         x = self.embed(tokens)
@@ -163,14 +204,19 @@ class LineDecoder(nn.Module):
         aux = x[:, 1:] + self.aux_embedding
         rope = PeriodicRoPE1D(self.cfg.dec_dim // self.cfg.dec_heads, t, device=x.device)
         rope_aux = rope.tile(v - 1) if v > 1 else None
-        sim_ref = zscore_rows(sim[..., t:]) if v > 1 else None  # reference queries, auxiliary keys
-        sim_aux = zscore_rows(sim[..., t:].transpose(-1, -2)) if v > 1 else None
-        for ref_block, aux_block, ref_bias, aux_bias in zip(self.ref_blocks, self.aux_blocks, self.ref_bias, self.aux_bias):
+        sim_ref = zscore_rows(sim[:, :, :t, t:]) if v > 1 else None  # reference queries, auxiliary keys
+        sim_aux = zscore_rows(sim[:, :, :t, t:].transpose(-1, -2)) if v > 1 else None
+        peers = self.peers is not None and v > 2
+        if peers:
+            sim_peer, peer_mask = _peer_inputs(sim, v, t)
+        for i, (ref_block, aux_block) in enumerate(zip(self.ref_blocks, self.aux_blocks)):
             context = aux.reshape(b, (v - 1) * t, -1) if v > 1 else None
-            bias = ref_bias(sim_ref) if v > 1 else None
+            bias = self.ref_bias[i](sim_ref) if v > 1 else None
             ref = _run(ref_block, self.cfg, self.training, ref, context, rope, rope_aux, bias)
             if v > 1:
-                aux = _run(aux_block, self.cfg, self.training, aux, ref, rope, rope_aux, aux_bias(sim_aux))
+                aux = _run(aux_block, self.cfg, self.training, aux, ref, rope, rope_aux, self.aux_bias[i](sim_aux))
+            if peers:
+                aux = _run(self.peers[i], self.cfg, self.training, aux, sim_peer, peer_mask)
         return self.norm(torch.cat([ref[:, None], aux], dim=1))
 
 
@@ -240,7 +286,7 @@ class LineCryoFastAR(nn.Module):
         if (n, s) != (cfg.n_lines, cfg.line_samples):
             raise ValueError(f"lines must be (B, V, {cfg.n_lines}, {cfg.line_samples}), got {tuple(lines.shape)}")
         tokens = self.encoder(lines.reshape(b * v, n, s)).reshape(b, v, n, cfg.enc_dim)
-        x = self.decoder(tokens, line_similarity(lines))
+        x = self.decoder(tokens, line_similarity(lines, all_pairs=cfg.peer_attention))
         with torch.autocast(device_type=lines.device.type, enabled=False):
             x = x.float()
             grid = polar_grid(cfg.n_lines, cfg.line_radii, device=x.device)
@@ -257,6 +303,9 @@ class LineCryoFastAR(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+_NO_ROPE = NoRoPE()
 
 
 def _run(block: nn.Module, cfg: ModelConfig, training: bool, *args):

@@ -237,6 +237,20 @@ def load_train_config(path: str | Path) -> TrainConfig:
     return train_config_from_dict(data, path)
 
 
+def continue_from(cfg: TrainConfig, from_stage: str | None, init_weights: str | None,
+                  path: str | Path | None = None) -> TrainConfig:
+    """``cfg`` starting at stage ``from_stage`` (earlier stages dropped) from ``init_weights``: how a
+    curriculum continues from committed weights when the run folder's checkpoint is gone."""
+    if from_stage is not None:
+        names = [s.name for s in cfg.stages]
+        if from_stage not in names:
+            raise InputError(path, "--from-stage", f"no stage named {from_stage!r}", f"use one of: {', '.join(names)}")
+        cfg = dataclasses.replace(cfg, stages=cfg.stages[names.index(from_stage):])
+    if init_weights is not None:
+        cfg = dataclasses.replace(cfg, init_weights=str(init_weights))
+    return cfg
+
+
 def train_config_from_dict(data: Any, path: str | Path | None = None) -> TrainConfig:
     """Validate a parsed YAML mapping into a :class:`TrainConfig`; errors name ``path`` and the key."""
     if not isinstance(data, dict):

@@ -32,6 +32,8 @@ class ModelConfig:
     ``xyz_grid_base`` and ``denoise_head`` only concern the patch model. ``ctf_correction``
     (``"none"`` or ``"phase_flip"``) is how images are CTF-corrected before the model sees them, in
     training and inference alike (:func:`cryofastar_core.inference.preprocess.correct_ctf`).
+    ``peer_attention`` and ``similarity_lag`` are line-model options measured in the model card
+    (:class:`~cryofastar_core.model.lines.PeerAttention`, :func:`~cryofastar_core.model.lines.line_similarity`).
     """
 
     box: int
@@ -54,6 +56,7 @@ class ModelConfig:
     line_radii: int = 4
     ctf_correction: str = "none"
     peer_attention: bool = False
+    similarity_lag: int = 0
 
     def __post_init__(self) -> None:
         if self.ctf_correction not in ("none", "phase_flip"):
@@ -75,6 +78,8 @@ class ModelConfig:
     def _check_lines(self) -> None:
         if self.n_lines < 4 or self.n_lines % 2:
             raise ValueError(f"n_lines must be an even number >= 4, got {self.n_lines}")
+        if not 0 <= self.similarity_lag < self.line_samples // 2:
+            raise ValueError(f"similarity_lag must be in [0, line_samples/2), got {self.similarity_lag}")
         if self.line_samples < 4 or self.line_radii < 2:
             raise ValueError(f"need line_samples >= 4 and line_radii >= 2, got {self.line_samples}, {self.line_radii}")
         for name, dim, heads in (("enc", self.enc_dim, self.enc_heads), ("dec", self.dec_dim, self.dec_heads)):

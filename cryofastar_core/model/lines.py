@@ -55,7 +55,7 @@ def line_features(lines: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, spectrum], dim=-1)
 
 
-def line_similarity(lines: torch.Tensor, all_pairs: bool = False) -> torch.Tensor:
+def line_similarity(lines: torch.Tensor, all_pairs: bool = False, max_lag: int = 0) -> torch.Tensor:
     """Cosine similarities ``(B, 2, L, V·L)`` between the reference's lines and every line of the
     sample, from ``lines`` ``(B, V, L, S)`` (view 0 the reference): channel 0 on the band-passed
     profiles (a smoothed copy removed, so the overall blob shape every line shares does not
@@ -67,6 +67,10 @@ def line_similarity(lines: torch.Tensor, all_pairs: bool = False) -> torch.Tenso
     being rediscovered from data. Only reference-to-view pairs are needed (auxiliary views meet only
     through the reference), so the cost is linear in the number of views; ``all_pairs`` returns
     ``(B, 2, V·L, V·L)`` for :class:`PeerAttention`.
+
+    ``max_lag`` > 0: channel 0 is the best similarity over cyclic lags of up to that many samples,
+    so common lines still match when their views are shifted (an image shift ``t`` moves line θ by
+    ``t · u_θ``). Measured (model card): with shifts it learned 63° where zero lag reached 88°.
     """
     b, v, n, s = lines.shape
     x = lines.float().reshape(b * v * n, 1, s)
@@ -74,12 +78,17 @@ def line_similarity(lines: torch.Tensor, all_pairs: bool = False) -> torch.Tenso
     smooth = F.avg_pool1d(x, k, stride=1, padding=k // 2, count_include_pad=False)
     band = (x - smooth).reshape(b, v * n, s)
     spec = torch.fft.rfft(x.reshape(b, v * n, s), dim=-1).abs()[..., 1:]
-    out = []
-    for feat in (band, spec):
-        feat = feat - feat.mean(-1, keepdim=True)
-        feat = feat / feat.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        out.append((feat if all_pairs else feat[:, :n]) @ feat.transpose(-1, -2))
-    return torch.stack(out, dim=1)
+    band, spec = (_unit(f - f.mean(-1, keepdim=True)) for f in (band, spec))
+    queries = (lambda f: f) if all_pairs else (lambda f: f[:, :n])
+    sim_band = None
+    for lag in range(-max_lag, max_lag + 1):
+        c = torch.roll(queries(band), lag, dims=-1) @ band.transpose(-1, -2)
+        sim_band = c if sim_band is None else torch.maximum(sim_band, c)
+    return torch.stack([sim_band, queries(spec) @ spec.transpose(-1, -2)], dim=1)
+
+
+def _unit(feat: torch.Tensor) -> torch.Tensor:
+    return feat / feat.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 def zscore_rows(sim: torch.Tensor) -> torch.Tensor:
@@ -286,7 +295,7 @@ class LineCryoFastAR(nn.Module):
         if (n, s) != (cfg.n_lines, cfg.line_samples):
             raise ValueError(f"lines must be (B, V, {cfg.n_lines}, {cfg.line_samples}), got {tuple(lines.shape)}")
         tokens = self.encoder(lines.reshape(b * v, n, s)).reshape(b, v, n, cfg.enc_dim)
-        x = self.decoder(tokens, line_similarity(lines, all_pairs=cfg.peer_attention))
+        x = self.decoder(tokens, line_similarity(lines, all_pairs=cfg.peer_attention, max_lag=cfg.similarity_lag))
         with torch.autocast(device_type=lines.device.type, enabled=False):
             x = x.float()
             grid = polar_grid(cfg.n_lines, cfg.line_radii, device=x.device)

@@ -24,7 +24,8 @@ from pathlib import Path
 from cryofastar_core.errors import CryoFastARError, InputError
 from relion_external.markers import JobAborted, JobMarkers
 from relion_external.nodes import detect_relion_version, job_output_nodes, write_output_nodes
-from relion_external.protocol import job_settings, parse_external_args, particles_path, unused_flags
+from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, job_settings, parse_external_args,
+                                      particles_path, unused_flags)
 
 PROG = "cryofastar-relion"
 EXIT_ABORTED = 130  # RELION ignores exit codes; queue systems and shell chains see this one
@@ -128,14 +129,31 @@ def run_external_job(argv: list[str]) -> int:
     return code
 
 
+def usage() -> str:
+    """What ``--help`` prints: how RELION calls the program and the parameters it reads."""
+    params = ", ".join([*PARAMS, *ADAPTER_PARAMS])
+    return (f"usage: {PROG} --o External/jobNNN/ --in_parts PARTICLES.star [--PARAM VALUE ...] [--j THREADS]\n\n"
+            "CryoFastAR as a RELION External job: feed-forward poses and a map from particles.\n"
+            "RELION runs it with the project folder as the working directory and passes --o; set it up\n"
+            "in the GUI's External job tab (relion_external/README.md).\n\n"
+            f"input nodes: {', '.join('--' + f for f in INPUT_FLAGS)} (only --in_parts is used)\n"
+            f"parameters (typed without dashes as the GUI's labels): {params}\n"
+            "outputs in --o: particles.star, map.mrc, half1.mrc, half2.mrc, fsc.*, plots, report.json,\n"
+            "RELION_OUTPUT_NODES.star and one RELION_JOB_EXIT_* marker.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``cryofastar-relion = relion_external.main:main``)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(usage(), end="")  # help writes nothing, not even an exit marker
+        return 0
     # No progress bars: stderr is RELION's run.err, where the GUI shows errors. Headless plotting.
     os.environ.setdefault("CRYOFASTAR_NO_PROGRESS", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _on_sigterm)
-    return run_external_job(sys.argv[1:] if argv is None else list(argv))
+    return run_external_job(args)
 
 
 if __name__ == "__main__":

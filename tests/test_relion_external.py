@@ -321,3 +321,13 @@ def test_wrapper_failing_setup_marks_the_job_failed(tmp_path, env):
     assert proc.returncode != 0
     assert "cryofastar-relion-wrapper: error:" in proc.stderr
     assert (tmp_path / "External/job009" / FAILURE).exists()
+
+
+def test_help_prints_usage_exits_zero_and_writes_nothing(tmp_path, capsys):
+    from relion_external.main import main
+
+    job = tmp_path / "External" / "job001"
+    assert main(["--help", "--o", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cryofastar-relion --o") and "refine_iters" in out and "--in_parts" in out
+    assert not job.exists() and list(tmp_path.iterdir()) == []

@@ -49,7 +49,8 @@ def test_bundled_configs_load(name):
 
 def test_bundled_curricula_exist():
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
-    assert {"xs-box64-cpu.yaml", "s-box64-gpu.yaml", "s-box128-gpu.yaml"} <= names
+    assert {"lines-box64-cpu.yaml", "lines-box64-gpu.yaml", "ab-patch-box64-cpu.yaml", "xs-box64-cpu.yaml",
+            "s-box64-gpu.yaml", "s-box128-gpu.yaml"} <= names
 
 
 def test_valid_config_types(tmp_path):

@@ -360,7 +360,7 @@ def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, mo
               progress: Callable[[str, int, int], None] | None, comm: Communicator | None = None) -> dict:
     n = len(particles)
 
-    ctf_correction = getattr(model.cfg, "ctf_correction", "none")
+    ctf_correction = model.cfg.ctf_correction
     use_ctf = ctf_correction != "none" and particles.ctf is not None
 
     def load(indices: np.ndarray) -> torch.Tensor:

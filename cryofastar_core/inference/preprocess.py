@@ -11,15 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryofastar_core.physics.ctf import CTFParams, phase_flip
+from cryofastar_core.physics.ctf import CTF_CORRECTIONS, CTFParams, phase_flip
 from cryofastar_core.physics.fourier import fourier_crop, fourier_pad
 from cryofastar_core.physics.normalize import normalize_images
 
-CTF_CORRECTIONS = ("none", "phase_flip")
-
-
 def correct_ctf(images: torch.Tensor, ctf: CTFParams | None, apix: torch.Tensor | float, mode: str) -> torch.Tensor:
-    """The model's CTF correction of images ``(B, D, D)`` at their own pixel size ``apix`` (Å/px).
+    """The model's CTF correction of images ``(..., B, D, D)`` at their own pixel size ``apix`` (Å/px).
 
     ``mode`` ``"none"`` returns the images; ``"phase_flip"`` flips the sign of every Fourier component
     where the CTF is negative (:func:`~cryofastar_core.physics.ctf.phase_flip`); without CTF

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryofastar_core.physics.ctf import CTF_CORRECTIONS
+
 # Encoder (d / layers / heads), decoder per stack (d / layers / heads) and head neck width.
 MODEL_SIZES: dict[str, dict] = {
     "XS": dict(enc_dim=256, enc_depth=6, enc_heads=4, dec_dim=256, dec_depth=4, dec_heads=4, neck_dim=128),
@@ -59,8 +61,8 @@ class ModelConfig:
     similarity_lag: int = 0
 
     def __post_init__(self) -> None:
-        if self.ctf_correction not in ("none", "phase_flip"):
-            raise ValueError(f"ctf_correction must be 'none' or 'phase_flip', got {self.ctf_correction!r}")
+        if self.ctf_correction not in CTF_CORRECTIONS:
+            raise ValueError(f"ctf_correction must be one of {CTF_CORRECTIONS}, got {self.ctf_correction!r}")
         if self.arch not in ("patch", "lines"):
             raise ValueError(f"arch must be 'patch' or 'lines', got {self.arch!r}")
         if self.arch == "lines":

@@ -91,11 +91,20 @@ def _unit(feat: torch.Tensor) -> torch.Tensor:
     return feat / feat.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def zscore_rows(sim: torch.Tensor) -> torch.Tensor:
+def zscore_rows(sim: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Standardise similarities over the keys (last dim): a match stands out by how far it sits
-    above the other candidates, whatever the structure's overall line-to-line similarity."""
-    mean = sim.mean(-1, keepdim=True)
-    return (sim - mean) / sim.std(-1, keepdim=True).clamp_min(1e-6)
+    above the other candidates, whatever the structure's overall line-to-line similarity.
+
+    ``exclude`` ``(Nq, Nk)`` bool: pairs left out of the statistics and set to 0.
+    """
+    if exclude is None:
+        mean = sim.mean(-1, keepdim=True)
+        return (sim - mean) / sim.std(-1, keepdim=True).clamp_min(1e-6)
+    keep = (~exclude).to(sim.dtype)
+    count = keep.sum(-1, keepdim=True)
+    mean = (sim * keep).sum(-1, keepdim=True) / count
+    std = ((((sim - mean) * keep) ** 2).sum(-1, keepdim=True) / (count - 1)).sqrt().clamp_min(1e-6)
+    return (sim - mean) / std * keep
 
 
 class MatchBias(nn.Module):
@@ -173,12 +182,8 @@ def _peer_inputs(sim_all: torch.Tensor, views: int, n_lines: int) -> tuple[torch
     sim = sim_all[..., t:, t:]
     view = torch.arange((views - 1) * t, device=sim.device) // t
     same = view[:, None] == view[None, :]
-    keep = (~same).to(sim.dtype)
-    count = keep.sum(-1, keepdim=True)
-    mean = (sim * keep).sum(-1, keepdim=True) / count
-    std = ((((sim - mean) * keep) ** 2).sum(-1, keepdim=True) / (count - 1)).sqrt().clamp_min(1e-6)
     mask = torch.zeros(same.shape, device=sim.device, dtype=sim.dtype).masked_fill(same, float("-inf"))
-    return (sim - mean) / std * keep, mask
+    return zscore_rows(sim, exclude=same), mask
 
 
 class LineDecoder(nn.Module):

@@ -106,8 +106,12 @@ def ctf_at_frequencies(params: CTFParams, kx: torch.Tensor, ky: torch.Tensor) ->
     return ctf.to(params.defocus_u.dtype)
 
 
+CTF_CORRECTIONS = ("none", "phase_flip")  # what a model may ask its input images to get
+
+
 def phase_flip(images: torch.Tensor, params: CTFParams, apix: torch.Tensor | float) -> torch.Tensor:
-    """Images ``(B, D, D)`` with each Fourier component multiplied by the sign of its CTF.
+    """Images ``(..., B, D, D)`` (``B`` = ``len(params)``) with each Fourier component multiplied by
+    the sign of its CTF.
 
     Undoes the CTF's contrast reversals without amplifying noise (the amplitudes keep the CTF's
     envelope); at low SNR the standard first step before comparing particles of different defocus.

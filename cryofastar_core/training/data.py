@@ -191,12 +191,12 @@ class BatchSimulator:
         for d, ns in zip(draws, noise_seeds):
             vft = self.volumes.get(d.volume_index)
             gen = torch.Generator(device=self.device).manual_seed(ns & ((1 << 63) - 1))
-            clean, noisy = simulate_images(vft, d.rotations.to(self.device), d.shifts.to(self.device),
-                                           d.ctf.to(self.device) if d.ctf is not None else None,
-                                           apix=d.apix, snr=snr, generator=gen)
             ctf = d.ctf.to(self.device) if d.ctf is not None else None
-            cleans.append(correct_ctf(clean, ctf, d.apix, ctf_correction))
-            noisies.append(correct_ctf(noisy, ctf, d.apix, ctf_correction))
+            clean, noisy = simulate_images(vft, d.rotations.to(self.device), d.shifts.to(self.device), ctf,
+                                           apix=d.apix, snr=snr, generator=gen)
+            clean, noisy = correct_ctf(torch.stack([clean, noisy]), ctf, d.apix, ctf_correction)
+            cleans.append(clean)
+            noisies.append(noisy)
         D = self.box
         noisy_all = torch.stack(noisies).reshape(n_samples * views, D, D)
         clean_all = torch.stack(cleans).reshape(n_samples * views, D, D)

@@ -239,7 +239,7 @@ class _Trainer:
             batch = sim.make_batch(stage, seed=cfg.seed, step=step, first_sample=dist.rank * per_rank,
                                    n_samples=per_rank, views=views, snr=snr,
                                    max_tilt_deg=max_tilt_at(stage, pos.local_step),
-                                   ctf_correction=model.cfg.ctf_correction)
+                                   ctf_correction=self._ctf_correction)
             counter = _flop_counter() if first_step_of_process else None
             with counter if counter is not None else _nullcontext():
                 with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -85,6 +85,7 @@ def test_single_stage_form_and_relative_paths(tmp_path):
     (lambda d: d["stages"][1].pop("snr_end"), "stages[1].snr_end"),
     (lambda d: d["stages"][1].update(snr_end=-1), "stages[1].snr_end"),
     (lambda d: d["stages"][1].update(min_lr=1.0), "stages[1].min_lr"),
+    (lambda d: d["stages"][1].update(clean_fraction=1.5), "stages[1].clean_fraction"),
     (lambda d: d["stages"][0].pop("batch_size"), "stages[0].batch_size"),
     (lambda d: d.update(optimizer={"betas": [0.9]}), "optimizer.betas"),
     (lambda d: d.update(optimizer={"momentum": 0.9}), "optimizer.momentum"),

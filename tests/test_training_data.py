@@ -87,6 +87,28 @@ def test_clean_stage_has_no_noise(sim):
     torch.testing.assert_close(b.images, b.clean, atol=1e-5, rtol=0)
 
 
+def test_clean_fraction_mixes_rung_one_samples(sim):
+    """``clean_fraction`` draws whole samples as rung 1 (no noise, CTF or shifts); the rest keep the
+    stage's setting, and a stage without it keeps its random stream."""
+    hard = dict(ctf=True, max_shift_px=3.0, snr_start=0.1, snr_end=0.1)
+    b = sim.make_batch(stage(clean_fraction=0.5, **hard), seed=3, step=0, first_sample=0, n_samples=16,
+                       views=4, snr=0.1)
+    clean = (b.images - b.clean).abs().amax(dim=(1, 2, 3)) < 1e-4
+    assert 2 <= int(clean.sum()) <= 14
+    assert (b.shifts[clean] == 0).all() and (b.shifts[~clean].abs().amax(dim=(1, 2)) > 0).all()
+    # A clean sample is exactly the rung-1 image of its pose: no CTF.
+    g = torch.Generator().manual_seed(sample_seed(3, 0, 0, int(clean.nonzero()[0])))
+    assert draw_sample(stage(clean_fraction=0.5, **hard), 2, 4, g).ctf is None
+    for frac in (0.0, 1.0):
+        none = sim.make_batch(stage(clean_fraction=frac, **hard), seed=3, step=0, first_sample=0, n_samples=4,
+                              views=4, snr=0.1)
+        assert ((none.images - none.clean).abs().amax(dim=(1, 2, 3)) < 1e-4).all() == (frac == 1.0)
+    plain = sim.make_batch(stage(**hard), seed=3, step=0, first_sample=0, n_samples=4, views=4, snr=0.1)
+    zero = sim.make_batch(stage(clean_fraction=0.0, **hard), seed=3, step=0, first_sample=0, n_samples=4,
+                          views=4, snr=0.1)
+    torch.testing.assert_close(plain.images, zero.images, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("snr", [10.0, 1.0, 0.1])
 def test_realised_snr_and_normalisation(sim, snr):
     st = stage(ctf=True, snr_start=snr, snr_end=snr)

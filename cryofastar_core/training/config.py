@@ -77,6 +77,9 @@ class StageConfig:
     apix_max: float = 6.0
     max_tilt_start: float = 180.0
     max_tilt_end: float = 180.0
+    # Fraction of samples drawn as rung 1 (clean, no CTF, no shifts) so a later rung keeps what the
+    # first taught: the shipped R4 segment without it fell back to chance on clean images (model card).
+    clean_fraction: float = 0.0
 
     def validate(self, path: str | Path | None, where: str) -> None:
         def bad(key: str, problem: str, fix: str) -> InputError:
@@ -103,6 +106,8 @@ class StageConfig:
         for key in ("max_tilt_start", "max_tilt_end"):
             if not 0 <= getattr(self, key) <= 180:
                 raise bad(key, f"must be in [0, 180] degrees, got {getattr(self, key)}", "use e.g. 30 or 180")
+        if not 0 <= self.clean_fraction <= 1:
+            raise bad("clean_fraction", f"must be in [0, 1], got {self.clean_fraction}", "use e.g. 0 or 0.25")
         if self.max_shift_px < 0:
             raise bad("max_shift_px", "must be >= 0", "use e.g. 0, 2.5 or 5")
         if self.single_index < 0:

@@ -113,6 +113,7 @@ class SampleDraw:
     shifts: Tensor  # (V, 2) float32, px
     ctf: CTFParams | None  # V entries
     apix: float
+    clean: bool = False  # a rung-1 sample (``StageConfig.clean_fraction``): no noise, CTF or shifts
 
 
 def draw_sample(stage: StageConfig, n_volumes: int, views: int, generator: torch.Generator,
@@ -146,6 +147,9 @@ def draw_sample(stage: StageConfig, n_volumes: int, views: int, generator: torch
             "amplitude_contrast": torch.full((views,), stage.amplitude_contrast, dtype=torch.float64),
             "bfactor": stage.bfactor_max * u[:, 3],
         })
+    # Drawn last, and only when asked for, so stages without it keep their random streams.
+    if stage.clean_fraction > 0 and float(torch.rand(1, generator=g, dtype=torch.float64)) < stage.clean_fraction:
+        return SampleDraw(vol, rotations, torch.zeros(views, 2), None, apix, clean=True)
     return SampleDraw(vol, rotations, shifts.float(), ctf, apix)
 
 
@@ -193,7 +197,7 @@ class BatchSimulator:
             gen = torch.Generator(device=self.device).manual_seed(ns & ((1 << 63) - 1))
             ctf = d.ctf.to(self.device) if d.ctf is not None else None
             clean, noisy = simulate_images(vft, d.rotations.to(self.device), d.shifts.to(self.device), ctf,
-                                           apix=d.apix, snr=snr, generator=gen)
+                                           apix=d.apix, snr=None if d.clean else snr, generator=gen)
             clean, noisy = correct_ctf(torch.stack([clean, noisy]), ctf, d.apix, ctf_correction)
             cleans.append(clean)
             noisies.append(noisy)

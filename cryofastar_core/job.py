@@ -35,7 +35,7 @@ from cryofastar_core.io import CONFIDENCE_LABEL, ParticleSet, read_particles, wr
 from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
-from cryofastar_core.reconstruct import ParticleChunk, fsc, random_half_sets, reconstruct_half_maps, resolution_at
+from cryofastar_core.reconstruct import ParticleChunk, fsc, half_sets, reconstruct_half_maps, resolution_at
 from cryofastar_core.reconstruct.backproject import Backprojector
 from cryofastar_core.weights import resolve_weights
 
@@ -239,9 +239,7 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
     with timer.stage("select"):
         keep = _select(cfg, confidence)
         log.info("keeping %d of %d particles", int(keep.sum()), len(keep))
-        half = particles.half_set
-        if half is None or not set(np.unique(half).tolist()) <= {1, 2}:
-            half = random_half_sets(len(particles), torch.Generator().manual_seed(cfg.seed))
+        half = half_sets(particles.half_set, len(particles), str(cfg.particles))
 
     refinement: list[dict] = []
     refined_maps: list = []  # rank 0's final half/full maps from refinement (kept off the broadcast)

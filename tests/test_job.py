@@ -86,6 +86,27 @@ def test_run_writes_every_output_and_leaves_inputs_untouched(sim_star, tiny_weig
     np.testing.assert_allclose(read_particles(copy, sim_star.parent).table[CONFIDENCE_LABEL].to_numpy(), conf, atol=1e-5)
 
 
+def test_single_valued_subsets_still_give_two_halves(sim_star, tiny_weights, tmp_path):
+    """A STAR whose rlnRandomSubset is 1 everywhere used to leave half 2 empty; it gets the one
+    half-set policy's random split, and the inputs stay untouched."""
+    import starfile
+
+    data = starfile.read(sim_star, always_dict=True)
+    data["particles"]["rlnRandomSubset"] = 1
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in sim_star.parent.iterdir():
+        if f.is_file() and f.suffix != ".star":
+            shutil.copy(f, src / f.name)
+    star = src / sim_star.name
+    starfile.write(data, star)
+    run(_cfg(star, tmp_path / "job", tiny_weights))
+    out = read_particles(tmp_path / "job" / "particles.star", src)
+    counts = np.bincount(out.half_set.astype(int), minlength=3)
+    assert counts[1] > 20 and counts[2] > 20, counts
+    assert set(starfile.read(star, always_dict=True)["particles"]["rlnRandomSubset"]) == {1}
+
+
 def test_rerun_on_complete_output_does_nothing(sim_star, tiny_weights, tmp_path):
     out = tmp_path / "job"
     run(_cfg(sim_star, out, tiny_weights))

@@ -116,6 +116,24 @@ def test_random_half_sets_balanced_and_reproducible():
     assert np.array_equal(h, random_half_sets(101, torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.parametrize("labels, kept", [
+    (np.array([1, 2, 2, 1, 2, 1]), True),
+    (np.ones(6, dtype=np.int64), False),  # every particle in subset 1: half 2 would be empty
+    (np.array([0, 1, 0, 1, 0, 1]), False),
+    (None, False),
+])
+def test_one_half_set_policy(labels, kept):
+    from cryofastar_core.reconstruct import half_sets
+
+    h = half_sets(labels, 6)
+    assert h.dtype == np.int64 and set(np.unique(h).tolist()) == {1, 2}
+    assert np.array_equal(h, labels) == kept
+    if not kept:  # the one fixed random split, balanced
+        assert np.array_equal(h, half_sets(None, 6)) and int((h == 1).sum()) == 3
+    with pytest.raises(ValueError):
+        half_sets(np.ones(5), 6)
+
+
 @pytest.mark.parametrize("pad", [1, 2])
 def test_odd_box_and_pad_one(pad):
     from tests.conftest import make_asymmetric_map

@@ -143,7 +143,7 @@ def write_particles_cs(particles: ParticleSet, path: str | Path, rotations: np.n
 
     A ``.cs`` input passes every field (and uid) through; a STAR input gets ``blob/*`` (``blob/path``
     as written in ``rlnImageName``) and ``ctf/*`` built from it. ``rotations`` ``(N, 3, 3)``, ``shifts``
-    ``(N, 2)`` px and ``half_set`` ``(N,)`` in {1, 2} (default: the input split, else alternating) cover all
+    ``(N, 2)`` px and ``half_set`` ``(N,)`` in {1, 2} (default: the input split, by :func:`cryofastar_core.reconstruct.half_sets.half_sets`) cover all
     ``N`` particles; ``keep`` picks rows; ``extra`` maps ``slot/field`` names to ``(N, ...)`` arrays
     (e.g. ``alignments3D/error``) that are set after the defaults.
     """
@@ -158,7 +158,9 @@ def write_particles_cs(particles: ParticleSet, path: str | Path, rotations: np.n
     ds["alignments3D/shift"] = np.asarray(_rows(shifts, n, "shifts"), dtype=np.float32)
     ds["alignments3D/psize_A"] = particles.apix.astype(np.float32)  # shifts are in blob pixels
     if half_set is None:
-        half_set = particles.half_set if particles.half_set is not None else (np.arange(n) % 2) + 1
+        from cryofastar_core.reconstruct.half_sets import half_sets
+
+        half_set = half_sets(particles.half_set, n, "the particles")
     hs = np.asarray(_rows(half_set, n, "half_set")).astype(np.int64)
     if not np.isin(hs, (1, 2)).all():
         raise ValueError("half_set values must be 1 or 2")

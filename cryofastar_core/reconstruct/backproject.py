@@ -56,6 +56,7 @@ from torch import Tensor
 
 from ..physics.ctf import CTFParams, ctf_at_frequencies
 from ..physics.projection import gridding_kernel
+from .half_sets import random_half_sets
 
 DEFAULT_RELATIVE_WIENER = 1e-3
 
@@ -265,15 +266,6 @@ def reconstruct(images: Tensor, rotations: Tensor, shifts: Tensor | None = None,
     bp = Backprojector(images.shape[-1], device=device if device is not None else images.device, pad=pad)
     bp.insert(images, rotations, shifts=shifts, ctf=ctf, apix=apix, weights=weights)
     return bp.finalize(wiener_constant)
-
-
-def random_half_sets(n: int, generator: torch.Generator | None = None) -> np.ndarray:
-    """A balanced random split ``(n,)`` into half sets 1 and 2 (sizes differ by at most one)."""
-    perm = torch.randperm(n, generator=generator).numpy()
-    out = np.empty(n, dtype=np.int64)
-    out[perm[: (n + 1) // 2]] = 1
-    out[perm[(n + 1) // 2:]] = 2
-    return out
 
 
 @dataclass

@@ -25,7 +25,6 @@ from cryofastar_core.errors import InputError
 log = logging.getLogger(__name__)
 
 
-HALF_SPLIT_SEED = 1234
 
 
 @dataclass
@@ -55,21 +54,6 @@ class ReconstructResult:
     seconds: float
 
 
-def _half_sets(ps, n: int) -> np.ndarray:
-    """Half-set labels ``(N,)`` in {1, 2}: the file's own when it has a usable split, else a fixed random one."""
-    from cryofastar_core.reconstruct import random_half_sets
-
-    half = ps.half_set
-    if half is not None:
-        half = np.asarray(half).astype(np.int64)
-        if set(np.unique(half).tolist()) == {1, 2}:
-            return half
-        log.warning("half-set column holds %s, not 1/2: using a random split instead",
-                    sorted(set(np.unique(half).tolist()))[:5])
-    gen = torch.Generator().manual_seed(HALF_SPLIT_SEED)
-    return random_half_sets(n, gen)
-
-
 def fsc_table(freq: np.ndarray, fsc: np.ndarray, apix: float) -> str:
     """TSV text: ``shell``, ``frequency_1_per_A``, ``resolution_A`` (inf at DC), ``fsc``."""
     lines = ["shell\tfrequency_1_per_A\tresolution_A\tfsc"]
@@ -85,7 +69,7 @@ def reconstruct_particles(cfg: ReconstructConfig) -> ReconstructResult:
     from cryofastar_core.io.atomic_write import staged_output_dir
     from cryofastar_core.io import read_particles, write_map
     from cryofastar_core.plots import fsc_plot
-    from cryofastar_core.reconstruct import ParticleChunk, fsc, reconstruct_half_maps, resolution_at
+    from cryofastar_core.reconstruct import ParticleChunk, fsc, half_sets, reconstruct_half_maps, resolution_at
 
     t0 = time.perf_counter()
     if cfg.threads is not None:
@@ -112,7 +96,7 @@ def reconstruct_particles(cfg: ReconstructConfig) -> ReconstructResult:
     if use_ctf and ps.ctf is None:
         log.warning("%s has no CTF parameters: reconstructing without CTF correction", cfg.particles)
         use_ctf = False
-    half = _half_sets(ps, n)
+    half = half_sets(ps.half_set, n, str(cfg.particles))
     rotations = torch.as_tensor(np.asarray(ps.rotations), dtype=torch.float32)
     shifts = torch.zeros(n, 2) if ps.shifts is None else torch.as_tensor(np.asarray(ps.shifts), dtype=torch.float32)
     sign = np.asarray(ps.sign, dtype=np.float32).reshape(-1)

@@ -478,7 +478,7 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
         write_map(stage / "map.mrc", full.cpu().numpy(), apix)
         write_map(stage / "half1.mrc", half1.cpu().numpy(), apix)
         write_map(stage / "half2.mrc", half2.cpu().numpy(), apix)
-        fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", thresholds=(0.143,))
+        fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png")
         viewing_direction_plot(rotations[keep], stage / "viewing_directions.png")
         confidence_histogram(confidence, stage / "confidence.png",
                              threshold=float(confidence[keep].min()) if not keep.all() else None)

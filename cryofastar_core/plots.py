@@ -18,6 +18,7 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from cryofastar_core.io import atomic_output  # noqa: E402
 
@@ -42,21 +43,41 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def fsc_crossings(freq, curve, apix: float, thresholds: Sequence[float] = (0.5, 0.143)) -> dict[float, float]:
+    """Resolution in Å where ``curve`` ``(S,)`` first drops below each threshold, by the same rule as
+    the reported resolution (:func:`cryofastar_core.reconstruct.resolution_at`; Nyquist if never)."""
+    from cryofastar_core.reconstruct import resolution_at
+
+    f = torch.as_tensor(_to_numpy(freq), dtype=torch.float64)
+    c = torch.as_tensor(_to_numpy(curve), dtype=torch.float64)
+    return {float(t): resolution_at(f, c, float(apix), float(t)) for t in thresholds}
+
+
 def fsc_plot(freq, curves: Mapping[str, object], apix: float, path: str | os.PathLike,
-             thresholds: Sequence[float] = (0.143, 0.5), title: str | None = None) -> Path:
-    """Plot FSC curves against spatial frequency.
+             thresholds: Sequence[float] = (0.5, 0.143), title: str | None = None,
+             mark_crossings: bool = True) -> Path:
+    """Plot FSC curves against spatial frequency, with each threshold and where each curve crosses it.
 
     Args:
         freq: ``(S,)`` shell frequencies in cycles/pixel (0 .. 0.5), shared by all curves.
         curves: label -> ``(S,)`` FSC values.
         apix: pixel size in Å, to label the axis in 1/Å and resolution in Å.
         path: output image path.
-        thresholds: horizontal reference lines (e.g. 0.143 gold standard, 0.5 vs. a reference).
+        thresholds: horizontal reference lines (0.5 and the gold-standard 0.143 by default).
+        mark_crossings: a dotted vertical line and the resolution at each curve's first crossing;
+            off when the poses failed and no number may read as a resolution.
     """
     f = _to_numpy(freq) / float(apix)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in curves.items():
-        ax.plot(f, _to_numpy(values), label=str(label), lw=1.5)
+        line, = ax.plot(f, _to_numpy(values), label=str(label), lw=1.5)
+        if not mark_crossings or not f.size:
+            continue
+        for k, (t, res) in enumerate(fsc_crossings(freq, values, apix, thresholds).items()):
+            x = 1.0 / res if res > 0 and np.isfinite(res) else f.max()
+            ax.axvline(x, color=line.get_color(), ls=":", lw=0.8)
+            ax.annotate(f"{res:.1f} Å", (x, t), xytext=(3, 4 + 10 * k), textcoords="offset points", fontsize=7,
+                        color=line.get_color())
     for t in thresholds:
         ax.axhline(t, color="grey", ls="--", lw=0.8)
         ax.text(f.max() if f.size else 0.0, t, f" {t:g}", va="center", ha="left", fontsize=8, color="grey")

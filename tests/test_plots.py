@@ -30,6 +30,17 @@ def test_fsc_plot(tmp_path):
     _no_temp_files(tmp_path)
 
 
+def test_fsc_crossings_follow_the_reported_resolution():
+    from cryofastar_core.reconstruct import resolution_at
+
+    freq = np.arange(17) / 32
+    curve = np.clip(1.2 - 2 * freq, -0.1, 1)  # 0.5 at 0.35 cycles/px, 0.143 at 0.5285 (never: Nyquist)
+    got = plots.fsc_crossings(freq, curve, apix=2.0)
+    assert got[0.5] == pytest.approx(2.0 / 0.35, rel=1e-6)
+    assert got[0.143] == pytest.approx(4.0)  # never below 0.143 within Nyquist
+    assert got[0.5] == resolution_at(torch.as_tensor(freq), torch.as_tensor(curve), 2.0, 0.5)
+
+
 def test_viewing_directions_match_relion_direction():
     # RELION's Euler_angles2direction: (sin t cos r, sin t sin r, cos t); our projection axis is R @ e_z.
     rot, tilt, psi = np.array([30.0, -120.0, 75.0]), np.array([50.0, 100.0, 10.0]), np.array([70.0, 5.0, -33.0])

@@ -35,7 +35,7 @@ from cryofastar_core.io import CONFIDENCE_LABEL, ParticleSet, read_particles, wr
 from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
-from cryofastar_core.reconstruct import ParticleChunk, fsc, half_sets, reconstruct_half_maps, resolution_at
+from cryofastar_core.reconstruct import ParticleChunk, fsc, fsc_tsv, half_sets, reconstruct_half_maps, resolution_at
 from cryofastar_core.reconstruct.backproject import Backprojector
 from cryofastar_core.weights import resolve_weights
 
@@ -482,8 +482,7 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
         viewing_direction_plot(rotations[keep], stage / "viewing_directions.png")
         confidence_histogram(confidence, stage / "confidence.png",
                              threshold=float(confidence[keep].min()) if not keep.all() else None)
-        np.savetxt(stage / "fsc.tsv", np.stack([freq.cpu().numpy() / apix, curve.cpu().numpy()], 1),
-                   header="frequency_1_per_A\tfsc", delimiter="\t", fmt="%.6f")
+        (stage / "fsc.tsv").write_text(fsc_tsv(freq, curve, apix))
         names = sorted(p.name for p in stage.iterdir())
     return names
 

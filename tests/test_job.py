@@ -58,6 +58,10 @@ def test_run_writes_every_output_and_leaves_inputs_untouched(sim_star, tiny_weig
                  "confidence.png", "report.json"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob(".cryofastar-staging-*"))
+    # The one FSC file format, as `cryofastar reconstruct` writes it.
+    rows = [line.split("\t") for line in (out / "fsc.tsv").read_text().splitlines()]
+    assert rows[0] == ["shell", "frequency_1_per_A", "resolution_A", "fsc"] and rows[1][2] == "inf"
+    assert len(rows) == BOX // 2 + 2 and all(len(r) == 4 for r in rows)
     data = json.loads((out / "report.json").read_text())
     assert data["n_particles"] == 80 and data["n_kept"] == report.n_kept == 72
     assert set(data["timings_s"]) >= {"read", "load_weights", "poses", "reconstruct", "write", "total"}

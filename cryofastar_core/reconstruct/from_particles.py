@@ -54,22 +54,12 @@ class ReconstructResult:
     seconds: float
 
 
-def fsc_table(freq: np.ndarray, fsc: np.ndarray, apix: float) -> str:
-    """TSV text: ``shell``, ``frequency_1_per_A``, ``resolution_A`` (inf at DC), ``fsc``."""
-    lines = ["shell\tfrequency_1_per_A\tresolution_A\tfsc"]
-    for i, (f, c) in enumerate(zip(freq, fsc)):
-        fa = f / apix
-        res = "inf" if fa <= 0 else f"{1.0 / fa:.4f}"
-        lines.append(f"{i}\t{fa:.6f}\t{res}\t{c:.6f}")
-    return "\n".join(lines) + "\n"
-
-
 def reconstruct_particles(cfg: ReconstructConfig) -> ReconstructResult:
     """Run the reconstruction described by ``cfg`` and write its outputs; see the module docstring."""
     from cryofastar_core.io.atomic_write import staged_output_dir
     from cryofastar_core.io import read_particles, write_map
     from cryofastar_core.plots import fsc_plot
-    from cryofastar_core.reconstruct import ParticleChunk, fsc, half_sets, reconstruct_half_maps, resolution_at
+    from cryofastar_core.reconstruct import ParticleChunk, fsc, fsc_tsv, half_sets, reconstruct_half_maps, resolution_at
 
     t0 = time.perf_counter()
     if cfg.threads is not None:
@@ -121,7 +111,7 @@ def reconstruct_particles(cfg: ReconstructConfig) -> ReconstructResult:
     with staged_output_dir(cfg.out_dir, last=["map.mrc"]) as stage:
         write_map(stage / "half1.mrc", half1.cpu().numpy(), apix)
         write_map(stage / "half2.mrc", half2.cpu().numpy(), apix)
-        (stage / "fsc.tsv").write_text(fsc_table(freq, curve, apix))
+        (stage / "fsc.tsv").write_text(fsc_tsv(freq, curve, apix))
         fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png",
                  title=f"gold-standard FSC: {res:.2f} Å at 0.143 ({n} particles)")
         write_map(stage / "map.mrc", full.cpu().numpy(), apix)

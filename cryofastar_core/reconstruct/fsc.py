@@ -50,3 +50,19 @@ def resolution_at(freq: Tensor, fsc_curve: Tensor, apix: float, threshold: float
     t = (c0 - threshold) / (c0 - c1) if c0 != c1 else 0.0
     fc = f0 + t * (f1 - f0)
     return apix / fc if fc > 0 else math.inf
+
+
+def _floats(x) -> list[float]:
+    return [float(v) for v in (x.detach().cpu().flatten() if isinstance(x, Tensor) else x)]
+
+
+def fsc_tsv(freq, fsc_curve, apix: float) -> str:
+    """The one ``fsc.tsv`` format (``cryofastar run`` and ``cryofastar reconstruct`` alike) for ``freq``
+    ``(S,)`` cycles/px and ``fsc_curve`` ``(S,)``: tab-separated columns ``shell``,
+    ``frequency_1_per_A``, ``resolution_A`` (inf at DC), ``fsc``."""
+    lines = ["shell\tfrequency_1_per_A\tresolution_A\tfsc"]
+    for i, (f, c) in enumerate(zip(_floats(freq), _floats(fsc_curve))):
+        fa = f / apix
+        res = "inf" if fa <= 0 else f"{1.0 / fa:.4f}"
+        lines.append(f"{i}\t{fa:.6f}\t{res}\t{c:.6f}")
+    return "\n".join(lines) + "\n"

@@ -238,7 +238,9 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
 
     with timer.stage("select"):
         keep = _select(cfg, confidence)
-        log.info("keeping %d of %d particles", int(keep.sum()), len(keep))
+        q10, q50, q90 = np.quantile(confidence, [0.1, 0.5, 0.9])
+        log.info("keeping %d of %d particles (confidence 0-1: median %.3f, 10-90%% %.3f-%.3f)", int(keep.sum()),
+                 len(keep), q50, q10, q90)
         half = half_sets(particles.half_set, len(particles), str(cfg.particles))
 
     refinement: list[dict] = []
@@ -469,10 +471,9 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
     from cryofastar_core.plots import confidence_histogram, fsc_plot, viewing_direction_plot
 
     with staged_output_dir(out) as stage:
-        # A per-particle confidence in [0, 1] under a label RELION 3.1 knows, so RELION programs keep it.
-        conf01 = 1.0 - 1.0 / np.maximum(confidence, 1.0)
+        # The per-particle confidence (0-1) under a label RELION 3.1 knows, so RELION programs keep it.
         write_particles_star(particles, stage / "particles.star", rotations=rotations, shifts=shifts, half_set=half,
-                             extra_columns={CONFIDENCE_LABEL: conf01}, keep=keep)
+                             extra_columns={CONFIDENCE_LABEL: confidence}, keep=keep)
         if particles.source_format == "cryosparc":
             write_particles_cs(particles, stage / "particles.cs", rotations, shifts, half_set=half, keep=keep)
         write_map(stage / "map.mrc", full.cpu().numpy(), apix)
@@ -521,7 +522,8 @@ def _fingerprint(cfg: JobConfig, particles: ParticleSet, weights: dict) -> str:
     src = Path(particles.source)
     st = src.stat()
     relevant = {k: v for k, v in _settings(cfg).items() if k not in ("out_dir", "device", "threads", "read_chunk")}
-    blob = json.dumps({"source": str(src.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+    # "format" changes when saved poses mean something else (2: confidences on the 0-1 scale).
+    blob = json.dumps({"format": 2, "source": str(src.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
                        "weights": weights["sha256"], "settings": relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

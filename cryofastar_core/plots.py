@@ -163,7 +163,7 @@ def confidence_histogram(values, path: str | os.PathLike, threshold: float | Non
         ax.axvline(threshold, color="tab:red", ls="--", lw=1.2,
                    label=f"threshold {threshold:g}: {kept}/{v.size} kept")
         ax.legend(fontsize=8)
-    ax.set_xlabel("confidence")
+    ax.set_xlabel("confidence (0-1, as in the STAR column and --min-confidence)")
     ax.set_ylabel("particles")
     ax.set_title(title or f"confidence (N = {v.size})", fontsize=10)
     return _save(fig, path)

@@ -111,6 +111,19 @@ def test_single_valued_subsets_still_give_two_halves(sim_star, tiny_weights, tmp
     assert set(starfile.read(star, always_dict=True)["particles"]["rlnRandomSubset"]) == {1}
 
 
+def test_min_confidence_uses_the_star_columns_scale(sim_star, tmp_path):
+    """One confidence scale (0-1): --min-confidence keeps exactly the particles whose STAR value is at
+    least the threshold."""
+    weights = "default"  # the shipped weights: the tiny test weights give every particle one confidence
+    run(_cfg(sim_star, tmp_path / "all", weights))
+    full = read_particles(tmp_path / "all" / "particles.star", sim_star.parent).table[CONFIDENCE_LABEL].to_numpy()
+    assert np.all((full >= 0) & (full < 1)) and full.std() > 0
+    cut = float(np.quantile(full, 0.4))
+    run(_cfg(sim_star, tmp_path / "cut", weights, min_confidence=cut))
+    kept = read_particles(tmp_path / "cut" / "particles.star", sim_star.parent).table[CONFIDENCE_LABEL].to_numpy()
+    assert len(kept) == int((full >= cut).sum()) and kept.min() >= cut - 1e-6
+
+
 def test_rerun_on_complete_output_does_nothing(sim_star, tiny_weights, tmp_path):
     out = tmp_path / "job"
     run(_cfg(sim_star, out, tiny_weights))

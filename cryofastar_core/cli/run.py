@@ -35,7 +35,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks-per-batch", type=int, default=4, help="chunks per forward batch (default 4)")
     p.add_argument("--refine-iters", type=int, default=0, help="local refinement iterations after the feed-forward poses")
     p.add_argument("--keep-fraction", type=float, default=None, help="keep only this fraction of most confident particles")
-    p.add_argument("--min-confidence", type=float, default=None, help="drop particles below this mean confidence")
+    p.add_argument("--min-confidence", type=float, default=None, help="drop particles whose confidence (0-1, the rlnMaxValueProbDistribution column) is below this")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0, help="random seed (candidates, chunks, half sets)")

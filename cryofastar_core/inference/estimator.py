@@ -63,7 +63,7 @@ class ViewPrediction:
 class PoseEstimate:
     rotations: np.ndarray  # (N, 3, 3)
     shifts: np.ndarray  # (N, 2) model-box pixels
-    confidence: np.ndarray  # (N,)
+    confidence: np.ndarray  # (N,) in [0, 1): confidence_score of the mean per-pixel confidence
     residual: np.ndarray  # (N,)
     reference: int
     anchors: np.ndarray
@@ -85,6 +85,14 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str =
     conf = out.conf.float()
     k = kabsch(xyz, conf if weighting == "confidence" else None, box, out.grid)
     return ViewPrediction(k.rotation, k.shift, conf.mean(dim=(-1, -2)), k.residual)
+
+
+def confidence_score(mean_conf: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The one user-facing confidence scale, ``1 - 1/C`` in [0, 1), from a view's mean per-pixel
+    confidence ``C >= 1`` (the model's ``1 + exp``): shared by the log, the histogram, the STAR column
+    and ``min_confidence``. Monotonic, so rankings and ``keep_fraction`` are unchanged."""
+    c = mean_conf.double().cpu().numpy() if isinstance(mean_conf, torch.Tensor) else np.asarray(mean_conf, np.float64)
+    return 1.0 - 1.0 / np.maximum(c, 1.0)
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +150,7 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
                              for f in ("rotation", "shift", "confidence", "residual")))
     scoring_s = time.perf_counter() - t_scoring
     log.info("reference particle %d chosen from %d candidates (mean confidence %.3f, %.1f s)", ref, len(candidates),
-             float(conf[best].mean()), scoring_s)
+             float(confidence_score(conf[best]).mean()), scoring_s)
 
     # 2. Anchors: the most reliable auxiliary views of the winning pass.
     reliability = _standardise(first.confidence[1:]) - _standardise(first.residual[1:])
@@ -159,7 +167,7 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     def keep(idx: np.ndarray, pred: ViewPrediction, sel: slice | np.ndarray) -> None:
         rotations[idx] = pred.rotation[sel].double().cpu().numpy()
         shifts[idx] = pred.shift[sel].double().cpu().numpy()
-        confidence[idx] = pred.confidence[sel].double().cpu().numpy()
+        confidence[idx] = confidence_score(pred.confidence[sel])
         residual[idx] = pred.residual[sel].double().cpu().numpy()
         done[idx] = True
 

@@ -1,12 +1,16 @@
-"""``cryofastar run``: particles in, poses and a map out (see :mod:`cryofastar_core.job`).
+"""cryofastar run: particles in, poses and a map out.
 
-Settings come from the defaults, then ``--config step.yaml`` (JobConfig field names; see
-:mod:`cryofastar_core.job_config`), then the command-line flags, each overriding the one before.
+Reads a RELION .star or CryoSPARC .cs particle file, estimates every particle's pose in one forward
+pass of the pose model, reconstructs two independent half maps and the full map, and writes them
+with a STAR (and .cs) file of the poses, plots and report.json to the output folder. The inputs are
+never modified.
 
-Several processes: ``torchrun --nproc_per_node N -m cryofastar_core.cli.run ...`` (or
-``-m cryofastar_core.cli.main run ...``) shares the pose chunks and the reconstruction over the ranks
-(gloo on CPU, NCCL with one GPU per local rank); rank 0 writes the outputs. A rerun on complete output
-does nothing; a rerun after an interruption resumes (exit 0 in both cases).
+Settings: the defaults shown below, then a YAML file given with --config (the same names with
+underscores, e.g. refine_iters: 3), then the flags on the command line, each overriding the one before.
+
+Several processes: torchrun --nproc_per_node N -m cryofastar_core.cli.run ... shares the work over
+the processes (CPU, or one GPU per process); the first one writes the outputs. Running again on a
+finished output folder does nothing; running again after an interruption resumes.
 
 Exit codes: 0 done (or nothing to do), 2 bad input, 3 bad weights, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM), 1 unexpected internal error.
@@ -25,20 +29,35 @@ JOB_OPTIONS = ("weights", "box", "views", "candidates", "anchors", "chunks_per_b
                "min_confidence", "device", "threads", "seed")
 
 
-def add_job_arguments(p: argparse.ArgumentParser) -> None:
-    """The job's options, shared by ``run`` and ``demo``."""
-    p.add_argument("--weights", default="default", help="shipped weights name or a weights file (default: default)")
-    p.add_argument("--box", type=int, default=None, help="model box; must match the weights (default: the weights')")
-    p.add_argument("--views", type=int, default=128, help="views per forward pass: reference + anchors + new (default 128)")
-    p.add_argument("--candidates", type=int, default=64, help="reference candidates scored (default 64)")
-    p.add_argument("--anchors", type=int, default=8, help="anchor particles in every pass (default 8)")
-    p.add_argument("--chunks-per-batch", type=int, default=4, help="chunks per forward batch (default 4)")
-    p.add_argument("--refine-iters", type=int, default=0, help="local refinement iterations after the feed-forward poses")
-    p.add_argument("--keep-fraction", type=float, default=None, help="keep only this fraction of most confident particles")
-    p.add_argument("--min-confidence", type=float, default=None, help="drop particles whose confidence (0-1, the rlnMaxValueProbDistribution column) is below this")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--seed", type=int, default=0, help="random seed (candidates, chunks, half sets)")
+def add_job_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The job's options, shared by ``run`` and ``demo``; the help shows the defaults really used:
+    JobConfig's, or the caller's ``defaults`` (field name -> value) where given."""
+    def _default(name: str) -> object:
+        return (defaults or {}).get(name, JobConfig.__dataclass_fields__[name].default)
+
+    p.add_argument("--weights", default=_default("weights"),
+                   help=f"shipped weights name or a weights file (default: {_default('weights')})")
+    p.add_argument("--box", type=int, default=None, help="model box; must match the weights (default: the weights' box)")
+    p.add_argument("--views", type=int, default=_default("views"),
+                   help=f"images per forward pass: reference + anchors + new particles (default: {_default('views')})")
+    p.add_argument("--candidates", type=int, default=_default("candidates"),
+                   help=f"particles tried as the reference, the best kept (default: {_default('candidates')})")
+    p.add_argument("--anchors", type=int, default=_default("anchors"),
+                   help=f"particles repeated in every pass to tie the passes together (default: {_default('anchors')})")
+    p.add_argument("--chunks-per-batch", type=int, default=_default("chunks_per_batch"),
+                   help=f"passes run together; more is faster and uses more memory (default: {_default('chunks_per_batch')})")
+    p.add_argument("--refine-iters", type=int, default=_default("refine_iters"),
+                   help=f"local refinement iterations after the feed-forward poses (default: {_default('refine_iters')})")
+    p.add_argument("--keep-fraction", type=float, default=None,
+                   help="keep only this fraction of the most confident particles, e.g. 0.8 (default: keep all)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="drop particles whose confidence (0-1, the STAR column rlnMaxValueProbDistribution) is below "
+                        "this (default: keep all)")
+    p.add_argument("--device", default=_default("device"),
+                   help=f"auto (a GPU if present), cpu or cuda (default: {_default('device')})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: what torch chooses)")
+    p.add_argument("--seed", type=int, default=_default("seed"),
+                   help=f"random seed for the reference candidates and the passes (default: {_default('seed')})")
 
 
 def job_config(args: argparse.Namespace, particles: Path, out_dir: Path) -> JobConfig:
@@ -54,13 +73,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="estimate poses feed-forward and reconstruct a map",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None,
-                   help="YAML step file with any of these settings (JobConfig names, e.g. particles, o, views); "
-                        "flags given here override it")
+                   help="YAML file with any of these settings (names with underscores, e.g. refine_iters); flags "
+                        "given here override it")
     p.add_argument("--particles", type=Path, default=None, help="RELION .star (3.0/3.1+) or CryoSPARC .cs (required "
                                                                  "here or in --config)")
     p.add_argument("--o", dest="out_dir", type=Path, default=None, help="output folder (required here or in --config)")
     p.add_argument("--project-dir", type=Path, default=None,
-                   help="folder image paths are relative to (default: working directory, then the file's folder)")
+                   help="folder the image paths in the particle file are relative to (default: the working "
+                        "directory, then the particle file's folder)")
     add_job_arguments(p)
     # "Not given" must be told apart from a default so that --config values are not overridden by defaults.
     p.set_defaults(func=_main, **{name: None for name in JOB_OPTIONS})

@@ -153,3 +153,14 @@ def test_cs_errors(proj):
     (proj / "junk.cs").write_bytes(b"not a dataset")
     expect_error(proj / "junk.cs", None, "not a readable")
     expect_error(proj / "x.txt", None, "not found")
+
+
+def test_stack_given_as_particles_points_to_its_star(proj):
+    (proj / "Extract").mkdir()
+    make_stack(proj / "Extract" / "s.mrcs", 3)
+    write_text(proj / "other.star", OPTICS + particles_block(["000001@Extract/t.mrcs 1"]))
+    star = write_text(proj / "particles.star", OPTICS + particles_block(["000001@Extract/s.mrcs 1"]))
+    err = expect_error(proj / "Extract" / "s.mrcs", None, "image stack", f"--particles {star}")
+    assert "other.star" not in str(err)
+    make_stack(proj / "lonely.mrcs", 2)
+    expect_error(proj / "lonely.mrcs", None, "image stack", ".star (or CryoSPARC .cs) file that lists")

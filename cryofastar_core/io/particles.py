@@ -176,5 +176,26 @@ def read_particles(path: str | Path, project_dir: Path | None = None) -> Particl
     if suffix == ".cs":
         from cryofastar_core.io.cs import read_cs_particles
         return read_cs_particles(path, project_dir)
+    if suffix in (".mrcs", ".mrc"):
+        star = _star_listing(path)
+        fix = (f"give the STAR file that lists it, e.g. --particles {star}" if star is not None else
+               "give the RELION .star (or CryoSPARC .cs) file that lists this stack: it holds the CTF and "
+               "optics the images need")
+        raise InputError(path, None, "this is an image stack, not a particle file", fix)
     raise InputError(path, None, f"unknown particle file type '{path.suffix}'",
                      "give a RELION .star or a CryoSPARC .cs file")
+
+
+def _star_listing(stack: Path, max_files: int = 50) -> Path | None:
+    """A ``.star`` beside ``stack`` or one folder up whose text names it (for the error message only:
+    bounded to ``max_files`` files, each read line by line until the name appears)."""
+    folders = [stack.parent, stack.parent.parent]
+    candidates = [f for d in dict.fromkeys(folders) if d.is_dir() for f in sorted(d.glob("*.star"))][:max_files]
+    for star in candidates:
+        try:
+            with open(star, errors="replace") as fh:
+                if any(stack.name in line for line in fh):
+                    return star
+        except OSError:
+            continue
+    return None

@@ -1,6 +1,7 @@
 """Errors that reach the user: each names the file, the field and the fix."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -19,6 +20,15 @@ class InputError(CryoFastARError):
         if field:
             where += f", field '{field}'"
         super().__init__(f"{where}: {problem}. Fix: {fix}")
+
+    def renamed(self, names: Mapping[str, str]) -> InputError:
+        """The same error with the engine's field names (``views``; several joined by ", ") in the words
+        of the caller's users (``--views`` on the command line, a GUI label in RELION); others unchanged.
+        The engine words its fixes without option names, so only the field needs translating."""
+        if not self.field:
+            return self
+        parts = [names.get(p.strip(), p.strip()) for p in self.field.split(",")]
+        return InputError(self.path, ", ".join(parts), self.problem, self.fix)
 
 
 class WeightsError(CryoFastARError):

@@ -68,25 +68,29 @@ class JobConfig:
     read_chunk: int = 512
 
     def validate(self) -> None:
-        def bad(flag: str, problem: str, fix: str) -> InputError:
-            return InputError(None, flag, problem, fix)
+        """Raises InputError naming the JobConfig field; adapters translate it (``InputError.renamed``)."""
+        def bad(name: str, problem: str, fix: str) -> InputError:
+            return InputError(None, name, problem, fix)
 
         if self.views < 4:
-            raise bad("--views", f"{self.views} is too few", "use at least 4 views per pass (128 recommended)")
+            raise bad("views", f"{self.views} is too few", "use at least 4 views per pass (128 recommended)")
         if not 1 <= self.anchors <= self.views - 2:
-            raise bad("--anchors", f"{self.anchors} does not fit in {self.views} views", "use 1 to views - 2 anchors")
+            raise bad("anchors", f"{self.anchors} does not fit in {self.views} views", "use 1 to views - 2 anchors")
         if self.candidates < 1:
-            raise bad("--candidates", "must be at least 1", "use e.g. 64")
+            raise bad("candidates", "must be at least 1", "use e.g. 64")
         if self.refine_iters < 0:
-            raise bad("--refine-iters", "must not be negative", "use 0 (off) or a small number such as 3")
+            raise bad("refine_iters", "must not be negative", "use 0 (off) or a small number such as 3")
         if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
-            raise bad("--keep-fraction", f"{self.keep_fraction} is not in (0, 1]", "use e.g. 0.8 to keep 80 %")
+            raise bad("keep_fraction", f"{self.keep_fraction} is not in (0, 1]", "use e.g. 0.8 to keep 80 %")
+        if self.min_confidence is not None and not 0 <= self.min_confidence < 1:
+            raise bad("min_confidence", f"{self.min_confidence} is not in [0, 1)",
+                      "confidences are on a 0-1 scale: use e.g. 0.5")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise bad("--device", f"unknown device '{self.device}'", "use auto, cpu or cuda")
+            raise bad("device", f"unknown device '{self.device}'", "use auto, cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise bad("--device", "CUDA was asked for but no GPU is visible", "use --device auto or cpu")
+            raise bad("device", "CUDA was asked for but no GPU is visible", "use auto or cpu")
         if self.threads is not None and self.threads < 1:
-            raise bad("--threads", "must be at least 1", "use the number of cores to use")
+            raise bad("threads", "must be at least 1", "use the number of cores to use")
         if self.weighting not in ("confidence", "uniform"):
             raise bad("weighting", f"unknown weighting '{self.weighting}'", "use confidence or uniform")
 
@@ -405,7 +409,7 @@ def _select(cfg: JobConfig, confidence: np.ndarray) -> np.ndarray:
         ranked[top] = True
         keep &= ranked
     if keep.sum() < 2:
-        raise InputError(None, "--keep-fraction/--min-confidence", "fewer than 2 particles would be kept",
+        raise InputError(None, "keep_fraction, min_confidence", "fewer than 2 particles would be kept",
                          "keep a larger fraction or lower the confidence threshold")
     return keep
 

@@ -120,8 +120,7 @@ def build_job_config(step_file: str | Path | None, overrides: dict[str, Any]) ->
     try:
         cfg.validate()
     except InputError as exc:
-        key = (exc.field or "").lstrip("-").replace("-", "_")
-        if step_file is not None and key in from_file and key not in given:
-            raise InputError(step_file, key, exc.problem, exc.fix.replace(f"--{key.replace('_', '-')}", key)) from None
+        if step_file is not None and exc.field in from_file and exc.field not in given:
+            raise InputError(step_file, exc.field, exc.problem, exc.fix) from None
         raise
     return cfg

@@ -24,8 +24,8 @@ from pathlib import Path
 from cryofastar_core.errors import CryoFastARError, InputError
 from relion_external.markers import JobAborted, JobMarkers
 from relion_external.nodes import detect_relion_version, job_output_nodes, write_output_nodes
-from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, job_settings, parse_external_args,
-                                      particles_path, unused_flags)
+from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, gui_names, job_settings,
+                                      parse_external_args, particles_path, unused_flags)
 
 PROG = "cryofastar-relion"
 EXIT_ABORTED = 130  # RELION ignores exit codes; queue systems and shell chains see this one
@@ -110,6 +110,8 @@ def run_external_job(argv: list[str]) -> int:
         print(f"{PROG}: aborted by the user; no outputs were written", file=sys.stderr, flush=True)
         status, code = "aborted", EXIT_ABORTED
     except CryoFastARError as exc:
+        if isinstance(exc, InputError):
+            exc = exc.renamed(gui_names(args.params))
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
     except Terminated:

@@ -133,6 +133,15 @@ PARAMS: dict[str, tuple[str, Callable[[str, str], object]]] = {
 ADAPTER_PARAMS = ("gpu", "relion_version")
 
 
+def gui_names(params: dict) -> dict[str, str]:
+    """JobConfig field -> the name a RELION user typed it as (a parameter label; ``gpu`` for the device
+    unless a ``device`` parameter was given; ``--o`` and ``--in_parts`` for the folders)."""
+    names = {field: label for label, (field, _) in PARAMS.items()}
+    if "device" not in params:
+        names["device"] = "gpu"
+    return {**names, "out_dir": "--o", "particles": "--in_parts"}
+
+
 def gpu_device(value: str | None) -> str:
     """RELION-style GPU ids -> a torch device: empty -> ``auto``; ``0`` / ``0,1`` / ``0:1`` -> ``cuda:0``
     (the engine uses one GPU: the first listed); ``cpu`` -> ``cpu``."""

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import starfile
 
 from cryofastar_core.errors import InputError
@@ -331,3 +332,27 @@ def test_help_prints_usage_exits_zero_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: cryofastar-relion --o") and "refine_iters" in out and "--in_parts" in out
     assert not job.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_each_edge_names_an_option_in_its_users_words(tmp_path, monkeypatch, capsys):
+    """The engine validates in JobConfig's field names; the command line says --flags, RELION its GUI
+    labels (the device as 'gpu', which is what a RELION user sets)."""
+    from cryofastar_core.cli.main import main
+    from cryofastar_core.errors import InputError
+    from cryofastar_core.job import JobConfig
+
+    with pytest.raises(InputError) as e:
+        JobConfig(particles=tmp_path / "p.star", out_dir=tmp_path / "o", views=2).validate()
+    assert e.value.field == "views"
+    assert main(["run", "--particles", str(tmp_path / "p.star"), "--o", str(tmp_path / "o"), "--keep-fraction",
+                 "2"]) == 2
+    assert "field '--keep-fraction'" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.star").write_text("data_\n")
+    args = ["--o", "External/job004/", "--in_parts", "p.star", "--j", "1"]
+    assert run_external_job([*args, "--keep_fraction", "2"]) != 0
+    assert "field 'keep_fraction'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_external_job([*args, "--gpu", "0"]) != 0
+        err = capsys.readouterr().err
+        assert "field 'gpu'" in err and "--device" not in err, err

@@ -111,10 +111,14 @@ def test_precedence_defaults_file_flags(sim_star, tmp_path):
     assert cfg.out_dir == tmp_path / "o1"           # relative to the file
     assert cfg.weights == str(tmp_path / "my.pt")   # a weights file, relative to the file
     assert cfg.candidates == 64 and cfg.device == "auto"  # defaults
-    # A bad value given as a flag is reported against the flag, not the file.
+    # A bad value given as a flag is reported against the option (in the engine's name, which the
+    # command line shows as its flag), not the file.
+    from cryofastar_core.cli.run import CLI_NAMES
+
     with pytest.raises(InputError) as err:
         build_job_config(step, {"views": 2})
-    assert err.value.path is None and err.value.field == "--views"
+    assert err.value.path is None and err.value.field == "views"
+    assert err.value.renamed(CLI_NAMES).field == "--views"
     # The shipped-name form of weights stays a name.
     assert build_job_config(_step(tmp_path, particles=str(sim_star), o="x", weights="default"), {}).weights == "default"
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from cryofastar_core.job import JobConfig, run
 
+# The command line's name of each JobConfig field, for errors the engine raises in field names.
+CLI_NAMES = {**{name: "--" + name.replace("_", "-") for name in JobConfig.__dataclass_fields__}, "out_dir": "--o"}
+
 # JobConfig fields set by add_job_arguments (same dest names).
 JOB_OPTIONS = ("weights", "box", "views", "candidates", "anchors", "chunks_per_batch", "refine_iters", "keep_fraction",
                "min_confidence", "device", "threads", "seed")

@@ -234,3 +234,11 @@ def test_pose_warning_quotes_the_recorded_accuracy():
     note = pose_trust_note({"heldout": {"median_rot_deg": 64.2, "setting": "clean, 16 views"}})
     assert note.startswith("POSES NOT YET RELIABLE") and "64 deg (clean, 16 views)" in note
 
+
+
+def test_reference_scoring_reports_progress(sim_star, tiny_weights, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="cryofastar_core"):
+        run(_cfg(sim_star, tmp_path / "job", tiny_weights))
+    text = caplog.text
+    assert "scoring 3 reference candidates, each one pass over 16 views" in text
+    assert "reference candidates: 1 of 2 batches scored" in text

@@ -130,7 +130,12 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
             return []
         aux_images = load(aux)
         out = []
-        for b in mine:
+        # Scoring takes seconds to minutes before the first particle is done: say how far it is.
+        log.info("scoring %d reference candidates, each one pass over %d views", len(candidates), cfg.views)
+        every = max(1, len(mine) // 4)
+        for k, b in enumerate(mine, start=1):
+            if k % every == 0 and k < len(mine):
+                log.info("reference candidates: %d of %d batches scored", k, len(mine))
             idx = cand_batches[b]
             ref_images = load(idx)
             batch = torch.cat([ref_images[:, None], aux_images[None].expand(len(idx), -1, -1, -1)], dim=1)

@@ -10,6 +10,10 @@ class CryoFastARError(Exception):
 
     exit_code = 2
 
+    def renamed(self, names: Mapping[str, str]) -> CryoFastARError:
+        """This error in the caller's users' words; only :class:`InputError` names a field to translate."""
+        return self
+
 
 class InputError(CryoFastARError):
     """Bad user input: a file that cannot be used as it is."""

@@ -92,10 +92,9 @@ def main(argv: list[str] | None = None, *, connect: Callable[[Credentials], obje
         flt = install_secret_filter(secrets)
         return _server(args, creds, connect)
     except CryoFastARError as exc:
-        if isinstance(exc, InputError):
-            from cryofastar_core.cli.run import CLI_NAMES
+        from cryofastar_core.cli.run import CLI_NAMES
 
-            exc = exc.renamed(CLI_NAMES)
+        exc = exc.renamed(CLI_NAMES)
         print(f"{PROG}: error: {redact(str(exc), secrets)}", file=sys.stderr)
         return exc.exit_code
     except (KeyboardInterrupt, Terminated) as exc:

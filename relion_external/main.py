@@ -110,8 +110,7 @@ def run_external_job(argv: list[str]) -> int:
         print(f"{PROG}: aborted by the user; no outputs were written", file=sys.stderr, flush=True)
         status, code = "aborted", EXIT_ABORTED
     except CryoFastARError as exc:
-        if isinstance(exc, InputError):
-            exc = exc.renamed(gui_names(args.params))
+        exc = exc.renamed(gui_names(args.params))
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
     except Terminated:

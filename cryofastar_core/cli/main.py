@@ -13,7 +13,7 @@ import signal
 import sys
 
 from cryofastar_core import __version__
-from cryofastar_core.errors import CryoFastARError, InputError
+from cryofastar_core.errors import CryoFastARError
 
 # Order is the order shown in --help. A module listed here must exist.
 SUBCOMMANDS = ["demo", "run", "simulate", "reconstruct", "train", "eval"]
@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CryoFastARError as exc:
-        if isinstance(exc, InputError):
-            from cryofastar_core.cli.run import CLI_NAMES
+        from cryofastar_core.cli.run import CLI_NAMES
 
-            exc = exc.renamed(CLI_NAMES)
+        exc = exc.renamed(CLI_NAMES)
         print(f"cryofastar {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated:

@@ -87,12 +87,11 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str =
     return ViewPrediction(k.rotation, k.shift, conf.mean(dim=(-1, -2)), k.residual)
 
 
-def confidence_score(mean_conf: torch.Tensor | np.ndarray) -> np.ndarray:
+def confidence_score(mean_conf: torch.Tensor) -> np.ndarray:
     """The one user-facing confidence scale, ``1 - 1/C`` in [0, 1), from a view's mean per-pixel
     confidence ``C >= 1`` (the model's ``1 + exp``): shared by the log, the histogram, the STAR column
     and ``min_confidence``. Monotonic, so rankings and ``keep_fraction`` are unchanged."""
-    c = mean_conf.double().cpu().numpy() if isinstance(mean_conf, torch.Tensor) else np.asarray(mean_conf, np.float64)
-    return 1.0 - 1.0 / np.maximum(c, 1.0)
+    return 1.0 - 1.0 / np.maximum(mean_conf.double().cpu().numpy(), 1.0)
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:

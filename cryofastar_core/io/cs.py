@@ -143,9 +143,10 @@ def write_particles_cs(particles: ParticleSet, path: str | Path, rotations: np.n
 
     A ``.cs`` input passes every field (and uid) through; a STAR input gets ``blob/*`` (``blob/path``
     as written in ``rlnImageName``) and ``ctf/*`` built from it. ``rotations`` ``(N, 3, 3)``, ``shifts``
-    ``(N, 2)`` px and ``half_set`` ``(N,)`` in {1, 2} (default: the input split, by :func:`cryofastar_core.reconstruct.half_sets.half_sets`) cover all
-    ``N`` particles; ``keep`` picks rows; ``extra`` maps ``slot/field`` names to ``(N, ...)`` arrays
-    (e.g. ``alignments3D/error``) that are set after the defaults.
+    ``(N, 2)`` px and ``half_set`` ``(N,)`` in {1, 2} (default: the input split, by
+    :func:`cryofastar_core.reconstruct.half_sets.half_sets`) cover all ``N`` particles; ``keep`` picks
+    rows; ``extra`` maps ``slot/field`` names to ``(N, ...)`` arrays (e.g. ``alignments3D/error``) that
+    are set after the defaults.
     """
     n = len(particles)
     ds = particles.dataset.copy() if particles.dataset is not None else _dataset_from_star(particles)

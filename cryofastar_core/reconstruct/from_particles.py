@@ -25,8 +25,6 @@ from cryofastar_core.errors import InputError
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass
 class ReconstructConfig:
     """Validated options of one reconstruction run."""

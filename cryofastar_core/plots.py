@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -137,17 +138,33 @@ def viewing_direction_plot(rotations, path: str | os.PathLike, bins: tuple[int, 
     counts, _, _ = np.histogram2d(az, el, bins=(az_edges, el_edges))
     solid = np.outer(np.diff(az_edges), np.diff(np.sin(el_edges)))
     density = counts / solid
-    fig = plt.figure(figsize=(7, 4))
+    # Large densities print as long or offset ("1e6") colour-bar labels: the power of ten goes
+    # into the colour-bar label instead, so the tick labels stay short.
+    peak = float(density.max()) if density.size else 0.0
+    exponent = int(math.floor(math.log10(peak))) if peak >= 1e4 else 0
+    scale = 10.0 ** exponent
+    fig = plt.figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.add_subplot(111, projection="mollweide")
-    mesh = ax.pcolormesh(az_edges, el_edges, density.T, cmap="viridis", shading="flat")
-    cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", pad=0.08, fraction=0.05,
-                      label="particles per steradian")
-    cb.ax.xaxis.set_major_locator(MaxNLocator(5))  # large counts otherwise print as overlapping labels
-    cb.ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    mesh = ax.pcolormesh(az_edges, el_edges, density.T / scale, cmap="viridis", shading="flat")
+    unit = "particles per steradian" + (f" (×10$^{{{exponent}}}$)" if exponent else "")
+    cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.6, aspect=30, pad=0.02, label=unit)
+    cb.ax.xaxis.set_major_locator(MaxNLocator(5))
+    cb.ax.xaxis.get_major_formatter().set_useOffset(False)
+    cb.ax.tick_params(labelsize=8)
+    # The default 30°/15° grid crowds its labels into each other and into the title: label every
+    # 60° of azimuth (drawn along the equator, over the data: white with a dark outline) and every
+    # 30° of elevation (outside the map, on the left).
+    ax.set_longitude_grid(60)
+    ax.set_latitude_grid(30)
+    ax.tick_params(axis="both", labelsize=8)
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    for label in ax.get_xticklabels():
+        label.set_color("white")
+        label.set_path_effects(outline)
     ax.grid(alpha=0.4)
-    ax.set_xlabel("azimuth (RELION rot)")
-    ax.set_ylabel("elevation (90° − tilt)")
-    ax.set_title(title or f"viewing directions (N = {az.size})", fontsize=10)
+    ax.set_xlabel("azimuth (RELION rot)", fontsize=9)
+    ax.set_ylabel("elevation (90° − tilt)", fontsize=9)
+    ax.set_title(title or f"viewing directions (N = {az.size})", fontsize=10, pad=8)
     return _save(fig, path)
 
 

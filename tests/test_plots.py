@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib import image as mpimg
+from matplotlib.transforms import Affine2D
 
 from cryofastar_core import plots
 from cryofastar_core.geometry import relion_euler_to_matrix, random_rotations
@@ -63,6 +64,70 @@ def test_viewing_direction_plot_uniform_and_concentrated(tmp_path):
     top = relion_euler_to_matrix(torch.zeros(50), torch.zeros(50), torch.linspace(0, 300, 50))
     _is_png(plots.viewing_direction_plot(top, tmp_path / "top.png"))
     _no_temp_files(tmp_path)
+
+
+def _drawn_text_boxes(fig):
+    """Every text the figure draws (titles, axis and tick labels, colour bar): (text, extent in
+    points, font size in points, horizontal)."""
+    import matplotlib.text
+
+    drawn, original = [], matplotlib.text.Text.draw
+
+    def record(self, renderer):
+        if self.get_visible() and self.get_text().strip():
+            drawn.append(self)
+        return original(self, renderer)
+
+    matplotlib.text.Text.draw = record
+    try:
+        fig.canvas.draw()
+    finally:
+        matplotlib.text.Text.draw = original
+    renderer, to_pt = fig.canvas.get_renderer(), 72.0 / fig.dpi
+    return [(t.get_text(), t.get_window_extent(renderer).transformed(Affine2D().scale(to_pt)),
+             t.get_fontsize(), t.get_rotation() % 180 == 0) for t in drawn]
+
+
+def _text_clashes(boxes):
+    """Pairs of texts that overlap, or that sit side by side on one line less than one em apart
+    (they read as one run, e.g. tick labels "-150°-120°")."""
+    clashes = []
+    for i, (ta, a, fa, ha) in enumerate(boxes):
+        for tb, b, fb, hb in boxes[i + 1:]:
+            w = min(a.x1, b.x1) - max(a.x0, b.x0)  # > 0: overlap along x, < 0: horizontal gap
+            h = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if (w > 0.5 and h > 0.5) or (ha and hb and h > 0.5 and -w < max(fa, fb)):
+                clashes.append((ta, tb))
+    return clashes
+
+
+@pytest.mark.parametrize("poses", ["uniform", "collapsed", "pole"])
+def test_viewing_direction_plot_text_does_not_overlap(tmp_path, monkeypatch, poses):
+    # Realistic pose sets: 2,000 Haar-random rotations; 2,000 within a few degrees of one direction
+    # (a collapsed model: 6e4 particles per steradian); 50,000 around the pole (3e7, top of the map).
+    # The old layout failed on all three: azimuth labels every 30° ran together ("-150°-120°").
+    g = torch.Generator().manual_seed(1)
+    n = {"uniform": 2000, "collapsed": 2000, "pole": 50000}[poses]
+    if poses == "uniform":
+        R = random_rotations(n, generator=g)
+    else:
+        rot = 100.0 + 3.0 * torch.randn(n, generator=g, dtype=torch.float64)
+        tilt = (110.0 if poses == "collapsed" else 0.0) + 3.0 * torch.randn(n, generator=g, dtype=torch.float64)
+        R = relion_euler_to_matrix(rot, tilt, 360.0 * torch.rand(n, generator=g, dtype=torch.float64))
+    boxes, save = [], plots._save
+
+    def capture(fig, path):
+        boxes.extend(_drawn_text_boxes(fig))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    _is_png(plots.viewing_direction_plot(R, tmp_path / "dirs.png"))
+    texts = [b[0] for b in boxes]
+    assert f"viewing directions (N = {n})" in texts and "azimuth (RELION rot)" in texts
+    assert any(t.startswith("particles per steradian") for t in texts)
+    assert len(boxes) > 10  # the tick labels are among them
+    clashes = _text_clashes(boxes)
+    assert not clashes, f"overlapping text in the viewing-direction plot: {clashes}"
 
 
 def test_confidence_histogram(tmp_path):

@@ -35,6 +35,7 @@ from cryofastar_core.io import CONFIDENCE_LABEL, ParticleSet, read_particles, wr
 from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
+from cryofastar_core.quality import PoseQuality, assess_poses
 from cryofastar_core.reconstruct import ParticleChunk, fsc, fsc_tsv, half_sets, reconstruct_half_maps, resolution_at
 from cryofastar_core.reconstruct.backproject import Backprojector
 from cryofastar_core.weights import resolve_weights
@@ -115,7 +116,7 @@ class Report:
     apix: float
     box: int
     model_box: int
-    resolution_0143: float
+    resolution_0143: float | None  # None when the pose quality failed: no number is claimed as a resolution
     timings_s: dict[str, float] = field(default_factory=dict)
     refinement: list[dict] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -123,9 +124,25 @@ class Report:
     status: str = "complete"
     processes: int = 1  # ranks of a distributed (torchrun) run
     pose_warning: str = ""  # what the weights' held-out accuracy says of these poses (pose_trust_note)
+    quality: dict = field(default_factory=dict)  # the data-only verdict (cryofastar_core.quality.PoseQuality)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+    @property
+    def resolution_text(self) -> str:
+        """How a log may quote this run's resolution: the number, or why none is given."""
+        if self.resolution_0143 is None:
+            return "no resolution given: the poses failed the quality check (report.json: quality)"
+        doubt = " (poses doubtful: see quality)" if self.quality.get("verdict") == "doubtful" else ""
+        return f"gold-standard resolution {self.resolution_0143:.2f} Å (half-map FSC 0.143){doubt}"
+
+    @property
+    def verdict_lines(self) -> list[str]:
+        """The pose-quality verdict and its main reason: the last lines every front end prints."""
+        if not self.quality:
+            return []
+        return [f"POSE QUALITY: {self.quality['verdict'].upper()}: {self.quality['reasons'][0]}"]
 
 
 class _Timer:
@@ -260,6 +277,7 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
             rotations, shifts, refinement = comm.on_main(refine_on_main)
 
     with timer.stage("reconstruct"):
+        # Each branch gives rank 0 (full, half1, half2, freq, curve, resolution).
         if cfg.refine_iters > 0:
             # Refinement's last pass already inserted every kept particle at its final pose into half-set
             # accumulators like the ones below: reuse those maps instead of reading the particles again.
@@ -270,38 +288,43 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
                                        main_progress, comm)
             maps = comm.on_main(lambda: _finalize_with_fsc(halves, apix), share=False)
         else:
-            full, half1, half2 = _reconstruct(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk,
-                                              progress)
+            full, half1, half2 = reconstruct_maps(particles, rotations, shifts, half, keep, apix, device,
+                                                  cfg.read_chunk, progress)
             maps = (full, half1, half2, *_fsc_resolution(half1, half2, apix))
 
     def write() -> Report:
         full, half1, half2, freq, curve, res = maps
+        with timer.stage("quality"):
+            quality = assess_quality(particles, rotations, shifts, half, keep, (half1, half2), device)
+        failed = quality.verdict == "failed"
         with timer.stage("write"):
             outputs = _write_outputs(out, particles, rotations, shifts, half, keep, confidence, est, full, half1,
-                                     half2, freq, curve, apix)
+                                     half2, freq, curve, apix, quality)
         timer.timings["total"] = round(time.perf_counter() - t_start, 3)
         report = Report(
             version=__version__, settings=_settings(cfg), weights=weights_info, n_particles=len(particles),
             n_kept=int(keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
             n_chunks=int(est["n_chunks"]), apix=apix, box=int(particles.box), model_box=model_box,
-            resolution_0143=float(res), timings_s=timer.timings, refinement=refinement, outputs=outputs + [REPORT],
-            resumed_from_poses=resumed, processes=comm.world_size,
-            pose_warning=pose_trust_note(weights_info["provenance"]))
+            resolution_0143=None if failed else float(res), timings_s=timer.timings, refinement=refinement,
+            outputs=outputs + [REPORT], resumed_from_poses=resumed, processes=comm.world_size,
+            pose_warning=pose_trust_note(weights_info["provenance"]), quality=quality.to_dict())
         payload = json.loads(report.to_json())
         payload["fingerprint"] = fingerprint
         with atomic_output(out / REPORT) as tmp:
             tmp.write_text(json.dumps(payload, indent=2))
         log.warning("%s", report.pose_warning)
+        log.info("%s", report.resolution_text)
+        for line in [*report.verdict_lines, *(f"  - {r}" for r in quality.reasons[1:])]:
+            (log.warning if quality.verdict != "ok" else log.info)("%s", line)
         return report
 
     return comm.on_main(write)
 
 
 def _fsc_resolution(half1: torch.Tensor, half2: torch.Tensor, apix: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    # Not logged here: whether this number may be called a resolution waits for the pose-quality verdict.
     freq, curve = fsc(half1, half2)
-    res = resolution_at(freq, curve, apix, 0.143)
-    log.info("gold-standard resolution (half-map FSC 0.143): %.2f Å", res)
-    return freq, curve, res
+    return freq, curve, resolution_at(freq, curve, apix, 0.143)
 
 
 def _accumulate_shard(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
@@ -427,9 +450,11 @@ def _chunks(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, h
             on_chunk(len(idx))
 
 
-def _reconstruct(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray, keep: np.ndarray,
-                 apix: float, device: torch.device, read_chunk: int,
-                 progress: Callable[[str, int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reconstruct_maps(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+                     keep: np.ndarray, apix: float, device: torch.device, read_chunk: int = 512,
+                     progress: Callable[[str, int, int], None] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The job's CTF-corrected ``(full, half1, half2)`` maps of the ``keep`` particles at the given poses."""
     total = int(keep.sum())
     bar = _progress_bar(total, "reconstruct")
     done = [0]
@@ -445,6 +470,22 @@ def _reconstruct(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarr
                                      box=particles.box, device=device)
     finally:
         bar.close()
+
+
+def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+                   keep: np.ndarray, half_maps: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                   ) -> PoseQuality:
+    """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.quality`)."""
+    idx = np.flatnonzero(keep)
+    log.info("judging the poses of up to %d particles against the half maps", min(len(idx), 2000))
+
+    def load(local: np.ndarray) -> torch.Tensor:
+        g = idx[local]
+        return torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32)
+
+    ctf = particles.ctf_params(idx) if particles.ctf is not None else None
+    return assess_poses(load, ctf, float(particles.apix[0]), rotations[idx], shifts[idx], half[idx], half_maps,
+                        device=device)
 
 
 def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
@@ -471,7 +512,8 @@ def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shift
 
 def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                    keep: np.ndarray, confidence: np.ndarray, est: dict, full: torch.Tensor, half1: torch.Tensor,
-                   half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float) -> list[str]:
+                   half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float,
+                   quality: PoseQuality) -> list[str]:
     from cryofastar_core.plots import confidence_histogram, fsc_plot, viewing_direction_plot
 
     with staged_output_dir(out) as stage:
@@ -483,8 +525,16 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
         write_map(stage / "map.mrc", full.cpu().numpy(), apix)
         write_map(stage / "half1.mrc", half1.cpu().numpy(), apix)
         write_map(stage / "half2.mrc", half2.cpu().numpy(), apix)
-        fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png")
-        viewing_direction_plot(rotations[keep], stage / "viewing_directions.png")
+        verdict = f"pose quality: {quality.verdict}"
+        if quality.verdict == "failed":
+            # The crossings would read as a resolution: the halves agree only on wrong poses.
+            fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", mark_crossings=False,
+                     title=f"half-map FSC: consistency only, NOT a resolution ({verdict})")
+        else:
+            fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", title=f"half-map FSC ({verdict})")
+        viewing_direction_plot(rotations[keep], stage / "viewing_directions.png",
+                               title=f"viewing directions (N = {int(keep.sum())}; coverage {quality.coverage:.2f}; "
+                                     f"{verdict})")
         confidence_histogram(confidence, stage / "confidence.png",
                              threshold=float(confidence[keep].min()) if not keep.all() else None)
         (stage / "fsc.tsv").write_text(fsc_tsv(freq, curve, apix))

@@ -184,7 +184,7 @@ def matching_shells(freq: Tensor, curve: Tensor, box: int, threshold: float, cfg
     return float(min(max(cross + cfg.extra_shells, cfg.min_shells), upper))
 
 
-class _Band:
+class FourierBand:
     """The Fourier samples used in matching: half plane, ``1 <= |q| <= r_lim`` (q in input-box shells)."""
 
     def __init__(self, box: int, r_lim: float, device: torch.device):
@@ -213,7 +213,7 @@ def _complex(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
-class _PowerSpectrum:
+class PowerSpectrum:
     """Radially averaged power of image transforms at the input box (sum and count per shell)."""
 
     def __init__(self, box: int, device: torch.device):
@@ -282,7 +282,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     R_all = R_all.clone()
     s_all = s_all.clone()
     history: list[dict] = []
-    spectrum = _PowerSpectrum(D, dev)
+    spectrum = PowerSpectrum(D, dev)
 
     def chunks():
         for start in range(0, N, cfg.chunk_size):
@@ -327,7 +327,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         s_step, s_rad = cfg.shift_step_px * scale, cfg.shift_radius_px * scale
         thr = cfg.first_fsc_threshold if it == 0 else cfg.fsc_threshold
         r_lim = matching_shells(freq, curve, D, thr, cfg)
-        band = _Band(D, r_lim, dev)
+        band = FourierBand(D, r_lim, dev)
         g_rot, nb_rot = _ball_grid(3, a_rad / a_step)
         g_sh, nb_sh = _ball_grid(2, s_rad / s_step)
         omegas = torch.deg2rad(g_rot.double() * a_step)                      # (J, 3) rad
@@ -344,7 +344,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
             inv_noise = 1.0 / spectrum.mean()[band.shell].clamp_min(1e-30)
         else:
             inv_noise = None
-        next_spectrum = _PowerSpectrum(D, dev)
+        next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
         moved_deg, moved_px, edge_rot, edge_shift = [], [], 0, 0
         # Grid points missing a neighbour: the best score there may lie outside the searched region.
@@ -408,18 +408,16 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     return RefineResult(rotations=R_all, shifts=s_all, history=history, half1=maps[0], half2=maps[1], full=full)
 
 
-def _match(vft, band: _Band, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,
-           ctf: CTFParams | None, apix: float, batch_points: int,
-           neighbours: tuple[Tensor, Tensor] | None = None,
-           soft_grids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Best candidate per particle: indices into ``perturb`` ``(J, 3, 3)`` and into the shift grid, and the
-    sub-grid offsets ``(n, 3)``, ``(n, 2)`` in grid steps (zeros without ``neighbours``).
+def candidate_scores(vft, band: FourierBand, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,
+                     ctf: CTFParams | None, apix: float, batch_points: int) -> Tensor:
+    """Matched-filter scores ``(n, J, T)`` of every candidate pose: rotation ``R @ perturb[j]``, shift
+    ``s + delta_t`` (the ramps ``E``), for every particle (the score of the module docstring).
 
     ``X`` ``(n, P)``: image transforms on the band; ``R`` ``(n, 3, 3)``, ``s`` ``(n, 2)``: current poses
-    (float64, CPU); ``E`` ``(P, T)``: ramps undoing each shift offset; ``w`` ``(P,)``: FSC weight / noise
-    power; ``neighbours``: ``(J, 3, 2)`` and ``(T, 2, 2)`` grid-neighbour indices (see :func:`_ball_grid`) for
-    the parabolic sub-grid peak; ``soft_grids``: the integer grids ``(J, 3)``, ``(T, 2)``: if given, the
-    offsets instead move the best grid point to the posterior mean under weights ``exp(max(score, 0)^2)``.
+    (float64, CPU); ``perturb`` ``(J, 3, 3)``: rotations applied in the image frame, the same for every
+    particle; ``E`` ``(P, T)``: ramps undoing each shift offset; ``w`` ``(P,)``: FSC weight / noise power;
+    ``ctf``: per-particle parameters (``None``: no CTF). Projections are made ``batch_points`` samples at
+    a time, so memory stays bounded whatever ``n``.
     """
     dev = X.device
     n, J, T = X.shape[0], perturb.shape[0], E.shape[1]
@@ -428,10 +426,7 @@ def _match(vft, band: _Band, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E
     Y = X * band.ramps(s.to(dev), torch.float32)                            # undo the current shift
     if ctf is not None:
         c = ctf_at_frequencies(ctf, band.kx[None] / apix, band.ky[None] / apix).to(torch.float32)
-    best_j = torch.empty(n, dtype=torch.long, device=dev)
-    best_t = torch.empty(n, dtype=torch.long, device=dev)
-    frac_r = torch.zeros(n, 3, device=dev)
-    frac_s = torch.zeros(n, 2, device=dev)
+    scores = torch.empty(n, J, T, device=dev)
     Er, Ei = E.real.contiguous(), E.imag.contiguous()
     for a in range(0, n, b):
         sl = slice(a, min(n, a + b))
@@ -445,23 +440,42 @@ def _match(vft, band: _Band, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E
         del proj
         score = (Z.real.reshape(m * J, -1) @ Er - Z.imag.reshape(m * J, -1) @ Ei).reshape(m, J, T)
         del Z
-        score = score / norm[..., None]
-        flat = score.reshape(m, J * T).argmax(-1)
-        j, t = flat // T, flat % T
-        best_j[sl], best_t[sl] = j, t
-        if soft_grids is not None:
-            ll = score.clamp_min(0.0) ** 2
-            p = torch.softmax(ll.reshape(m, J * T), -1).reshape(m, J, T)
-            g_r, g_s = soft_grids
-            frac_r[sl] = p.sum(2) @ g_r - g_r[j]
-            frac_s[sl] = p.sum(1) @ g_s - g_s[t]
-        elif neighbours is not None:
-            rows = torch.arange(m, device=dev)
-            s0 = score[rows, j, t]
-            nb_r, nb_s = neighbours
-            frac_r[sl] = _parabolic_peak(s0, nb_r[j], lambda idx: score[rows[:, None, None], idx, t[:, None, None]])
-            frac_s[sl] = _parabolic_peak(s0, nb_s[t], lambda idx: score[rows[:, None, None], j[:, None, None], idx])
-    return best_j, best_t, frac_r, frac_s
+        scores[sl] = score / norm[..., None]
+    return scores
+
+
+def _match(vft, band: FourierBand, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,
+           ctf: CTFParams | None, apix: float, batch_points: int,
+           neighbours: tuple[Tensor, Tensor] | None = None,
+           soft_grids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Best candidate per particle: indices into ``perturb`` ``(J, 3, 3)`` and into the shift grid, and the
+    sub-grid offsets ``(n, 3)``, ``(n, 2)`` in grid steps (zeros without ``neighbours``).
+
+    Arguments as :func:`candidate_scores`, plus ``neighbours``: ``(J, 3, 2)`` and ``(T, 2, 2)``
+    grid-neighbour indices (see :func:`_ball_grid`) for the parabolic sub-grid peak; ``soft_grids``: the
+    integer grids ``(J, 3)``, ``(T, 2)``: if given, the offsets instead move the best grid point to the
+    posterior mean under weights ``exp(max(score, 0)^2)``.
+    """
+    score = candidate_scores(vft, band, X, R, s, perturb, E, w, ctf, apix, batch_points)
+    n, J, T = score.shape
+    dev = score.device
+    flat = score.reshape(n, J * T).argmax(-1)
+    j, t = flat // T, flat % T
+    frac_r = torch.zeros(n, 3, device=dev)
+    frac_s = torch.zeros(n, 2, device=dev)
+    if soft_grids is not None:
+        ll = score.clamp_min(0.0) ** 2
+        p = torch.softmax(ll.reshape(n, J * T), -1).reshape(n, J, T)
+        g_r, g_s = soft_grids
+        frac_r = p.sum(2) @ g_r - g_r[j]
+        frac_s = p.sum(1) @ g_s - g_s[t]
+    elif neighbours is not None:
+        rows = torch.arange(n, device=dev)
+        s0 = score[rows, j, t]
+        nb_r, nb_s = neighbours
+        frac_r = _parabolic_peak(s0, nb_r[j], lambda idx: score[rows[:, None, None], idx, t[:, None, None]])
+        frac_s = _parabolic_peak(s0, nb_s[t], lambda idx: score[rows[:, None, None], j[:, None, None], idx])
+    return j, t, frac_r, frac_s
 
 
 def _parabolic_peak(s0: Tensor, nb: Tensor, lookup: Callable[[Tensor], Tensor]) -> Tensor:

@@ -150,8 +150,8 @@ def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
 
         job_cfg = engine_config(cfg.options, input_cs, out, image_root)
         report = run(job_cfg, progress=job_log.progress)
-        job_log(f"poses done: {report.n_kept} of {report.n_particles} particles kept, gold-standard resolution "
-                f"{report.resolution_0143:.2f} Å (half-map FSC 0.143), box {report.box}, {report.apix:.3f} Å/px")
+        job_log(f"poses done: {report.n_kept} of {report.n_particles} particles kept, {report.resolution_text}, "
+                f"box {report.box}, {report.apix:.3f} Å/px")
 
         saved = _save_particles(server, P, ext, out / "particles.cs", particles)
         map_paths = _save_volume(server, P, ext, out)
@@ -159,6 +159,8 @@ def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
         job_log(f"outputs: '{PARTICLES_OUTPUT}' ({saved} particles, alignments3D + passthrough) and "
                 f"'{VOLUME_OUTPUT}' (map, half maps). Continue with Homogeneous Reconstruction Only, or Local "
                 "Refinement (with a mask), or use the map as the initial model of a Homogeneous/NU refinement.")
+        for line in report.verdict_lines:  # last in the job log, where the user looks
+            job_log(line)
         server.stop(P, ext)
     except BaseException as exc:
         reason = redact(_describe(exc), cfg.secrets)
@@ -342,7 +344,9 @@ def _save_volume(server, project: str, job: str, out: Path) -> dict[str, str]:
 
 def _log_plots(server, project: str, job: str, out: Path, report: Report) -> None:
     fsc_table = (out / "fsc.tsv").read_text() if (out / "fsc.tsv").is_file() else None
-    plots = [("fsc.png", f"Half-map FSC (0.143: {report.resolution_0143:.2f} Å)", fsc_table),
+    fsc_text = ("Half-map FSC: consistency only, not a resolution (pose quality failed)"
+                if report.resolution_0143 is None else f"Half-map FSC (0.143: {report.resolution_0143:.2f} Å)")
+    plots = [("fsc.png", fsc_text, fsc_table),
              ("viewing_directions.png", "Viewing directions", None),
              ("confidence.png", "Per-particle confidence", None)]
     for filename, text, raw in plots:

@@ -216,11 +216,11 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     # The written maps are refinement's last reconstruction, reused rather than rebuilt: they must equal a
     # fresh CTF-corrected reconstruction of the written particles at their refined poses and half sets.
     from cryofastar_core.io import read_map
-    from cryofastar_core.job import _reconstruct
+    from cryofastar_core.job import reconstruct_maps
 
     written = read_particles(out / "particles.star", sim_star.parent)
     keep = np.ones(len(written), dtype=bool)
-    full, half1, half2 = _reconstruct(written, written.rotations, written.shifts, written.half_set, keep,
+    full, half1, half2 = reconstruct_maps(written, written.rotations, written.shifts, written.half_set, keep,
                                       float(written.apix[0]), torch.device("cpu"), 256, None)
     for name, fresh in (("map.mrc", full), ("half1.mrc", half1), ("half2.mrc", half2)):
         stored = torch.as_tensor(read_map(out / name)[0], dtype=torch.float32)
@@ -242,3 +242,19 @@ def test_reference_scoring_reports_progress(sim_star, tiny_weights, tmp_path, ca
     text = caplog.text
     assert "scoring 3 reference candidates, each one pass over 16 views" in text
     assert "reference candidates: 1 of 2 batches scored" in text
+
+
+def test_untrained_weights_fail_the_quality_check_and_claim_no_resolution(sim_star, tiny_weights, tmp_path, caplog):
+    """Poses from an untrained model are at chance or collapsed: the data-only verdict must say failed,
+    report.json must give no resolution, and the verdict must be the last thing logged."""
+    caplog.set_level("INFO")
+    out = tmp_path / "job"
+    report = run(_cfg(sim_star, out, tiny_weights))
+    data = json.loads((out / "report.json").read_text())
+    assert data["quality"]["verdict"] == report.quality["verdict"] == "failed", data["quality"]
+    assert data["resolution_0143"] is None and report.resolution_0143 is None
+    assert {"significance", "sharpness", "coverage", "half_map_fsc_0143_A", "reasons"} <= set(data["quality"])
+    assert "quality" in data["timings_s"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("POSE QUALITY: FAILED: ") for m in messages[-4:]), messages[-4:]
+    assert not any("Å" in m and "resolution" in m for m in messages if "no resolution" not in m)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import json
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -348,6 +349,9 @@ def test_server_round_trip_exact_calls(cs_project, tiny_weights, tmp_path):
     assert progress and progress[-1]["text"].endswith(f"100% ({N}/{N})")
     assert any(kw["name"] == "progress_reconstruct" for kw in logs)
     assert all(kw["job"] == EXT and kw["project"] == PROJECT for kw in logs)
+    # The pose-quality verdict is the job log's last line, where the user looks.
+    verdict = json.loads((out / "report.json").read_text())["quality"]["verdict"]
+    assert logs[-1]["text"].startswith(f"POSE QUALITY: {verdict.upper()}: ")
 
 
 def _secret_env(monkeypatch) -> None:

@@ -10,6 +10,7 @@ plumbing, not accuracy.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 import subprocess
@@ -149,6 +150,13 @@ def test_external_job_succeeds_and_its_nodes_enter_the_pipeline(project, externa
     run_out = (out / "run.out").read_text()
     assert "poses: 80/80" in run_out and "reconstruct: 80/80" in run_out and "ignoring --unknown_flag --bare" in run_out
     assert "error" not in (out / "run.err").read_text().lower()
+    # The pose-quality verdict is the last line of run.out and is appended to the job's note, after what
+    # RELION itself wrote there (the command it ran).
+    verdict = json.loads((out / "report.json").read_text())["quality"]["verdict"]
+    assert run_out.strip().splitlines()[-1].startswith(f"cryofastar-relion: POSE QUALITY: {verdict.upper()}: ")
+    note = (out / "note.txt").read_text().splitlines()
+    ours = [i for i, line in enumerate(note) if "POSE QUALITY" in line]
+    assert ours and ours[0] > 0 and not any("CryoFastAR" in line for line in note[:ours[0] - 1]), note
 
     # Nothing written outside --o, except RELION's own pipeline bookkeeping.
     changed = {p for p in after if before.get(p) != after[p]} | (set(before) - set(after))

@@ -45,6 +45,7 @@ def _main(args: argparse.Namespace) -> int:
                       project_dir=sim_dir)
     (out / "demo_metrics.json").write_text(json.dumps(result, indent=2, default=str))
     print(format_report(result))
-    print(f"gold-standard resolution {report.resolution_0143:.2f} Å; total {report.timings_s['total']:.0f} s")
+    print(f"{report.resolution_text}; total {report.timings_s['total']:.0f} s")
     print(f"plots: {run_dir / 'fsc.png'}, {run_dir / 'viewing_directions.png'}, {run_dir / 'confidence.png'}")
+    print(*report.verdict_lines, sep="\n")
     return 0

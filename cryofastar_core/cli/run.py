@@ -109,9 +109,9 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     if comm.is_main:
-        print(f"{report.n_kept} of {report.n_particles} particles kept; gold-standard resolution "
-              f"{report.resolution_0143:.2f} Å; outputs in {cfg.out_dir} (report.json, map.mrc, fsc.png, "
-              f"viewing_directions.png, confidence.png)")
+        print(f"{report.n_kept} of {report.n_particles} particles kept; {report.resolution_text}; outputs in "
+              f"{cfg.out_dir} (report.json, map.mrc, fsc.png, viewing_directions.png, confidence.png)")
+        print(*report.verdict_lines, sep="\n")
     return 0
 
 

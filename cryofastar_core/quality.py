@@ -1,0 +1,210 @@
+"""What a pose set is worth, judged from the data alone: a verdict for every run.
+
+A high half-map FSC does not mean the poses are right: when every particle gets the same wrong kind
+of pose, both halves agree with each other. So the verdict rests on figures that a random or a
+collapsed pose set cannot fake, each computed on at most ``max_particles`` particles:
+
+* **Significance against random poses.** Each particle of half set ``h`` is scored against the map
+  of the *other* half (independent of the particle itself), by refinement's CTF-aware matched filter
+  (:func:`cryofastar_core.refine.candidate_scores`), at its own pose and at ``random_poses``
+  Haar-random ones (same shift). ``significance`` is the fraction of particles whose own pose beats
+  every random one, rescaled so that chance is 0 and every particle beating every random pose is 1.
+  Random poses give a map whose projections all look alike: significance near 0.
+* **Local sharpness.** The same particle scored at ``near_poses`` poses ``near_deg`` away from its
+  own (random axes). For poses much better than ``near_deg``, the own pose beats its neighbours;
+  for poses tens of degrees off, the map (built from those poses) is blurred and the true pose lies
+  among the neighbours. ``sharpness`` is the mean fraction of neighbours beaten, rescaled so that a
+  coin toss is 0 and beating all is 1. This is what separates "good enough for local refinement"
+  from "roughly right".
+* **Coverage** of viewing directions: the normalised entropy of the directions over
+  ``coverage_bins`` near-equal-area cells (1: uniform; 0: every particle at one direction). A
+  collapsed pose set scores well on significance (every image resembles the mean image) but not here.
+* The half-map FSC at 0.143 is reported as a consistency figure only, never as evidence.
+
+Thresholds come from the calibration in ``bench/README.md`` (``bench/quality_calibration.py``):
+simulated sets of known accuracy (ground truth, ground truth rotated by 5-60 degrees, random,
+collapsed, the shipped weights' poses). ``ok`` means usable as the start of a local refinement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .geometry import random_rotations, rotvec_to_matrix
+from .physics.ctf import CTFParams
+from .physics.fourier import fft2c, fourier_crop_volume
+from .physics.projection import prepare_volume
+from .reconstruct import fsc, resolution_at, soft_sphere_mask
+from .refine import FourierBand, PowerSpectrum, candidate_scores
+
+VERDICTS = ("ok", "doubtful", "failed")
+
+
+@dataclass
+class QualityConfig:
+    """Settings of :func:`assess_poses`; the thresholds are calibrated (module docstring)."""
+
+    max_particles: int = 2000
+    random_poses: int = 16
+    near_poses: int = 16
+    near_deg: float = 20.0
+    match_resolution_px: float = 4.0  # shells up to box / 4: where low-SNR particles still carry signal
+    coverage_bins: int = 100
+    seed: int = 0
+    batch_points: int = 1 << 20
+    # Verdict thresholds (bench/README.md, "Pose-quality calibration").
+    fail_significance: float = 0.10
+    fail_sharpness: float = 0.15
+    fail_coverage: float = 0.35
+    ok_significance: float = 0.90
+    ok_sharpness: float = 0.55
+    ok_coverage: float = 0.70
+
+
+@dataclass
+class PoseQuality:
+    """The verdict and the figures it was judged from (``report.json`` → ``quality``)."""
+
+    verdict: str
+    reasons: list[str]
+    significance: float
+    sharpness: float
+    coverage: float
+    half_map_fsc_0143_A: float  # consistency only: both halves can agree on wrong poses
+    n_particles_scored: int
+    thresholds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+    @property
+    def headline(self) -> str:
+        """One line for the end of a log: the verdict and its main reason."""
+        return f"POSE QUALITY: {self.verdict.upper()}: {self.reasons[0]}"
+
+
+def viewing_coverage(rotations: Tensor | np.ndarray, bins: int = 100) -> float:
+    """Normalised entropy (0-1) of the viewing directions ``R @ z`` of ``rotations`` ``(N, 3, 3)`` over
+    ``bins`` near-equal-area cells (a Fibonacci lattice, nearest centre). Uniform directions give
+    about 1 once ``N`` is much larger than ``bins``; one direction gives 0."""
+    R = torch.as_tensor(np.asarray(rotations), dtype=torch.float64).reshape(-1, 3, 3)
+    d = R[:, :, 2]
+    k = torch.arange(bins, dtype=torch.float64) + 0.5
+    z = 1 - 2 * k / bins
+    phi = math.pi * (1 + math.sqrt(5)) * k
+    rho = torch.sqrt(1 - z * z)
+    centres = torch.stack([rho * torch.cos(phi), rho * torch.sin(phi), z], -1)
+    cell = (d @ centres.T).argmax(-1)
+    p = torch.bincount(cell, minlength=bins).double() / max(1, d.shape[0])
+    nz = p[p > 0]
+    return float(-(nz * nz.log()).sum() / math.log(bins))
+
+
+def _rotations_at_angle(n: int, angle_deg: float, generator: torch.Generator) -> Tensor:
+    """``n`` rotations ``(n, 3, 3)`` float64 by exactly ``angle_deg`` about random axes."""
+    axes = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    axes = axes / axes.norm(dim=-1, keepdim=True)
+    return rotvec_to_matrix(axes * math.radians(angle_deg))
+
+
+def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float,
+                 rotations: Tensor | np.ndarray, shifts: Tensor | np.ndarray, half_set: np.ndarray,
+                 half_maps: tuple[Tensor, Tensor], cfg: QualityConfig | None = None,
+                 device: torch.device | str = "cpu") -> PoseQuality:
+    """Judge ``N`` poses against the half maps made from them; see the module docstring.
+
+    ``load_images(idx)``: real images ``(n, D, D)`` (contrast sign applied) for indices into ``0..N-1``;
+    ``ctf``: per-particle parameters in the same order or ``None``; ``rotations`` ``(N, 3, 3)`` (internal
+    convention), ``shifts`` ``(N, 2)`` px, ``half_set`` ``(N,)`` in {1, 2}; ``half_maps``: the two
+    ``(D, D, D)`` reconstructions from these poses.
+    """
+    cfg = cfg or QualityConfig()
+    dev = torch.device(device)
+    R_all = torch.as_tensor(np.asarray(rotations), dtype=torch.float64)
+    s_all = torch.as_tensor(np.asarray(shifts), dtype=torch.float64)
+    half = np.asarray(half_set)
+    n = R_all.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pick = np.sort(torch.randperm(n, generator=gen)[: min(n, cfg.max_particles)].numpy())
+
+    D = int(half_maps[0].shape[-1])
+    mask = soft_sphere_mask(D, 0.45 * D - 3.0, 3.0, device=dev)
+    maps = [m.to(dev, torch.float32) * mask for m in half_maps]
+    freq, curve = fsc(maps[0], maps[1])
+    res_0143 = resolution_at(freq, curve, apix, 0.143)
+    band = FourierBand(D, max(2.0, D / cfg.match_resolution_px), dev)
+    refs = [prepare_volume(fourier_crop_volume(m, band.crop)) for m in maps]
+
+    perturb = torch.cat([torch.eye(3, dtype=torch.float64)[None],
+                         random_rotations(cfg.random_poses, generator=gen, dtype=torch.float64),
+                         _rotations_at_angle(cfg.near_poses, cfg.near_deg, gen)])
+    E = torch.ones(band.kx.numel(), 1, dtype=torch.complex64, device=dev)  # the particle's own shift only
+    spectrum = PowerSpectrum(D, dev)
+    scores = torch.empty(len(pick), perturb.shape[0], dtype=torch.float64)
+    chunk = 512
+    for start in range(0, len(pick), chunk):
+        sub = pick[start:start + chunk]
+        ft = fft2c(load_images(sub).to(dev, torch.float32))
+        spectrum.add(ft)
+        w = (1.0 / spectrum.mean()[band.shell].clamp_min(1e-30)).to(torch.float32)
+        X = ft.reshape(ft.shape[0], -1)[:, band.idx_full]
+        for h in (1, 2):
+            sel = np.flatnonzero(half[sub] == h)
+            if sel.size == 0:
+                continue
+            gi = torch.as_tensor(sub[sel])
+            other = refs[2 - h]  # half 1 is scored against map 2 and vice versa: no self-reference
+            sc = candidate_scores(other, band, X[torch.as_tensor(sel, device=dev)], R_all[gi], s_all[gi], perturb, E,
+                                  w, None if ctf is None else ctf.index(gi.to(dev)), apix, cfg.batch_points)
+            scores[start + sel] = sc[..., 0].double().cpu()
+
+    own = scores[:, 0]
+    rand = scores[:, 1:1 + cfg.random_poses]
+    near = scores[:, 1 + cfg.random_poses:]
+    chance = 1.0 / (cfg.random_poses + 1)
+    beats_all = float((own[:, None] > rand).all(-1).double().mean())
+    significance = (beats_all - chance) / (1 - chance)
+    sharpness = 2.0 * float((own[:, None] > near).double().mean()) - 1.0
+    coverage = viewing_coverage(R_all[torch.as_tensor(pick)], cfg.coverage_bins)
+    verdict, reasons = _verdict(significance, sharpness, coverage, cfg)
+    thresholds = {k: getattr(cfg, k) for k in ("fail_significance", "fail_sharpness", "fail_coverage",
+                                                "ok_significance", "ok_sharpness", "ok_coverage")}
+    return PoseQuality(verdict=verdict, reasons=reasons, significance=round(significance, 4),
+                       sharpness=round(sharpness, 4), coverage=round(coverage, 4), half_map_fsc_0143_A=res_0143,
+                       n_particles_scored=len(pick), thresholds=thresholds)
+
+
+def _verdict(significance: float, sharpness: float, coverage: float, cfg: QualityConfig) -> tuple[str, list[str]]:
+    """``failed`` when any figure is at chance, ``ok`` when every figure clears its bar, else ``doubtful``;
+    the reasons come worst first."""
+    failed, doubts = [], []
+    if significance < cfg.fail_significance:
+        failed.append(f"particles match the map no better at their poses than at random poses "
+                      f"(significance {significance:.2f}, chance 0, failing below {cfg.fail_significance:.2f})")
+    elif significance < cfg.ok_significance:
+        doubts.append(f"particles match the map only weakly better at their poses than at random poses "
+                      f"(significance {significance:.2f}; ok from {cfg.ok_significance:.2f})")
+    if coverage < cfg.fail_coverage:
+        failed.append(f"the poses cluster at few viewing directions (coverage {coverage:.2f}; failing below "
+                      f"{cfg.fail_coverage:.2f}), as a collapsed estimate does")
+    elif coverage < cfg.ok_coverage:
+        doubts.append(f"the viewing directions are unevenly covered (coverage {coverage:.2f}; ok from "
+                      f"{cfg.ok_coverage:.2f})")
+    if sharpness < cfg.fail_sharpness:
+        failed.append(f"poses {cfg.near_deg:.0f} deg away match about as well as the particles' own (sharpness "
+                      f"{sharpness:.2f}; failing below {cfg.fail_sharpness:.2f}): the poses are far off")
+    elif sharpness < cfg.ok_sharpness:
+        doubts.append(f"poses {cfg.near_deg:.0f} deg away often match as well (sharpness {sharpness:.2f}; ok from "
+                      f"{cfg.ok_sharpness:.2f}): the poses are at best roughly right")
+    if failed:
+        return "failed", failed + doubts
+    if doubts:
+        return "doubtful", doubts
+    return "ok", [f"particles match their poses far better than random ones (significance {significance:.2f}), "
+                  f"better than poses {cfg.near_deg:.0f} deg away (sharpness {sharpness:.2f}), over a spread of "
+                  f"viewing directions (coverage {coverage:.2f})"]

@@ -1,0 +1,91 @@
+"""The pose-quality verdict on pose sets whose quality is known (cryofastar_core/quality.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryofastar_core.geometry import random_rotations, rotvec_to_matrix
+from cryofastar_core.job import Report
+from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.quality import QualityConfig, assess_poses, viewing_coverage
+from cryofastar_core.reconstruct import random_half_sets, reconstruct_half_maps
+from cryofastar_core.simulation import simulate_images
+
+N = 600
+
+
+@pytest.fixture(scope="module")
+def particles(tiny_map):
+    """``N`` noisy views (SNR 1, no CTF, no shifts) of the tiny map at Haar-random poses."""
+    vol, _ = tiny_map
+    gen = torch.Generator().manual_seed(3)
+    R = random_rotations(N, generator=gen)
+    _, images = simulate_images(prepare_volume(torch.from_numpy(np.array(vol))), R, snr=1.0, generator=gen)
+    half = random_half_sets(N, torch.Generator().manual_seed(4))
+    return images, R.double(), half
+
+
+def _judge(particles, R):
+    images, _, half = particles
+    R = torch.as_tensor(R, dtype=torch.float64)
+    shifts = torch.zeros(N, 2, dtype=torch.float64)
+    _, h1, h2 = reconstruct_half_maps(images, R.float(), half_sets=torch.as_tensor(half))
+    return assess_poses(lambda idx: images[torch.as_tensor(idx)], None, 3.0, R, shifts, half, (h1, h2),
+                        QualityConfig(random_poses=8, near_poses=8))
+
+
+def _turned(R: torch.Tensor, deg: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    axes = torch.randn(R.shape[0], 3, generator=gen, dtype=torch.float64)
+    return R @ rotvec_to_matrix(axes / axes.norm(dim=-1, keepdim=True) * math.radians(deg))
+
+
+def test_true_poses_are_ok(particles):
+    q = _judge(particles, particles[1])
+    assert q.verdict == "ok", q
+    assert q.significance > 0.8 and q.sharpness > 0.8 and q.coverage > 0.9
+
+
+def test_random_poses_fail_as_chance(particles):
+    q = _judge(particles, random_rotations(N, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    assert q.verdict == "failed", q
+    assert abs(q.significance) < 0.1 and "random poses" in q.reasons[0]
+
+
+def test_collapsed_poses_fail_on_coverage(particles):
+    one = particles[1][:1].expand(N, 3, 3)
+    q = _judge(particles, _turned(one, 3.0, seed=5))
+    assert q.verdict == "failed", q
+    assert q.coverage < 0.2 and any("viewing directions" in r for r in q.reasons)
+
+
+def test_roughly_right_poses_are_not_ok(particles):
+    """Poses 40 degrees off still give a map with the right low-resolution shape (significance above
+    chance) but must not pass as ready for local refinement."""
+    q = _judge(particles, _turned(particles[1], 40.0, seed=6))
+    assert q.verdict != "ok", q
+    assert q.sharpness < _judge(particles, particles[1]).sharpness - 0.3
+
+
+def test_coverage_of_uniform_and_single_directions():
+    gen = torch.Generator().manual_seed(0)
+    assert viewing_coverage(random_rotations(5000, generator=gen, dtype=torch.float64)) > 0.97
+    assert viewing_coverage(torch.eye(3, dtype=torch.float64).expand(100, 3, 3)) == 0.0
+
+
+def _report(verdict: str | None) -> Report:
+    quality = {} if verdict is None else {"verdict": verdict, "reasons": [f"because {verdict}"]}
+    return Report(version="x", settings={}, weights={}, n_particles=10, n_kept=10, reference=0, flipped_chunks=0,
+                  n_chunks=1, apix=1.0, box=32, model_box=32,
+                  resolution_0143=None if verdict == "failed" else 7.5, quality=quality)
+
+
+def test_a_failed_verdict_presents_no_resolution():
+    assert "7.50 Å" in _report("ok").resolution_text
+    assert "doubtful" in _report("doubtful").resolution_text
+    text = _report("failed").resolution_text
+    assert "Å" not in text and "no resolution" in text
+    assert _report("failed").verdict_lines == ["POSE QUALITY: FAILED: because failed"]

@@ -16,26 +16,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
 from cryofastar_core.errors import CryoFastARError, InputError
+from cryofastar_core.exit_codes import Terminated, exit_code, sigterm_raises
 from plugin.connector import IMAGES, ConnectorConfig, default_out_dir, job_option_names, run_connector
 from plugin.credentials import Credentials, install_secret_filter, load_credentials, redact, remove_secret_filter
 from plugin.offline import run_offline
 
 PROG = "cryofastar-cryosparc"
-
-
-class Terminated(BaseException):
-    """SIGTERM: unwinds like Ctrl-C, so the External job is marked failed and temporary files go."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated("terminated (SIGTERM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,35 +73,35 @@ def main(argv: list[str] | None = None, *, connect: Callable[[Credentials], obje
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     secrets: list[str] = []
     flt = None
-    try:
-        if args.cs is not None:
-            return _offline(args)
-        creds = _credentials(args)
-        secrets = creds.secrets()
-        flt = install_secret_filter(secrets)
-        return _server(args, creds, connect)
-    except CryoFastARError as exc:
-        from cryofastar_core.cli.run import CLI_NAMES
+    # SIGTERM unwinds like Ctrl-C, so the External job is marked failed and temporary files go.
+    with sigterm_raises():
+        try:
+            if args.cs is not None:
+                return _offline(args)
+            creds = _credentials(args)
+            secrets = creds.secrets()
+            flt = install_secret_filter(secrets)
+            return _server(args, creds, connect)
+        except CryoFastARError as exc:
+            from cryofastar_core.cli.run import CLI_NAMES
 
-        exc = exc.renamed(CLI_NAMES)
-        print(f"{PROG}: error: {redact(str(exc), secrets)}", file=sys.stderr)
-        return exc.exit_code
-    except (KeyboardInterrupt, Terminated) as exc:
-        print(f"{PROG}: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; rerun with the "
-              "same --o to resume after the pose stage", file=sys.stderr)
-        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
-    except Exception as exc:
-        if args.verbose:
-            print(redact(traceback.format_exc(), secrets), file=sys.stderr)
-        print(f"{PROG}: error: {type(exc).__name__}: {redact(str(exc), secrets)}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if flt is not None:
-            remove_secret_filter(flt)
+            exc = exc.renamed(CLI_NAMES)
+            print(f"{PROG}: error: {redact(str(exc), secrets)}", file=sys.stderr)
+            return exit_code(exc)
+        except (KeyboardInterrupt, Terminated) as exc:
+            print(f"{PROG}: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; rerun with "
+                  "the same --o to resume after the pose stage", file=sys.stderr)
+            return exit_code(exc)
+        except Exception as exc:
+            if args.verbose:
+                print(redact(traceback.format_exc(), secrets), file=sys.stderr)
+            print(f"{PROG}: error: {type(exc).__name__}: {redact(str(exc), secrets)}", file=sys.stderr)
+            return exit_code(exc)
+        finally:
+            if flt is not None:
+                remove_secret_filter(flt)
 
 
 def _offline(args: argparse.Namespace) -> int:
@@ -121,8 +113,9 @@ def _offline(args: argparse.Namespace) -> int:
     if args.out_dir is None:
         raise InputError(None, "--o", "no output folder", "pass --o OUT")
     report = run_offline(args.cs, args.out_dir, args.project_dir, **_job_options(args))
-    print(f"{report.n_kept} of {report.n_particles} particles kept; gold-standard resolution "
-          f"{report.resolution_0143:.2f} Å; {args.out_dir}/particles.cs (alignments3D), particles.star, map.mrc")
+    print(f"{report.n_kept} of {report.n_particles} particles kept; {report.resolution_text}; "
+          f"{args.out_dir}/particles.cs (alignments3D), particles.star, map.mrc")
+    print(*report.verdict_lines, sep="\n")
     return 0
 
 
@@ -148,8 +141,9 @@ def _server(args: argparse.Namespace, creds: Credentials, connect) -> int:
     server = connect(creds)
     result = run_connector(server, cfg)
     print(f"External job {args.project} {result.external_job}: {result.n_particles_saved} particles with "
-          f"alignments3D, map and half maps; resolution {result.report.resolution_0143:.2f} Å "
+          f"alignments3D, map and half maps; {result.report.resolution_text} "
           f"(images {result.image_source}); local outputs in {result.out_dir}")
+    print(*result.report.verdict_lines, sep="\n")
     return 0
 
 

@@ -15,28 +15,20 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from cryofastar_core.errors import CryoFastARError, InputError
+from cryofastar_core.exit_codes import INTERNAL_ERROR, INTERRUPTED, OK, Terminated, exit_code, sigterm_raises
 from relion_external.markers import JobAborted, JobMarkers
 from relion_external.nodes import detect_relion_version, job_output_nodes, write_output_nodes
 from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, gui_names, job_settings,
                                       parse_external_args, particles_path, unused_flags)
 
 PROG = "cryofastar-relion"
-EXIT_ABORTED = 130  # RELION ignores exit codes; queue systems and shell chains see this one
-
-
-class Terminated(BaseException):
-    """SIGTERM (scancel, a queue time limit): unwinds so the job is marked failed, not left running."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+EXIT_ABORTED = INTERRUPTED  # RELION ignores exit codes; queue systems and shell chains see this one
 
 
 class ProgressReporter:
@@ -55,6 +47,20 @@ class ProgressReporter:
             self._last[stage] = now
             pct = 100.0 * done / total if total else 100.0
             print(f"{PROG}: {stage}: {done}/{total} particles ({pct:.0f} %)", file=self.stream, flush=True)
+
+
+def note_verdict(job_dir: Path, report) -> None:
+    """Append the pose-quality verdict to the job's ``note.txt``, which the GUI shows beside the job.
+
+    RELION appends the command line to that file at each execution and the GUI's note editor saves
+    it: only ever append, so neither loses what it wrote.
+    """
+    if not report.verdict_lines:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(job_dir / "note.txt", "a", encoding="utf-8") as fh:
+        fh.write(f"++++ {stamp} CryoFastAR: {report.resolution_text}\n")
+        fh.writelines(f"++++ {line}\n" for line in report.verdict_lines)
 
 
 def relion_version(params: dict[str, str | None], project_dir: Path, job_dir: Path) -> int:
@@ -76,12 +82,12 @@ def run_external_job(argv: list[str]) -> int:
         args = parse_external_args(argv)
     except CryoFastARError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return exit_code(exc)
 
     project = Path.cwd()
     job_dir = Path(args.out_dir)
     markers = JobMarkers(job_dir)
-    status, code = "failure", 1
+    status, code = "failure", INTERNAL_ERROR
     try:
         from cryofastar_core.job import JobConfig, run
 
@@ -102,9 +108,12 @@ def run_external_job(argv: list[str]) -> int:
         cfg = JobConfig(particles=particles, out_dir=job_dir, project_dir=project, **settings)
         report = run(cfg, progress=ProgressReporter(markers))
         write_output_nodes(job_dir, job_output_nodes(args.out_dir), version)
-        print(f"{PROG}: done: {report.n_kept} of {report.n_particles} particles kept; gold-standard resolution "
-              f"(FSC 0.143) {report.resolution_0143:.2f} A; outputs in {args.out_dir}", flush=True)
-        status, code = "success", 0
+        print(f"{PROG}: done: {report.n_kept} of {report.n_particles} particles kept; {report.resolution_text}; "
+              f"outputs in {args.out_dir}", flush=True)
+        note_verdict(job_dir, report)
+        for line in report.verdict_lines:
+            print(f"{PROG}: {line}", flush=True)
+        status, code = "success", OK
     except JobAborted as exc:
         print(f"{PROG}: aborted: {exc}", flush=True)
         print(f"{PROG}: aborted by the user; no outputs were written", file=sys.stderr, flush=True)
@@ -112,19 +121,19 @@ def run_external_job(argv: list[str]) -> int:
     except CryoFastARError as exc:
         exc = exc.renamed(gui_names(args.params))
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        code = exc.exit_code
-    except Terminated:
+        code = exit_code(exc)
+    except Terminated as exc:  # SIGTERM unwinds so the job is marked failed, not left running
         print(f"{PROG}: error: terminated (SIGTERM: cancelled, or the queue's time limit). "
               "Run the job again ('Continue') to resume after the pose estimate", file=sys.stderr, flush=True)
-        code = 128 + signal.SIGTERM
-    except KeyboardInterrupt:
+        code = exit_code(exc)
+    except KeyboardInterrupt as exc:
         print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
-        code = 130
+        code = exit_code(exc)
     except Exception as exc:  # a bug, not bad input: keep the traceback for the report
         traceback.print_exc(file=sys.stderr)
         print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}. Please report this with run.err attached",
               file=sys.stderr, flush=True)
-        code = 1
+        code = exit_code(exc)
     finally:
         markers.finish(status)
     return code
@@ -153,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CRYOFASTAR_NO_PROGRESS", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return run_external_job(args)
+    with sigterm_raises():  # scancel or a queue's time limit: see run_external_job
+        return run_external_job(args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import sys
 
 from cryofastar_core.errors import CryoFastARError, InputError
+from cryofastar_core.exit_codes import exit_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except CryoFastARError as exc:
         print(f"cryofastar train: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

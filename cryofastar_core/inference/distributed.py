@@ -24,6 +24,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from cryofastar_core.errors import CryoFastARError, InputError
+from cryofastar_core.exit_codes import exit_code
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def shutdown() -> None:
 
 
 def _describe(exc: BaseException) -> tuple[str, int]:
-    code = exc.exit_code if isinstance(exc, CryoFastARError) else 1
+    code = exit_code(exc)  # the code this rank's own process exits with
     text = str(exc) if isinstance(exc, CryoFastARError) else f"{type(exc).__name__}: {exc}"
     return text, int(code)
 

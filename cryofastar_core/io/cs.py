@@ -16,8 +16,9 @@ from cryosparc.dataset import Dataset
 from cryofastar_core.errors import InputError
 from cryofastar_core.io import poses
 from cryofastar_core.io.atomic_write import atomic_output
-from cryofastar_core.io.particles import ParticleSet, _as_indices, check_stacks
+from cryofastar_core.io.particle_set import ParticleSet, as_indices, check_stacks
 from cryofastar_core.io.paths import resolve_image_path, strip_cryosparc_prefix
+from cryofastar_core.io.relion_tables import IMAGE_NAME, OPTICS_GROUP, build_optics
 
 
 # Field dtypes as cryosparc-tools' own particle fixtures declare them.
@@ -172,7 +173,7 @@ def write_particles_cs(particles: ParticleSet, path: str | Path, rotations: np.n
             ds.add_fields([(name, values.dtype.str, values.shape[1:])] if values.ndim > 1 else [(name, values.dtype.str)])
         ds[name] = values
     if keep is not None:
-        ds = ds.take(_as_indices(keep, n))
+        ds = ds.take(as_indices(keep, n))
     with atomic_output(path) as tmp:
         ds.save(tmp)
 
@@ -185,7 +186,6 @@ def _rows(a, n: int, what: str) -> np.ndarray:
 
 
 def _dataset_from_star(particles: ParticleSet) -> Dataset:
-    from cryofastar_core.io.star import IMAGE_NAME, OPTICS_GROUP
     n = len(particles)
     fields = list(BLOB_FIELDS) + (list(CTF_FIELDS) if particles.ctf is not None else [])
     ds = Dataset.allocate(n, fields)
@@ -212,7 +212,6 @@ def _dataset_from_star(particles: ParticleSet) -> Dataset:
 
 def dataset_to_relion31(particles: ParticleSet) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.1 particle and optics tables for a ``.cs`` input (mapping of spec §B5)."""
-    from cryofastar_core.io.star import build_optics
     ds, n = particles.dataset, len(particles)
     fields = set(ds.fields())
     stacks = [strip_cryosparc_prefix(p) for p in _strings(ds["blob/path"])]

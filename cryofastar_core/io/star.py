@@ -1,6 +1,7 @@
 """RELION particle STAR files: 3.1+ (``data_optics`` + ``data_particles``) and 3.0 legacy (one table).
 
-Column names live here and nowhere else in the project. Reading goes through the ``starfile``
+Column names live here and in :mod:`~cryofastar_core.io.relion_tables` (those the ``.cs`` module
+shares). Reading goes through the ``starfile``
 package; every STAR written is RELION 3.1 format (RELION's own ``# version 30001`` header per block).
 """
 from __future__ import annotations
@@ -16,26 +17,19 @@ import starfile
 from cryofastar_core.errors import InputError
 from cryofastar_core.io import poses
 from cryofastar_core.io.atomic_write import atomic_output
-from cryofastar_core.io.particles import ParticleSet, _as_indices, check_stacks
+from cryofastar_core.io.cs import dataset_to_relion31
+from cryofastar_core.io.particle_set import ParticleSet, as_indices, check_stacks
 from cryofastar_core.io.paths import resolve_image_path, strip_cryosparc_prefix
+# Also importable from here, where they lived before relion_tables (CONFIDENCE_LABEL, build_optics).
+from cryofastar_core.io.relion_tables import (ANGLES, CONFIDENCE_LABEL, IMAGE_NAME, OPTICS_GROUP, OPTICS_LABELS_30,
+                                              ORIGINS_ANGST, ORIGINS_PX, RANDOM_SUBSET, build_optics)
 
 log = logging.getLogger(__name__)
 
-IMAGE_NAME = "rlnImageName"
-OPTICS_GROUP = "rlnOpticsGroup"
-ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-ORIGINS_ANGST = ("rlnOriginXAngst", "rlnOriginYAngst")
-ORIGINS_PX = ("rlnOriginX", "rlnOriginY")
-RANDOM_SUBSET = "rlnRandomSubset"
-# Labels RELION 3.1's converter moves from a 3.0 particle table into the optics table.
-OPTICS_LABELS_30 = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize",
-                    "rlnMagnification", "rlnDetectorPixelSize", "rlnBeamTiltX", "rlnBeamTiltY")
 # What relion_project 3.1.3 --nr_uniform writes (origins in px that it never applied to its images).
 _RELION_PROJECT_PARTICLES = {*ANGLES, *ORIGINS_PX, OPTICS_GROUP, IMAGE_NAME}
 _RELION_PROJECT_OPTICS = {OPTICS_GROUP, "rlnOpticsGroupName", "rlnVoltage", "rlnSphericalAberration",
                           "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality"}
-# Recommended per-particle confidence label: known to RELION 3.1 (no "unknown label" warning), in [0, 1].
-CONFIDENCE_LABEL = "rlnMaxValueProbDistribution"
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -255,7 +249,7 @@ def write_particles_star(particles: ParticleSet, path: str | Path, rotations: np
     for label, values in (extra_columns or {}).items():
         table[label] = _check_len(values, n, label)
     if keep is not None:
-        rows = _as_indices(keep, n)
+        rows = as_indices(keep, n)
         table = table.iloc[rows].reset_index(drop=True)
         used = pd.unique(table[OPTICS_GROUP])
         optics = optics[optics[OPTICS_GROUP].isin(used)].reset_index(drop=True)
@@ -323,25 +317,7 @@ def _relion31_tables(particles: ParticleSet) -> tuple[pd.DataFrame, pd.DataFrame
         return table, optics
     if particles.source_format == "relion30":
         return _from_relion30(particles)
-    from cryofastar_core.io.cs import dataset_to_relion31
     return dataset_to_relion31(particles)
-
-
-def build_optics(keys: pd.DataFrame, box: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """Group particles by identical optics values -> (1-based group per particle, optics table).
-
-    ``keys`` holds RELION optics labels per particle (``rlnImagePixelSize`` at least).
-    """
-    keys = keys.reset_index(drop=True)
-    group = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup().to_numpy() + 1
-    first_row = pd.Series(np.arange(len(group))).groupby(group).first()  # group id -> its first particle
-    optics = pd.DataFrame({OPTICS_GROUP: first_row.index.to_numpy().astype(np.int64)})
-    optics["rlnOpticsGroupName"] = [f"opticsGroup{g}" for g in optics[OPTICS_GROUP]]
-    for c in keys.columns:
-        optics[c] = keys[c].to_numpy()[first_row.to_numpy()]
-    optics["rlnImageSize"] = int(box)
-    optics["rlnImageDimensionality"] = 2
-    return group.astype(np.int64), optics.sort_values(OPTICS_GROUP).reset_index(drop=True)
 
 
 def _from_relion30(particles: ParticleSet) -> tuple[pd.DataFrame, pd.DataFrame]:

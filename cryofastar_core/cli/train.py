@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from cryofastar_core.errors import CryoFastARError, InputError
@@ -40,27 +39,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def dist_from_env():
-    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (defaults: a single process)."""
-    from cryofastar_core.training.trainer import DistInfo
-
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as exc:
-        raise InputError(None, "WORLD_SIZE/RANK/LOCAL_RANK", f"not integers ({exc})", "launch with torchrun") from None
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
-
-
 def run(args: argparse.Namespace) -> int:
+    from cryofastar_core.distributed import dist_env
     from cryofastar_core.training.config import continue_from, load_train_config
     from cryofastar_core.training.trainer import train
 
     if args.max_steps is not None and args.max_steps < 0:
         raise InputError(None, "--max-steps", "must be >= 0", "pass a non-negative step count")
     cfg = continue_from(load_train_config(args.config), args.from_stage, args.init_weights, args.config)
-    dist = dist_from_env()
+    dist = dist_env()
     if dist.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     result = train(cfg, args.out, resume=args.resume, device=args.device, max_steps=args.max_steps, dist=dist)

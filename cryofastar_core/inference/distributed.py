@@ -9,30 +9,28 @@ raise :class:`PeerFailure` with that rank's message and exit code.
 The single-process case is the same object with ``world_size == 1``, where every collective is a plain
 local call, so the job's code is one path.
 
-Initialisation follows the training code: ``env://`` rendezvous (``torchrun`` sets ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), gloo on CPU, NCCL on GPU with one
-GPU per ``LOCAL_RANK``.
+Reading torchrun's environment, picking the rank's device and joining the process group (gloo on CPU,
+NCCL on GPU with one GPU per ``LOCAL_RANK``, one timeout) live in :mod:`cryofastar_core.distributed`,
+shared with training; their names are re-exported here for the job's callers.
 """
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import torch
 
-from cryofastar_core.errors import CryoFastARError, InputError
+from cryofastar_core.distributed import (DEFAULT_TIMEOUT_S, DistEnv, dist_env, init_process_group, rank_device,
+                                         shutdown)
+from cryofastar_core.errors import CryoFastARError
 from cryofastar_core.exit_codes import exit_code
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Ranks wait for each other at stage boundaries, and all but rank 0 wait while rank 0 refines or writes;
-# the process-group timeout must cover the longest such wait. CRYOFASTAR_DIST_TIMEOUT_S overrides it.
-DEFAULT_TIMEOUT_S = 4 * 3600
+__all__ = ["DEFAULT_TIMEOUT_S", "Communicator", "DistEnv", "PeerFailure", "dist_env", "init_from_env",
+           "rank_device", "shutdown"]
 
 
 class PeerFailure(CryoFastARError):
@@ -43,39 +41,6 @@ class PeerFailure(CryoFastARError):
         super().__init__(f"process rank {rank} of this distributed run failed: {message}")
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits, as read from torchrun's environment."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-def dist_env() -> DistEnv:
-    """``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (defaults: one process); InputError if malformed."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as exc:
-        raise InputError(None, "WORLD_SIZE/RANK/LOCAL_RANK", f"not integers ({exc})",
-                         "launch with torchrun, or unset these variables for one process") from None
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(None, "WORLD_SIZE/RANK", f"rank {rank} is not in a world of {world}",
-                         "launch with torchrun, or unset these variables for one process")
-    return DistEnv(rank, world, local)
-
-
-def rank_device(device: str, env: DistEnv) -> str:
-    """The device string for this rank: ``cuda``/``auto`` on a GPU machine -> ``cuda:<LOCAL_RANK mod GPUs>``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and torch.cuda.is_available() and env.world_size > 1:
-        return f"cuda:{env.local_rank % torch.cuda.device_count()}"
-    return device
-
-
 def init_from_env(device: str = "auto") -> tuple["Communicator", str]:
     """Join the process group described by the environment (no-op for one process).
 
@@ -83,27 +48,10 @@ def init_from_env(device: str = "auto") -> tuple["Communicator", str]:
     """
     env = dist_env()
     dev = rank_device(device, env)
-    if env.world_size == 1:
+    if not env.distributed:
         return Communicator(), dev
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized():
-        backend = "gloo"
-        if dev.startswith("cuda"):
-            torch.cuda.set_device(torch.device(dev))
-            backend = "nccl"
-        timeout = datetime.timedelta(seconds=float(os.environ.get("CRYOFASTAR_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
-        tdist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                 timeout=timeout)
+    init_process_group(dev, env)
     return Communicator.from_process_group(), dev
-
-
-def shutdown() -> None:
-    """Leave the process group if one was joined."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
 
 
 def _describe(exc: BaseException) -> tuple[str, int]:

@@ -13,21 +13,19 @@ One YAML file describes a whole run (design brief §3.3 item 6)::
 
 A file may also hold a single stage as ``stage: {...}`` instead of ``stages: [...]``.
 Validation happens once, here: unknown keys, wrong types and bad values raise
-:class:`~cryofastar_core.errors.InputError` naming the file and the key.
+:class:`~cryofastar_core.errors.InputError` naming the file and the key (reading and typing follow
+:mod:`cryofastar_core.yaml_config`, shared with ``cryofastar run`` step files).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
 from cryofastar_core.errors import InputError
+from cryofastar_core.yaml_config import build_dataclass, read_yaml_mapping, require_mapping
 
 
 @dataclass
@@ -231,15 +229,7 @@ class TrainConfig:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a training YAML (see the module docstring)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(path, None, f"cannot read the config ({exc.strerror})", "check the --config path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(path, None, f"not valid YAML ({exc})", "fix the YAML syntax") from None
-    return train_config_from_dict(data, path)
+    return train_config_from_dict(read_yaml_mapping(path, "config"), path)
 
 
 def continue_from(cfg: TrainConfig, from_stage: str | None, init_weights: str | None,
@@ -258,14 +248,12 @@ def continue_from(cfg: TrainConfig, from_stage: str | None, init_weights: str | 
 
 def train_config_from_dict(data: Any, path: str | Path | None = None) -> TrainConfig:
     """Validate a parsed YAML mapping into a :class:`TrainConfig`; errors name ``path`` and the key."""
-    if not isinstance(data, dict):
-        raise InputError(path, None, "the config must be a YAML mapping", "see cryofastar_core/configs/*.yaml")
-    data = dict(data)
+    data = require_mapping(data, path)
     if "stage" in data:
         if "stages" in data:
             raise InputError(path, "stage", "both 'stage' and 'stages' are given", "keep one of them")
         data["stages"] = [data.pop("stage")]
-    cfg = _build(TrainConfig, data, path, "")
+    cfg = build_dataclass(TrainConfig, data, path)
     base = Path(path).parent if path is not None else Path(".")
     for key in ("cache_dir", "init_weights"):
         value = getattr(cfg, key)
@@ -273,86 +261,6 @@ def train_config_from_dict(data: Any, path: str | Path | None = None) -> TrainCo
             setattr(cfg, key, str(base / Path(value).expanduser()))
     cfg.validate(path)
     return cfg
-
-
-# --- generic typed construction ---------------------------------------------------------------------
-
-def _build(cls, data: Any, path, prefix: str):
-    where = prefix.rstrip(".") or None
-    if not isinstance(data, dict):
-        raise InputError(path, where, f"expected a mapping, got {type(data).__name__}", "write it as key: value lines")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    for key in data:
-        if key not in known:
-            raise InputError(path, f"{prefix}{key}", "unknown key", f"remove it or use one of: {', '.join(known)}")
-    kwargs = {}
-    for name, f in known.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], path, f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise InputError(path, f"{prefix}{name}", "missing", f"add '{name}:'")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint, path, key: str):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path, key)
-
-    def bad(expected: str) -> InputError:
-        return InputError(path, key, f"expected {expected}, got {value!r}", f"write {key.rsplit('.', 1)[-1]} as {expected}")
-
-    if origin is Literal:
-        value = str(value).lower() if isinstance(value, bool) else value
-        if value not in args:
-            raise InputError(path, key, f"must be one of {list(args)}, got {value!r}", f"use one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, f"{key}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad("a list")
-        return [_coerce(v, args[0], path, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad(f"a list of {len(args)} values")
-        return tuple(_coerce(v, a, path, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if hint is float:
-        # PyYAML reads "1e-4" (no dot) as a string: accept numeric strings.
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad("a number") from None
-        if not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    return value
 
 
 def _plain(obj):

@@ -11,7 +11,8 @@ Run folder (only rank 0 writes)::
 
 Distributed: under ``torchrun`` each rank simulates its share of the GLOBAL batch (``batch_size /
 world_size`` samples, seeded per global sample index), so the data and the averaged gradients do not
-depend on the number of ranks. gloo on CPU, NCCL on CUDA.
+depend on the number of ranks. The launch is read, the rank's GPU picked and the process group joined
+(gloo on CPU, NCCL on CUDA, one timeout) by :mod:`cryofastar_core.distributed`, as for ``cryofastar run``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import yaml
 from torch import nn
 
+from cryofastar_core.distributed import DistEnv, init_process_group, rank_device, shutdown
 from cryofastar_core.errors import InputError
 from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.io.atomic_write import atomic_output
@@ -51,13 +53,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S"
 VolumeFactory = Callable[[StageConfig, str], VolumeSource]
 
 
-@dataclass
-class DistInfo:
-    """Where this process sits in a distributed run (read from torchrun's environment by the CLI)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+# Where this process sits in a distributed run: the one type, read from torchrun's environment by
+# cryofastar_core.distributed.dist_env (this name is kept for callers of train(dist=...)).
+DistInfo = DistEnv
 
 
 @dataclass
@@ -83,51 +81,35 @@ def default_volume_factory(cfg: TrainConfig) -> VolumeFactory:
     return make
 
 
-def resolve_device(device: str, dist: DistInfo) -> torch.device:
-    """``auto`` -> CUDA when available; under DDP on CUDA, the rank's local GPU."""
+def resolve_device(device: str, dist: DistEnv) -> torch.device:
+    """``auto`` -> CUDA when available; on CUDA, the rank's local GPU (``distributed.rank_device``)."""
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(None, "--device", f"unknown device {device!r}", "use auto, cpu or cuda")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(None, "--device", "CUDA was requested but no GPU is visible", "use --device cpu or auto")
-        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device", "CUDA was requested but no GPU is visible", "use --device cpu or auto")
+    return torch.device(rank_device(device, dist))
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, device: str = "auto",
-          max_steps: int | None = None, dist: DistInfo | None = None,
+          max_steps: int | None = None, dist: DistEnv | None = None,
           volume_factory: VolumeFactory | None = None) -> TrainResult:
     """Train (or continue) the run in ``out_dir`` until all stages are done or ``max_steps`` global steps.
 
     ``max_steps`` truncates the run without changing its schedule, so a run stopped there and resumed
     later follows the same trajectory as an uninterrupted one.
     """
-    dist = dist or DistInfo()
+    dist = dist or DistEnv()
     dev = resolve_device(device, dist)
-    if dist.world_size > 1:
-        _init_process_group(dev, dist)
+    init_process_group(dev, dist)
     try:
         return _Trainer(cfg, Path(out_dir), dev, dist, volume_factory or default_volume_factory(cfg)).run(resume, max_steps)
     finally:
-        if dist.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _init_process_group(dev: torch.device, dist: DistInfo) -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        return
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
-                             rank=dist.rank, world_size=dist.world_size)
+        if dist.distributed:
+            shutdown()
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, out_dir: Path, dev: torch.device, dist: DistInfo,
+    def __init__(self, cfg: TrainConfig, out_dir: Path, dev: torch.device, dist: DistEnv,
                  volume_factory: VolumeFactory):
         self.cfg, self.out, self.dev, self.dist = cfg, out_dir, dev, dist
         self.volume_factory = volume_factory

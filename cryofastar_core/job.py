@@ -61,6 +61,7 @@ class JobConfig:
     chunks_per_batch: int = 4
     weighting: str = "confidence"
     refine_iters: int = 0
+    refine_global: bool = True  # a global pass against the feed-forward map before the local iterations
     keep_fraction: float | None = None
     min_confidence: float | None = None
     device: str = "auto"
@@ -502,7 +503,9 @@ def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shift
 
     ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
     result = refine_poses(load, ctf, apix, rotations[idx], shifts[idx], half[idx],
-                          RefineConfig(iterations=cfg.refine_iters), device=device,
+                          RefineConfig(iterations=cfg.refine_iters,
+                                       global_step_deg=RefineConfig.global_step_deg if cfg.refine_global else None),
+                          device=device,
                           progress=progress)
     rotations, shifts = rotations.copy(), shifts.copy()
     rotations[idx] = np.asarray(result.rotations)

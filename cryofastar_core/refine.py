@@ -9,6 +9,13 @@ What it does: starting from given poses (the feed-forward estimate), each iterat
 3. back-projects the particle with its new pose into new half maps (same pass over the data), and
 4. reports the FSC between the new half maps.
 
+Before the local iterations, a **global pass** (``global_step_deg``, default 15°; ``None``: off) scores
+every particle at every orientation of a uniform grid against its own half map
+(:mod:`cryofastar_core.global_search`), shifts within ``global_shift_radius_px`` of the current ones,
+and keeps the best: starting poses tens of degrees off are brought within the grid spacing, which the
+first local iteration (a ball of 8°) then covers. It matches only shells up to ``global_max_shells``
+(and the FSC = 0.5 crossing), where a 15° grid moves a sample by at most about one pixel.
+
 Choices, and why:
 
 * **Candidates.** Rotations ``R @ exp(omega)`` for ``omega`` on a cubic grid of spacing ``step`` inside a
@@ -59,7 +66,9 @@ Everything runs on ``device`` (CPU or GPU); ``load_images`` may return tensors o
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,12 +77,15 @@ import torch
 from torch import Tensor
 
 from .geometry import rotation_angle_deg, rotvec_to_matrix
-from .physics.ctf import CTFParams, ctf_at_frequencies
+from .global_search import best_on_grid, grid_projections, so3_grid
+from .matching import FourierBand, PowerSpectrum, candidate_scores
+from .physics.ctf import CTFParams
 from .physics.fourier import fft2c, fourier_crop_volume
-from .physics.projection import prepare_volume, project_ft
+from .physics.projection import prepare_volume
 from .reconstruct import Backprojector, fsc, resolution_at, soft_sphere_mask
 
 ProgressFn = Callable[[str, int, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +117,11 @@ class RefineConfig:
     pad: int = 2
     subgrid: bool = True
     soft: bool = True
+    global_step_deg: float | None = 15.0
+    global_passes: int = 3
+    global_shift_step_px: float = 1.0
+    global_shift_radius_px: float = 3.0
+    global_max_shells: float = 8.0
 
     def validate(self) -> None:
         if self.iterations < 0:
@@ -118,6 +135,8 @@ class RefineConfig:
             raise ValueError("RefineConfig.shrink must be in (0, 1]")
         if self.pad < 1:
             raise ValueError("RefineConfig.pad must be >= 1")
+        if self.global_step_deg is not None and not 3.0 <= self.global_step_deg <= 45.0:
+            raise ValueError("RefineConfig.global_step_deg must be None (off) or in [3, 45]")
 
 
 @dataclass
@@ -125,9 +144,10 @@ class RefineResult:
     """Output of :func:`refine_poses`.
 
     ``rotations`` ``(N, 3, 3)`` and ``shifts`` ``(N, 2)``: refined poses, float64 on the CPU.
-    ``history``: one dict per reconstruction (entry 0 = the starting poses, entry ``i`` = after iteration
-    ``i``) with the masked half-map FSC (``fsc``, per shell), ``resolution_0143``/``resolution_05`` (Å) and,
-    for ``i >= 1``, the search settings used and how far the poses moved.
+    ``history``: one dict per reconstruction, in order: the starting poses (``stage`` "start"), the global
+    pass if it ran ("global"), then each local iteration ("local", ``iteration`` 1, 2, ...), with the
+    masked half-map FSC (``fsc``, per shell), ``resolution_0143``/``resolution_05`` (Å), ``seconds`` and,
+    after the start, the search settings used and how far the poses moved (``median_rotation_change_deg``).
     ``half1``, ``half2``, ``full``: the final maps ``(D, D, D)`` on ``device`` (unmasked).
     """
 
@@ -184,58 +204,6 @@ def matching_shells(freq: Tensor, curve: Tensor, box: int, threshold: float, cfg
     return float(min(max(cross + cfg.extra_shells, cfg.min_shells), upper))
 
 
-class FourierBand:
-    """The Fourier samples used in matching: half plane, ``1 <= |q| <= r_lim`` (q in input-box shells)."""
-
-    def __init__(self, box: int, r_lim: float, device: torch.device):
-        self.box = box
-        self.crop = min(box, 2 * (int(math.ceil(r_lim)) + 2))
-        d = self.crop
-        q = torch.arange(d, device=device) - d // 2
-        qy, qx = torch.meshgrid(q, q, indexing="ij")
-        r2 = qx * qx + qy * qy
-        keep = ((qy > 0) | ((qy == 0) & (qx > 0))) & (r2 <= r_lim * r_lim)
-        self.qx, self.qy = qx[keep], qy[keep]
-        self.idx_crop = ((self.qy + d // 2) * d + self.qx + d // 2)          # into the (d, d) projection
-        self.idx_full = ((self.qy + box // 2) * box + self.qx + box // 2)    # into the (D, D) image transform
-        self.shell = torch.round(torch.sqrt(r2[keep].double())).long()
-        self.kx = self.qx.double() / box  # cycles per input pixel
-        self.ky = self.qy.double() / box
-
-    def ramps(self, shifts: Tensor, dtype: torch.dtype) -> Tensor:
-        """``exp(-2 pi i k.s)`` ``(..., P)`` for shifts ``(..., 2)`` px: multiplying UNDOES the shift."""
-        s = shifts.to(device=self.kx.device, dtype=torch.float64)
-        phase = -2 * torch.pi * (s[..., 0:1] * self.kx + s[..., 1:2] * self.ky)
-        return torch.polar(torch.ones_like(phase), phase).to(_complex(dtype))
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-class PowerSpectrum:
-    """Radially averaged power of image transforms at the input box (sum and count per shell)."""
-
-    def __init__(self, box: int, device: torch.device):
-        q = torch.arange(box, device=device) - box // 2
-        r = torch.sqrt((q[:, None] ** 2 + q[None, :] ** 2).double())
-        self.shell = torch.round(r).long().reshape(-1)
-        n = int(self.shell.max()) + 1
-        self.total = torch.zeros(n, dtype=torch.float64, device=device)
-        self.count = torch.zeros(n, dtype=torch.float64, device=device)
-
-    def add(self, ft: Tensor) -> None:
-        p = (ft.abs() ** 2).reshape(ft.shape[0], -1).double().sum(0)
-        self.total.index_add_(0, self.shell, p)
-        self.count.index_add_(0, self.shell, torch.full_like(p, ft.shape[0]))
-
-    def ready(self) -> bool:
-        return bool(self.count.sum() > 0)
-
-    def mean(self) -> Tensor:
-        return self.total / self.count.clamp_min(1)
-
-
 def _as_tensor(x, dtype=torch.float64) -> Tensor:
     return (x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))).detach().to("cpu", dtype)
 
@@ -283,6 +251,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     s_all = s_all.clone()
     history: list[dict] = []
     spectrum = PowerSpectrum(D, dev)
+    t_start = time.perf_counter()
 
     def chunks():
         for start in range(0, N, cfg.chunk_size):
@@ -319,9 +288,61 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         maps = [m.to(dev, torch.float32) for m in initial_half_maps]
         bps = None
     freq, curve = fsc(maps[0] * mask, maps[1] * mask)
-    history.append(_fsc_entry(0, freq, curve, apix))
+    history.append(_fsc_entry(0, freq, curve, apix, "start", t_start))
+
+    for gp in range(cfg.global_passes if cfg.global_step_deg is not None else 0):
+        t0 = time.perf_counter()
+        r_lim = min(matching_shells(freq, curve, D, cfg.first_fsc_threshold, cfg), cfg.global_max_shells)
+        band = FourierBand(D, r_lim, dev)
+        grid = so3_grid(cfg.global_step_deg)
+        deltas = shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px)
+        projections = [grid_projections(prepare_volume(fourier_crop_volume(m * mask, band.crop), pad=cfg.pad), band,
+                                        grid) for m in maps]
+        filt = _fsc_filter(curve, band, cfg)
+        next_spectrum = PowerSpectrum(D, dev)
+        new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
+        moved_deg, moved_px = [], []
+        done = 0
+        for idx, imgs in chunks():
+            ft = fft2c(imgs)
+            next_spectrum.add(ft)
+            if not spectrum.ready():
+                spectrum.add(ft)
+            w = _match_weight(filt, spectrum, band, cfg)
+            X = ft.reshape(ft.shape[0], -1)[:, band.idx_full]
+            del ft
+            for k in (1, 2):
+                sel = torch.nonzero(half[idx] == k).flatten()
+                if sel.numel() == 0:
+                    continue
+                gi = torch.as_tensor(idx)[sel]
+                j, t, _ = best_on_grid(projections[k - 1], band, X[sel.to(dev)], s_all[gi], deltas, w,
+                                       None if use_ctf is None else use_ctf.index(gi.to(dev)), apix)
+                R_new, s_new = grid[j.cpu()], s_all[gi] + deltas[t.cpu()]
+                moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
+                moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
+                R_all[gi], s_all[gi] = R_new, s_new
+            insert(new_bps, idx, imgs)
+            done += len(idx)
+            tick("refine: global search", done)
+        spectrum = next_spectrum
+        maps = [bp.finalize() for bp in new_bps]
+        bps = new_bps
+        freq, curve = fsc(maps[0] * mask, maps[1] * mask)
+        entry = _fsc_entry(gp + 1, freq, curve, apix, "global", t0)
+        moved_deg_t, moved_px_t = torch.cat(moved_deg), torch.cat(moved_px)
+        entry.update(angle_step_deg=float(cfg.global_step_deg), n_rotations=int(grid.shape[0]),
+                     n_shifts=int(deltas.shape[0]), match_shells=r_lim, match_resolution=float(D * apix / r_lim),
+                     match_box=band.crop, median_rotation_change_deg=float(moved_deg_t.median()),
+                     mean_rotation_change_deg=float(moved_deg_t.mean()),
+                     median_shift_change_px=float(moved_px_t.median()))
+        history.append(entry)
+        _log_entry(entry)
+        if entry["median_rotation_change_deg"] < cfg.global_step_deg / 2:
+            break  # the assignment has settled within the grid: the local iterations take over
 
     for it in range(cfg.iterations):
+        t0 = time.perf_counter()
         scale = cfg.shrink ** it
         a_step, a_rad = cfg.angle_step_deg * scale, cfg.angle_radius_deg * scale
         s_step, s_rad = cfg.shift_step_px * scale, cfg.shift_radius_px * scale
@@ -337,13 +358,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         grids = (g_rot.to(dev, torch.float32), g_sh.to(dev, torch.float32)) if cfg.soft else None
         E = band.ramps(deltas.to(dev), torch.float32).T.contiguous()         # (P, T)
         refs = [prepare_volume(fourier_crop_volume(m * mask, band.crop), pad=cfg.pad) for m in maps]
-        filt = torch.ones(band.shell.shape, dtype=torch.float64, device=dev)
-        if cfg.fsc_weighting:
-            filt = filt * curve.to(dev)[band.shell.clamp(max=curve.numel() - 1)].clamp(0.0, 1.0)
-        if cfg.whiten and spectrum.ready():
-            inv_noise = 1.0 / spectrum.mean()[band.shell].clamp_min(1e-30)
-        else:
-            inv_noise = None
+        filt = _fsc_filter(curve, band, cfg)
         next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
         moved_deg, moved_px, edge_rot, edge_shift = [], [], 0, 0
@@ -355,11 +370,10 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         for idx, imgs in chunks():
             ft = fft2c(imgs)
             next_spectrum.add(ft)
-            if inv_noise is None and cfg.whiten:
+            if not spectrum.ready():
                 # No spectrum yet (the caller gave the starting half maps): use the first chunk's.
                 spectrum.add(ft)
-                inv_noise = 1.0 / spectrum.mean()[band.shell].clamp_min(1e-30)
-            w = (filt if inv_noise is None else filt * inv_noise).to(torch.float32)
+            w = _match_weight(filt, spectrum, band, cfg)
             X = ft.reshape(ft.shape[0], -1)[:, band.idx_full]                # (n, P)
             del ft
             for k in (1, 2):
@@ -388,7 +402,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         bps = new_bps
         freq, curve = fsc(maps[0] * mask, maps[1] * mask)
         moved_deg_t, moved_px_t = torch.cat(moved_deg), torch.cat(moved_px)
-        entry = _fsc_entry(it + 1, freq, curve, apix)
+        entry = _fsc_entry(it + 1, freq, curve, apix, "local", t0)
         entry.update(
             angle_step_deg=a_step, angle_radius_deg=a_rad, shift_step_px=s_step, shift_radius_px=s_rad,
             n_rotations=int(omegas.shape[0]), n_shifts=int(deltas.shape[0]), match_shells=r_lim,
@@ -397,6 +411,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
             median_shift_change_px=float(moved_px_t.median()),
             fraction_rotation_at_edge=edge_rot / N, fraction_shift_at_edge=edge_shift / N)
         history.append(entry)
+        _log_entry(entry)
 
     if bps is None:
         # No iteration ran and the caller supplied the maps: there is nothing to sum; rebuild the full map.
@@ -406,42 +421,6 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         maps = [bp.finalize() for bp in bps]
     full = bps[0].add_(bps[1]).finalize()
     return RefineResult(rotations=R_all, shifts=s_all, history=history, half1=maps[0], half2=maps[1], full=full)
-
-
-def candidate_scores(vft, band: FourierBand, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,
-                     ctf: CTFParams | None, apix: float, batch_points: int) -> Tensor:
-    """Matched-filter scores ``(n, J, T)`` of every candidate pose: rotation ``R @ perturb[j]``, shift
-    ``s + delta_t`` (the ramps ``E``), for every particle (the score of the module docstring).
-
-    ``X`` ``(n, P)``: image transforms on the band; ``R`` ``(n, 3, 3)``, ``s`` ``(n, 2)``: current poses
-    (float64, CPU); ``perturb`` ``(J, 3, 3)``: rotations applied in the image frame, the same for every
-    particle; ``E`` ``(P, T)``: ramps undoing each shift offset; ``w`` ``(P,)``: FSC weight / noise power;
-    ``ctf``: per-particle parameters (``None``: no CTF). Projections are made ``batch_points`` samples at
-    a time, so memory stays bounded whatever ``n``.
-    """
-    dev = X.device
-    n, J, T = X.shape[0], perturb.shape[0], E.shape[1]
-    d = band.crop
-    b = max(1, batch_points // (J * d * d))
-    Y = X * band.ramps(s.to(dev), torch.float32)                            # undo the current shift
-    if ctf is not None:
-        c = ctf_at_frequencies(ctf, band.kx[None] / apix, band.ky[None] / apix).to(torch.float32)
-    scores = torch.empty(n, J, T, device=dev)
-    Er, Ei = E.real.contiguous(), E.imag.contiguous()
-    for a in range(0, n, b):
-        sl = slice(a, min(n, a + b))
-        m = sl.stop - a
-        cand = (R[sl, None] @ perturb[None]).reshape(-1, 3, 3).to(dev, torch.float32)
-        proj = project_ft(vft, cand).reshape(m, J, d * d)[:, :, band.idx_crop]   # (m, J, P)
-        if ctf is not None:
-            proj = proj * c[sl, None]
-        norm = torch.sqrt(((proj.real ** 2 + proj.imag ** 2) * w).sum(-1)).clamp_min(1e-30)  # (m, J)
-        Z = proj.conj() * (Y[sl, None] * w)                                  # (m, J, P)
-        del proj
-        score = (Z.real.reshape(m * J, -1) @ Er - Z.imag.reshape(m * J, -1) @ Ei).reshape(m, J, T)
-        del Z
-        scores[sl] = score / norm[..., None]
-    return scores
 
 
 def _match(vft, band: FourierBand, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,
@@ -503,7 +482,29 @@ def _orthonormalise(R: Tensor) -> Tensor:
     return U @ Vh
 
 
-def _fsc_entry(iteration: int, freq: Tensor, curve: Tensor, apix: float) -> dict:
-    return dict(iteration=iteration, resolution_0143=float(resolution_at(freq, curve, apix, 0.143)),
+def _log_entry(entry: dict) -> None:
+    name = "global pass" if entry["stage"] == "global" else "local iteration"
+    log.info("refinement %s %d: poses moved %.1f deg (median), half-map FSC 0.143 at %.1f Å, %.1f s", name,
+             entry["iteration"], entry["median_rotation_change_deg"], entry["resolution_0143"], entry["seconds"])
+
+
+def _fsc_filter(curve: Tensor, band: FourierBand, cfg: RefineConfig) -> Tensor:
+    """Per band sample, ``max(FSC, 0)`` of its shell (ones without ``fsc_weighting``), float64."""
+    filt = torch.ones(band.shell.shape, dtype=torch.float64, device=band.shell.device)
+    if cfg.fsc_weighting:
+        filt = filt * curve.to(filt.device)[band.shell.clamp(max=curve.numel() - 1)].clamp(0.0, 1.0)
+    return filt
+
+
+def _match_weight(filt: Tensor, spectrum: PowerSpectrum, band: FourierBand, cfg: RefineConfig) -> Tensor:
+    """The matched filter's weight per band sample: FSC weight over noise power (when whitening)."""
+    if cfg.whiten and spectrum.ready():
+        filt = filt / spectrum.mean()[band.shell].clamp_min(1e-30)
+    return filt.to(torch.float32)
+
+
+def _fsc_entry(iteration: int, freq: Tensor, curve: Tensor, apix: float, stage: str, t0: float) -> dict:
+    return dict(stage=stage, iteration=iteration, seconds=round(time.perf_counter() - t0, 3),
+                resolution_0143=float(resolution_at(freq, curve, apix, 0.143)),
                 resolution_05=float(resolution_at(freq, curve, apix, 0.5)),
                 fsc=[round(float(v), 5) for v in curve.cpu()])

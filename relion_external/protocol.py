@@ -107,6 +107,15 @@ def _parse_int(name: str, value: str) -> int:
         raise InputError(None, name, f"'{value}' is not a whole number", f"set '{name}' to a whole number") from None
 
 
+def _parse_bool(name: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("yes", "true", "1", "on"):
+        return True
+    if text in ("no", "false", "0", "off"):
+        return False
+    raise InputError(None, name, f"'{value}' is not yes or no", f"set '{name}' to Yes or No")
+
+
 def _parse_float(name: str, value: str) -> float:
     try:
         return float(value)
@@ -123,6 +132,7 @@ PARAMS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "anchors": ("anchors", _parse_int),
     "chunks_per_batch": ("chunks_per_batch", _parse_int),
     "refine_iters": ("refine_iters", _parse_int),
+    "refine_global": ("refine_global", _parse_bool),
     "keep_fraction": ("keep_fraction", _parse_float),
     "min_confidence": ("min_confidence", _parse_float),
     "seed": ("seed", _parse_int),

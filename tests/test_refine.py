@@ -16,6 +16,7 @@ import torch
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotvec_to_matrix
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.global_search import so3_grid
 from cryofastar_core.refine import RefineConfig, _ball_grid, perturbation_grid, refine_poses, shift_grid
 from cryofastar_core.simulation import simulate_images
 
@@ -73,7 +74,7 @@ def _mean_fsc(entry: dict) -> float:
 
 def test_refinement_recovers_perturbed_poses_and_improves_fsc(dataset):
     seen: list[int] = []
-    cfg = RefineConfig(iterations=3, chunk_size=128)
+    cfg = RefineConfig(iterations=3, chunk_size=128, global_step_deg=None)
     res = refine_poses(_loader(dataset["images"], seen), dataset["ctf"], APIX, dataset["R0"].numpy(),
                        dataset["s0"].numpy(), dataset["half"], cfg)
     R, s = dataset["R"], dataset["s"]
@@ -102,7 +103,7 @@ def test_refinement_recovers_perturbed_poses_and_improves_fsc(dataset):
 
 
 def test_refinement_from_exact_poses_does_not_drift(dataset):
-    cfg = RefineConfig(iterations=3)
+    cfg = RefineConfig(iterations=3, global_step_deg=None)
     res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, dataset["R"], dataset["s"],
                        torch.as_tensor(dataset["half"]), cfg)
     err = rotation_angle_deg(dataset["R"], res.rotations)
@@ -120,12 +121,14 @@ def test_initial_half_maps_are_used_and_zero_iterations_keep_poses(dataset):
     images = dataset["images"][:64]
     sub = dict(R=dataset["R0"][:64], s=dataset["s0"][:64], half=dataset["half"][:64])
     ctf = dataset["ctf"].index(slice(0, 64))
-    plain = refine_poses(_loader(images), ctf, APIX, sub["R"], sub["s"], sub["half"], RefineConfig(iterations=0))
+    plain = refine_poses(_loader(images), ctf, APIX, sub["R"], sub["s"], sub["half"],
+                         RefineConfig(iterations=0, global_step_deg=None))
     assert torch.equal(plain.rotations, sub["R"]) and torch.equal(plain.shifts, sub["s"])
     assert len(plain.history) == 1
     seen: list[int] = []
     res = refine_poses(_loader(images, seen), ctf, APIX, sub["R"], sub["s"], sub["half"],
-                       RefineConfig(iterations=1, chunk_size=32), initial_half_maps=(plain.half1, plain.half2))
+                       RefineConfig(iterations=1, chunk_size=32, global_step_deg=None),
+                       initial_half_maps=(plain.half1, plain.half2))
     # One refinement pass (plus the one-image probe for the box), no initial reconstruction pass.
     assert sum(seen) == 64 + 1
     assert res.history[0]["fsc"] == plain.history[0]["fsc"]
@@ -157,3 +160,50 @@ def test_bad_inputs_are_refused(dataset):
         refine_poses(load, None, APIX, R[:10], s, dataset["half"], RefineConfig(iterations=0))
     with pytest.raises(ValueError, match="shrink"):
         refine_poses(load, None, APIX, R, s, dataset["half"], RefineConfig(shrink=0.0))
+
+
+def test_so3_grid_covers_rotations_at_its_spacing():
+    grid = so3_grid(15.0)
+    assert grid.shape == (183 * 24, 3, 3)
+    RtR = grid.transpose(-1, -2) @ grid
+    assert torch.allclose(RtR, torch.eye(3, dtype=torch.float64).expand_as(RtR), atol=1e-12)
+    probe = random_rotations(500, torch.Generator().manual_seed(2), dtype=torch.float64)
+    # Angle from each probe to its nearest grid rotation: trace of R_grid^T R_probe.
+    cos = ((torch.einsum("jab,nab->nj", grid, probe) - 1) / 2).clamp(-1, 1)
+    nearest = torch.rad2deg(torch.acos(cos.max(-1).values))
+    assert float(nearest.max()) < 15.0 and float(nearest.median()) < 9.0
+
+
+def _correct_maps(dataset):
+    res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, dataset["R"], dataset["s"], dataset["half"],
+                       RefineConfig(iterations=0, global_step_deg=None))
+    return res.half1, res.half2
+
+
+def test_global_pass_finds_poses_from_anywhere_against_a_correct_map(dataset):
+    """Haar-random starting poses, the half maps of the true poses: one global pass lands every particle
+    near the truth at the grid's accuracy (15 degrees apart: ~7 degrees to the nearest grid point)."""
+    start = random_rotations(N, torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert float(rotation_angle_deg(dataset["R"], start).median()) > 90
+    res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, start, dataset["s"], dataset["half"],
+                       RefineConfig(iterations=0, global_passes=1), initial_half_maps=_correct_maps(dataset))
+    err = rotation_angle_deg(dataset["R"], res.rotations)
+    print(f"global pass from random poses: median error {float(err.median()):.1f} deg")
+    assert float(err.median()) < 11.0
+    stages = [h["stage"] for h in res.history]
+    assert stages == ["start", "global"] and res.history[1]["median_rotation_change_deg"] > 60
+    assert res.history[1]["n_rotations"] == so3_grid(15.0).shape[0] and res.history[1]["seconds"] > 0
+
+
+def test_global_pass_keeps_the_half_sets_apart(dataset):
+    """Half 1 is matched only against map 1 and half 2 only against map 2: with a correct map 1 and an
+    empty-of-signal map 2, half 1 finds its poses and half 2 cannot."""
+    map1, map2 = _correct_maps(dataset)
+    noise = torch.randn(map2.shape, generator=torch.Generator().manual_seed(6)) * map2.std()
+    start = random_rotations(N, torch.Generator().manual_seed(7), dtype=torch.float64)
+    res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, start, dataset["s"], dataset["half"],
+                       RefineConfig(iterations=0, global_passes=1), initial_half_maps=(map1, noise))
+    err = rotation_angle_deg(dataset["R"], res.rotations)
+    h = torch.as_tensor(dataset["half"])
+    assert float(err[h == 1].median()) < 11.0
+    assert float(err[h == 2].median()) > 60.0

@@ -28,8 +28,8 @@ from cryofastar_core.job import JobConfig, run
 CLI_NAMES = {**{name: "--" + name.replace("_", "-") for name in JobConfig.__dataclass_fields__}, "out_dir": "--o"}
 
 # JobConfig fields set by add_job_arguments (same dest names).
-JOB_OPTIONS = ("weights", "box", "views", "candidates", "anchors", "chunks_per_batch", "refine_iters", "keep_fraction",
-               "min_confidence", "device", "threads", "seed")
+JOB_OPTIONS = ("weights", "box", "views", "candidates", "anchors", "chunks_per_batch", "refine_iters", "refine_global",
+               "keep_fraction", "min_confidence", "device", "threads", "seed")
 
 
 def add_job_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -51,6 +51,9 @@ def add_job_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) 
                    help=f"passes run together; more is faster and uses more memory (default: {_default('chunks_per_batch')})")
     p.add_argument("--refine-iters", type=int, default=_default("refine_iters"),
                    help=f"local refinement iterations after the feed-forward poses (default: {_default('refine_iters')})")
+    p.add_argument("--refine-global", action=argparse.BooleanOptionalAction, default=_default("refine_global"),
+                   help="when refining, first assign every particle globally (15 deg grid) against the "
+                        "feed-forward map, so poses tens of degrees off can still be refined (default: on)")
     p.add_argument("--keep-fraction", type=float, default=None,
                    help="keep only this fraction of the most confident particles, e.g. 0.8 (default: keep all)")
     p.add_argument("--min-confidence", type=float, default=None,
@@ -68,6 +71,7 @@ def job_config(args: argparse.Namespace, particles: Path, out_dir: Path) -> JobC
                      project_dir=getattr(args, "project_dir", None), box=args.box, views=args.views,
                      candidates=args.candidates, anchors=args.anchors,
                      chunks_per_batch=getattr(args, "chunks_per_batch", 4), refine_iters=args.refine_iters,
+                     refine_global=args.refine_global,
                      keep_fraction=args.keep_fraction, min_confidence=args.min_confidence, device=args.device,
                      threads=args.threads, seed=args.seed)
 

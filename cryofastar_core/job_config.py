@@ -1,7 +1,8 @@
 """A whole ``cryofastar run`` in one YAML file (an unattended pipeline step).
 
-Keys are the :class:`cryofastar_core.job.JobConfig` field names (``particles``, ``out_dir``, ``weights``,
-``views``, ...); ``o`` is accepted for ``out_dir`` (as ``--o``) and dashes for underscores
+Keys are the :class:`cryofastar_core.job.JobConfig` field names: ``particles``, ``out_dir``, ``project_dir``
+and one per declared job option (``weights``, ``views``, ..., :mod:`cryofastar_core.job_options`), typed
+as declared; ``o`` is accepted for ``out_dir`` (as ``--o``) and dashes for underscores
 (``keep-fraction``). Relative paths in the file are relative to the file's folder, so a step file works
 from any working directory. Command-line flags override the file, which overrides the defaults.
 Unknown keys and values of the wrong type are :class:`InputError` naming the file and the key (the
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from cryofastar_core.errors import InputError
-from cryofastar_core.job import JobConfig
+from cryofastar_core.job import JOB_OPTIONS, JobConfig
 from cryofastar_core.yaml_config import coerce_settings, read_yaml_mapping
 
 ALIASES = {"o": "out_dir", "out": "out_dir"}
 REQUIRED = ("particles", "out_dir")
+# The keys a step file may hold (JobConfig's fields): the paths, then every declared job option.
+STEP_KEYS = ("particles", "out_dir", "project_dir", *(opt.name for opt in JOB_OPTIONS))
 
 
 def read_step_file(path: str | Path) -> dict[str, Any]:

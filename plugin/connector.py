@@ -17,7 +17,6 @@ External job.
 """
 from __future__ import annotations
 
-import dataclasses
 import filecmp
 import logging
 import shutil
@@ -34,7 +33,7 @@ from cryofastar_core.errors import InputError
 from cryofastar_core.io import read_map
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.paths import strip_cryosparc_prefix
-from cryofastar_core.job import JobConfig, Report, run
+from cryofastar_core.job import JOB_OPTIONS, JobConfig, Report, run
 from plugin.credentials import redact
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,12 @@ VOLUME_SLOTS = [{"name": "map", "dtype": "volume"}, {"name": "map_half_A", "dtyp
 VOLUME_FILES = {"map": "map.mrc", "map_half_A": "half1.mrc", "map_half_B": "half2.mrc"}
 INPUT_DIR = "cryosparc_input"
 IMAGES = ("auto", "mounted", "stream")
-# JobConfig fields the connector sets itself; every other field is a user option.
-_MANAGED = {"particles", "out_dir", "project_dir"}
 
 
 def job_option_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(JobConfig) if f.name not in _MANAGED]
+    """The user job options, keyword arguments in the engine's field names: one per declared job option
+    (cryofastar_core.job_options). The connector sets particles, out_dir and project_dir itself."""
+    return [opt.name for opt in JOB_OPTIONS]
 
 
 def engine_config(options: dict[str, Any], particles: Path, out_dir: Path, project_dir: Path | None) -> JobConfig:

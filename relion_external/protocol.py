@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from cryofastar_core.errors import InputError
+from cryofastar_core.job import JOB_OPTIONS
 
 # RELION's input flags (spec §A1), in the order RELION emits them.
 INPUT_FLAGS = ("in_movies", "in_mics", "in_parts", "in_coords", "in_3dref", "in_mask")
@@ -123,22 +124,22 @@ def _parse_float(name: str, value: str) -> float:
         raise InputError(None, name, f"'{value}' is not a number", f"set '{name}' to a number such as 0.8") from None
 
 
-# User parameters (GUI label -> JobConfig field and parser). Labels are typed without dashes in the GUI.
+def _parse_text(name: str, value: str) -> str:
+    return value.strip()
+
+
+def _parse_choice(name: str, value: str) -> str:
+    return value.strip().lower()  # the engine checks the choice and names the parameter
+
+
+_PARSERS: dict[type, Callable[[str, str], object]] = {int: _parse_int, float: _parse_float, bool: _parse_bool,
+                                                       str: _parse_text}
+
+# User parameters (GUI label -> JobConfig field and parser): one per declared job option
+# (cryofastar_core.job_options), labelled with its field name; yes/no options read Yes/No/true/false.
+# Labels are typed without dashes in the GUI.
 PARAMS: dict[str, tuple[str, Callable[[str, str], object]]] = {
-    "weights": ("weights", lambda n, v: v),
-    "box": ("box", _parse_int),
-    "views": ("views", _parse_int),
-    "candidates": ("candidates", _parse_int),
-    "anchors": ("anchors", _parse_int),
-    "chunks_per_batch": ("chunks_per_batch", _parse_int),
-    "refine_iters": ("refine_iters", _parse_int),
-    "refine_global": ("refine_global", _parse_bool),
-    "keep_fraction": ("keep_fraction", _parse_float),
-    "min_confidence": ("min_confidence", _parse_float),
-    "seed": ("seed", _parse_int),
-    "device": ("device", lambda n, v: v.strip().lower()),
-    "threads": ("threads", _parse_int),
-}
+    opt.name: (opt.name, _parse_choice if opt.choices else _PARSERS[opt.type]) for opt in JOB_OPTIONS}
 # Parameters read by the adapter itself rather than the engine.
 ADAPTER_PARAMS = ("gpu", "relion_version")
 

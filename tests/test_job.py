@@ -210,8 +210,14 @@ def test_bad_input_reaches_the_user_as_one_clear_message(case, sim_star, tiny_we
 def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     out = tmp_path / "job"
     report = run(_cfg(sim_star, out, tiny_weights, refine_iters=1))
-    assert len(report.refinement) == 2  # the starting poses, then one iteration
+    # The starting poses, the global passes (1-3, until the assignment settles), then one local iteration;
+    # each stage says how long it took and how far it moved the poses.
+    stages = [h["stage"] for h in report.refinement]
+    assert stages[0] == "start" and stages[-1] == "local" and 1 <= stages.count("global") <= 3, stages
+    assert all(h["seconds"] >= 0 and h["median_rotation_change_deg"] >= 0 for h in report.refinement[1:])
     assert "refine" in report.timings_s
+    no_global = run(_cfg(sim_star, tmp_path / "local_only", tiny_weights, refine_iters=1, refine_global=False))
+    assert [h["stage"] for h in no_global.refinement] == ["start", "local"]
     assert read_particles(out / "particles.star", sim_star.parent).rotations is not None
     # The written maps are refinement's last reconstruction, reused rather than rebuilt: they must equal a
     # fresh CTF-corrected reconstruction of the written particles at their refined poses and half sets.
@@ -221,7 +227,7 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     written = read_particles(out / "particles.star", sim_star.parent)
     keep = np.ones(len(written), dtype=bool)
     full, half1, half2 = reconstruct_maps(written, written.rotations, written.shifts, written.half_set, keep,
-                                      float(written.apix[0]), torch.device("cpu"), 256, None)
+                                          float(written.apix[0]), torch.device("cpu"), 256, None)
     for name, fresh in (("map.mrc", full), ("half1.mrc", half1), ("half2.mrc", half2)):
         stored = torch.as_tensor(read_map(out / name)[0], dtype=torch.float32)
         scale = float(fresh.abs().max())

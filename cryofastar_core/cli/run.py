@@ -22,58 +22,29 @@ import logging
 import sys
 from pathlib import Path
 
-from cryofastar_core.job import JobConfig, run
+from cryofastar_core.job import JOB_OPTIONS as _OPTIONS, JobConfig, run
 
 # The command line's name of each JobConfig field, for errors the engine raises in field names.
 CLI_NAMES = {**{name: "--" + name.replace("_", "-") for name in JobConfig.__dataclass_fields__}, "out_dir": "--o"}
 
-# JobConfig fields set by add_job_arguments (same dest names).
-JOB_OPTIONS = ("weights", "box", "views", "candidates", "anchors", "chunks_per_batch", "refine_iters", "refine_global",
-               "keep_fraction", "min_confidence", "device", "threads", "seed")
+# JobConfig fields set by add_job_arguments (same dest names): every declared job option.
+JOB_OPTIONS = tuple(opt.name for opt in _OPTIONS)
 
 
 def add_job_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """The job's options, shared by ``run`` and ``demo``; the help shows the defaults really used:
-    JobConfig's, or the caller's ``defaults`` (field name -> value) where given."""
-    def _default(name: str) -> object:
-        return (defaults or {}).get(name, JobConfig.__dataclass_fields__[name].default)
-
-    p.add_argument("--weights", default=_default("weights"),
-                   help=f"shipped weights name or a weights file (default: {_default('weights')})")
-    p.add_argument("--box", type=int, default=None, help="model box; must match the weights (default: the weights' box)")
-    p.add_argument("--views", type=int, default=_default("views"),
-                   help=f"images per forward pass: reference + anchors + new particles (default: {_default('views')})")
-    p.add_argument("--candidates", type=int, default=_default("candidates"),
-                   help=f"particles tried as the reference, the best kept (default: {_default('candidates')})")
-    p.add_argument("--anchors", type=int, default=_default("anchors"),
-                   help=f"particles repeated in every pass to tie the passes together (default: {_default('anchors')})")
-    p.add_argument("--chunks-per-batch", type=int, default=_default("chunks_per_batch"),
-                   help=f"passes run together; more is faster and uses more memory (default: {_default('chunks_per_batch')})")
-    p.add_argument("--refine-iters", type=int, default=_default("refine_iters"),
-                   help=f"local refinement iterations after the feed-forward poses (default: {_default('refine_iters')})")
-    p.add_argument("--refine-global", action=argparse.BooleanOptionalAction, default=_default("refine_global"),
-                   help="when refining, first assign every particle globally (15 deg grid) against the "
-                        "feed-forward map, so poses tens of degrees off can still be refined (default: on)")
-    p.add_argument("--keep-fraction", type=float, default=None,
-                   help="keep only this fraction of the most confident particles, e.g. 0.8 (default: keep all)")
-    p.add_argument("--min-confidence", type=float, default=None,
-                   help="drop particles whose confidence (0-1, the STAR column rlnMaxValueProbDistribution) is below "
-                        "this (default: keep all)")
-    p.add_argument("--device", default=_default("device"),
-                   help=f"auto (a GPU if present), cpu or cuda (default: {_default('device')})")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: what torch chooses)")
-    p.add_argument("--seed", type=int, default=_default("seed"),
-                   help=f"random seed for the reference candidates and the passes (default: {_default('seed')})")
+    """The job's options, shared by ``run``, ``demo`` and ``cryofastar-cryosparc``, one flag per declared
+    option (cryofastar_core.job_options): ``--chunks-per-batch`` for ``chunks_per_batch``, and
+    ``--name/--no-name`` for a yes/no option. The help shows the defaults really used: the declared ones,
+    or the caller's ``defaults`` (field name -> value) where given."""
+    for opt in _OPTIONS:
+        default = (defaults or {}).get(opt.name, opt.default)
+        kind = {"action": argparse.BooleanOptionalAction} if opt.type is bool else {"type": opt.type}
+        p.add_argument(opt.flag, dest=opt.name, default=default, help=opt.help_text(default).replace("%", "%%"), **kind)
 
 
 def job_config(args: argparse.Namespace, particles: Path, out_dir: Path) -> JobConfig:
-    return JobConfig(particles=particles, out_dir=out_dir, weights=args.weights,
-                     project_dir=getattr(args, "project_dir", None), box=args.box, views=args.views,
-                     candidates=args.candidates, anchors=args.anchors,
-                     chunks_per_batch=getattr(args, "chunks_per_batch", 4), refine_iters=args.refine_iters,
-                     refine_global=args.refine_global,
-                     keep_fraction=args.keep_fraction, min_confidence=args.min_confidence, device=args.device,
-                     threads=args.threads, seed=args.seed)
+    return JobConfig(particles=particles, out_dir=out_dir, project_dir=getattr(args, "project_dir", None),
+                     **{name: getattr(args, name) for name in JOB_OPTIONS})
 
 
 def register(subparsers) -> None:

@@ -61,7 +61,7 @@ class QualityConfig:
     fail_significance: float = 0.10
     fail_sharpness: float = 0.15
     fail_coverage: float = 0.35
-    ok_significance: float = 0.90
+    ok_significance: float = 0.95
     ok_sharpness: float = 0.55
     ok_coverage: float = 0.70
 

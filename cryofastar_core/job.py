@@ -1,9 +1,13 @@
 """The main job: from a particle stack to poses and a map, as one library call.
 
 ``run(JobConfig) -> Report`` is what ``cryofastar run``, the RELION External adapter and the CryoSPARC
-connector all call. Stages: read and validate the particles; load the weights; estimate poses
-feed-forward (reference selection, anchors, chunks, hand check); optionally drop the least confident
-particles; reconstruct half maps with CTF correction; optionally refine locally; write every output.
+connector all call. It is a sequence of stages, one function each, each timed under its name in
+``report.json``: read and validate the particles (``read``); load the weights (``load_weights``); estimate
+poses feed-forward (reference selection, anchors, chunks, hand check) or resume them (``poses``);
+optionally drop the least confident particles (``select``); optionally refine locally (``refine``);
+reconstruct half maps with CTF correction (``reconstruct``; reused from refinement when it ran); judge the
+poses (``quality``); write every output (``write``). Progress goes to the caller's ``progress`` callback
+only (:mod:`cryofastar_core.progress`).
 
 Outputs are written into a hidden staging folder inside ``out_dir`` and moved into place together at
 the end, ``report.json`` last, so a killed run leaves nothing that looks finished. The pose estimate
@@ -16,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,9 +39,10 @@ from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
 from cryofastar_core.job_options import JobOption, option, options_of
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
+from cryofastar_core.progress import Progress
 from cryofastar_core.quality import PoseQuality, assess_poses
-from cryofastar_core.reconstruct import ParticleChunk, fsc, fsc_tsv, half_sets, reconstruct_half_maps, resolution_at
-from cryofastar_core.reconstruct.backproject import Backprojector
+from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, fsc_tsv, half_sets, insert_half_sets,
+                                         resolution_at)
 from cryofastar_core.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -177,9 +181,51 @@ class _Stage:
         self.timer.timings[self.name] = round(time.perf_counter() - self.t0, 3)
 
 
-def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
-        comm: Communicator | None = None) -> Report:
-    """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress.
+@dataclass
+class _Context:
+    """What every stage of one run reads: the settings, the processes, the device, the clock."""
+
+    cfg: JobConfig
+    comm: Communicator
+    device: torch.device
+    progress: Progress | None  # None on every rank but 0: only rank 0 reports progress
+    t_start: float
+    timer: _Timer = field(default_factory=_Timer)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+@dataclass
+class _Inputs:
+    """The checked particles and weights; ``model`` is dropped once the poses exist."""
+
+    particles: ParticleSet
+    apix: float
+    model: torch.nn.Module | None
+    model_box: int
+    weights_info: dict
+    fingerprint: str = ""
+
+
+@dataclass
+class _Poses:
+    """Every particle's pose (estimated or resumed, then maybe refined), which ones are kept, their half sets."""
+
+    est: dict
+    resumed: bool
+    rotations: np.ndarray
+    shifts: np.ndarray
+    confidence: np.ndarray
+    keep: np.ndarray | None = None
+    half: np.ndarray | None = None
+    refinement: list[dict] = field(default_factory=list)
+
+
+def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
+    """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress
+    (:mod:`cryofastar_core.progress`; the front end chooses how it is shown).
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group, or an explicit ``comm``) every
     rank calls this with the same ``cfg``: the pose chunks and the reconstruction are shared out, rank 0
@@ -187,150 +233,217 @@ def run(cfg: JobConfig, progress: Callable[[str, int, int], None] | None = None,
     An error on any rank is raised on every rank (:mod:`cryofastar_core.inference.distributed`).
     """
     cfg.validate()
-    comm = comm or Communicator.from_process_group()
-    timer = _Timer()
+    ctx = _context(cfg, progress, comm)
+    inputs = ctx.comm.check(lambda: _read_inputs(ctx))
+    inputs.fingerprint = _agreed_fingerprint(ctx, inputs)
+    poses = _poses(ctx, inputs)
+    if isinstance(poses, Report):
+        return poses  # the output folder already holds this run, complete
+    inputs.model = None
+    _select_particles(ctx, inputs, poses)
+    refined_maps = _refine_on_main(ctx, inputs, poses) if cfg.refine_iters > 0 else None
+    maps = _reconstruct(ctx, inputs, poses, refined_maps)
+    return ctx.comm.on_main(lambda: _judge_and_write(ctx, inputs, poses, maps))
+
+
+def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | None) -> _Context:
     t_start = time.perf_counter()
+    comm = comm or Communicator.from_process_group()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
     device = cfg.torch_device()
     if comm.distributed and device.type == "cuda" and device.index is None:
         device = torch.device(rank_device("cuda", dist_env()))
-    main_progress = progress if comm.is_main else None
+    return _Context(cfg, comm, device, progress if comm.is_main else None, t_start)
 
-    def prepare():
-        with timer.stage("read"):
-            particles = read_particles(cfg.particles, cfg.project_dir)
-            _refuse_overwriting_inputs(particles, out)
-            if len(particles) < cfg.views:
-                raise InputError(cfg.particles, None, f"{len(particles)} particles is fewer than --views {cfg.views}",
-                                 f"use --views {max(4, len(particles))} or more particles")
-            apix_all = np.asarray(particles.apix, dtype=np.float64)
-            if not np.allclose(apix_all, apix_all[0], rtol=1e-4):
-                raise InputError(cfg.particles, "rlnImagePixelSize", "particles have different pixel sizes",
-                                 "run one optics group (pixel size) at a time")
-        with timer.stage("load_weights"):
-            weights_path = resolve_weights(cfg.weights)
-            model = load_weights(weights_path, device=device)
-            model_box = int(model.cfg.box)
-            if cfg.box is not None and cfg.box != model_box:
-                raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
-                                 f"use --box {model_box} or weights trained at box {cfg.box}")
-            weights_info = _weights_identity(weights_path)
-        return particles, float(apix_all[0]), model, model_box, weights_info
 
-    particles, apix, model, model_box, weights_info = comm.check(prepare)
-    fingerprint = _fingerprint(cfg, particles, weights_info)
-    if comm.distributed and len(set(comm.gather(lambda: fingerprint))) > 1:
-        raise InputError(cfg.particles, None, "the processes of this distributed run see different inputs, "
+def _read_inputs(ctx: _Context) -> _Inputs:
+    """Stages read and load_weights (on every rank)."""
+    particles, apix = _read_particles(ctx)
+    model, model_box, weights_info = _load_weights(ctx)
+    return _Inputs(particles, apix, model, model_box, weights_info)
+
+
+def _read_particles(ctx: _Context) -> tuple[ParticleSet, float]:
+    """Stage read: the particles, refused if they would be overwritten, are too few or differ in pixel size."""
+    cfg = ctx.cfg
+    with ctx.timer.stage("read"):
+        particles = read_particles(cfg.particles, cfg.project_dir)
+        _refuse_overwriting_inputs(particles, ctx.out)
+        if len(particles) < cfg.views:
+            raise InputError(cfg.particles, None, f"{len(particles)} particles is fewer than --views {cfg.views}",
+                             f"use --views {max(4, len(particles))} or more particles")
+        apix_all = np.asarray(particles.apix, dtype=np.float64)
+        if not np.allclose(apix_all, apix_all[0], rtol=1e-4):
+            raise InputError(cfg.particles, "rlnImagePixelSize", "particles have different pixel sizes",
+                             "run one optics group (pixel size) at a time")
+    return particles, float(apix_all[0])
+
+
+def _load_weights(ctx: _Context) -> tuple[torch.nn.Module, int, dict]:
+    """Stage load_weights: the model, its box (checked against ``box``) and the weights' identity."""
+    cfg = ctx.cfg
+    with ctx.timer.stage("load_weights"):
+        weights_path = resolve_weights(cfg.weights)
+        model = load_weights(weights_path, device=ctx.device)
+        model_box = int(model.cfg.box)
+        if cfg.box is not None and cfg.box != model_box:
+            raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
+                             f"use --box {model_box} or weights trained at box {cfg.box}")
+        weights_info = _weights_identity(weights_path)
+    return model, model_box, weights_info
+
+
+def _agreed_fingerprint(ctx: _Context, inputs: _Inputs) -> str:
+    """The fingerprint of inputs, weights and settings; every rank of a distributed run must see the same."""
+    fingerprint = _fingerprint(ctx.cfg, inputs.particles, inputs.weights_info)
+    if ctx.comm.distributed and len(set(ctx.comm.gather(lambda: fingerprint))) > 1:
+        raise InputError(ctx.cfg.particles, None, "the processes of this distributed run see different inputs, "
                          "weights or settings", "put particles, weights and --o on a file system that every node "
                          "shares, and start every process with the same options")
-    state = out / STATE_DIR
-    poses_file = state / "poses.npz"
+    return fingerprint
 
-    def decide() -> tuple[str, object]:
-        """Rank 0: nothing to do, resume from saved poses, or estimate them."""
-        out.mkdir(parents=True, exist_ok=True)
-        done_report = _completed_report(out, fingerprint)
-        if done_report is not None:
-            return "done", done_report
-        # From here on the folder must not look finished: drop an older run's report and stale staging.
-        (out / REPORT).unlink(missing_ok=True)
-        for stale in out.glob(".cryofastar-staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        # Poses: resume from a finished inference stage of an interrupted run with the same fingerprint.
-        saved = _load_poses(poses_file, fingerprint)
-        if saved is not None:
-            return "resume", saved
-        if state.exists():
-            shutil.rmtree(state)  # state of other inputs or settings: restart cleanly
-        return "estimate", None
 
-    with timer.stage("poses"):
-        decision, payload = comm.on_main(decide)
+def _poses(ctx: _Context, inputs: _Inputs) -> _Poses | Report:
+    """Stage poses: the complete run's report if ``out_dir`` already holds one, else the poses, resumed from
+    an interrupted run's saved estimate or estimated (on every rank) and saved for a resume."""
+    with ctx.timer.stage("poses"):
+        decision, payload = ctx.comm.on_main(lambda: _decide_resume(ctx.out, inputs.fingerprint))
         if decision == "done":
-            log.info("%s already holds a complete run with these inputs and settings: nothing to do", out)
+            log.info("%s already holds a complete run with these inputs and settings: nothing to do", ctx.out)
             return payload
-        resumed = decision == "resume"
-        if resumed:
+        if decision == "resume":
             est = payload
             log.info("resuming: feed-forward poses from an earlier run of this job")
         else:
-            est = _estimate(cfg, particles, model, model_box, device, main_progress, comm)
-            timer.timings["poses_reference_scoring"] = round(float(est["reference_scoring_s"]), 3)
+            est = _estimate(ctx.cfg, inputs.particles, inputs.model, inputs.model_box, ctx.device, ctx.progress,
+                            ctx.comm)
+            ctx.timer.timings["poses_reference_scoring"] = round(float(est["reference_scoring_s"]), 3)
+            ctx.comm.on_main(lambda: _save_poses(_poses_file(ctx.out), inputs.fingerprint, est))
+    return _Poses(est, decision == "resume", est["rotations"], est["shifts"], est["confidence"])
 
-            def save_poses() -> None:
-                state.mkdir(parents=True, exist_ok=True)
-                with atomic_output(poses_file) as tmp:
-                    np.savez(tmp, fingerprint=fingerprint, **{k: v for k, v in est.items() if k != "fingerprint"})
-                    # np.savez appends .npz to names without it; the temp name keeps the suffix.
 
-            comm.on_main(save_poses)
-    del model
-    rotations, shifts, confidence = est["rotations"], est["shifts"], est["confidence"]
+def _decide_resume(out: Path, fingerprint: str) -> tuple[str, object]:
+    """Rank 0: nothing to do (``"done"``, the report), resume from saved poses (``"resume"``, the estimate),
+    or estimate them (``"estimate"``, None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    done_report = _completed_report(out, fingerprint)
+    if done_report is not None:
+        return "done", done_report
+    # From here on the folder must not look finished: drop an older run's report and stale staging.
+    (out / REPORT).unlink(missing_ok=True)
+    for stale in out.glob(".cryofastar-staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # Poses: resume from a finished inference stage of an interrupted run with the same fingerprint.
+    saved = _load_poses(_poses_file(out), fingerprint)
+    if saved is not None:
+        return "resume", saved
+    if (out / STATE_DIR).exists():
+        shutil.rmtree(out / STATE_DIR)  # state of other inputs or settings: restart cleanly
+    return "estimate", None
 
-    with timer.stage("select"):
-        keep = _select(cfg, confidence)
+
+def _poses_file(out: Path) -> Path:
+    """Where the pose estimate is kept for a resume (with its fingerprint)."""
+    return out / STATE_DIR / "poses.npz"
+
+
+def _save_poses(path: Path, fingerprint: str, est: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        np.savez(tmp, fingerprint=fingerprint, **{k: v for k, v in est.items() if k != "fingerprint"})
+        # np.savez appends .npz to names without it; the temp name keeps the suffix.
+
+
+def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
+    """Stage select: which particles are kept (``poses.keep``) and every particle's half set (``poses.half``)."""
+    with ctx.timer.stage("select"):
+        confidence = poses.confidence
+        keep = poses.keep = _select(ctx.cfg, confidence)
         q10, q50, q90 = np.quantile(confidence, [0.1, 0.5, 0.9])
         log.info("keeping %d of %d particles (confidence 0-1: median %.3f, 10-90%% %.3f-%.3f)", int(keep.sum()),
                  len(keep), q50, q10, q90)
-        half = half_sets(particles.half_set, len(particles), str(cfg.particles))
+        poses.half = half_sets(inputs.particles.half_set, len(inputs.particles), str(ctx.cfg.particles))
 
-    refinement: list[dict] = []
-    refined_maps: list = []  # rank 0's final half/full maps from refinement (kept off the broadcast)
-    if cfg.refine_iters > 0:
-        def refine_on_main() -> tuple[np.ndarray, np.ndarray, list[dict]]:
-            *poses, maps_ = _refine(cfg, particles, rotations, shifts, half, keep, apix, device, main_progress)
-            refined_maps.extend(maps_)
-            return tuple(poses)
 
-        with timer.stage("refine"):
-            # Refinement runs on rank 0 only (the others wait) until it shares its work out itself.
-            rotations, shifts, refinement = comm.on_main(refine_on_main)
+def _refine_on_main(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
+    """Stage refine: rank 0 refines the kept particles' poses (the other ranks wait, then receive them) and
+    returns refinement's last ``(full, half1, half2)`` maps (an empty tuple on the other ranks: the maps stay
+    off the broadcast)."""
+    maps: list = []
 
-    with timer.stage("reconstruct"):
-        # Each branch gives rank 0 (full, half1, half2, freq, curve, resolution).
-        if cfg.refine_iters > 0:
+    def refine() -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        *refined, last_maps = _refine(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+                                      inputs.apix, ctx.device, ctx.progress)
+        maps.extend(last_maps)
+        return tuple(refined)
+
+    with ctx.timer.stage("refine"):
+        # Refinement runs on rank 0 only (the others wait) until it shares its work out itself.
+        poses.rotations, poses.shifts, poses.refinement = ctx.comm.on_main(refine)
+    return tuple(maps)
+
+
+def _reconstruct(ctx: _Context, inputs: _Inputs, poses: _Poses, refined_maps: tuple | None) -> tuple | None:
+    """Stage reconstruct: rank 0's ``(full, half1, half2, freq, curve, resolution)`` (None on the other ranks).
+
+    ``refined_maps``: refinement's last maps (see :func:`_refine_on_main`), or None without refinement."""
+    apix = inputs.apix
+    with ctx.timer.stage("reconstruct"):
+        if refined_maps is not None:
             # Refinement's last pass already inserted every kept particle at its final pose into half-set
             # accumulators like the ones below: reuse those maps instead of reading the particles again.
-            maps = comm.on_main(lambda: (*refined_maps, *_fsc_resolution(refined_maps[1], refined_maps[2], apix)),
-                                share=False)
-        elif comm.distributed:
-            halves = _accumulate_shard(particles, rotations, shifts, half, keep, apix, device, cfg.read_chunk,
-                                       main_progress, comm)
-            maps = comm.on_main(lambda: _finalize_with_fsc(halves, apix), share=False)
-        else:
-            full, half1, half2 = reconstruct_maps(particles, rotations, shifts, half, keep, apix, device,
-                                                  cfg.read_chunk, progress)
-            maps = (full, half1, half2, *_fsc_resolution(half1, half2, apix))
+            return ctx.comm.on_main(lambda: _with_fsc(refined_maps, apix), share=False)
+        halves = _accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, apix,
+                                   ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
+        return ctx.comm.on_main(lambda: _with_fsc(_finalize(halves), apix), share=False)
 
-    def write() -> Report:
-        full, half1, half2, freq, curve, res = maps
-        with timer.stage("quality"):
-            quality = assess_quality(particles, rotations, shifts, half, keep, (half1, half2), device)
-        failed = quality.verdict == "failed"
-        with timer.stage("write"):
-            outputs = _write_outputs(out, particles, rotations, shifts, half, keep, confidence, est, full, half1,
-                                     half2, freq, curve, apix, quality)
-        timer.timings["total"] = round(time.perf_counter() - t_start, 3)
-        report = Report(
-            version=__version__, settings=_settings(cfg), weights=weights_info, n_particles=len(particles),
-            n_kept=int(keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
-            n_chunks=int(est["n_chunks"]), apix=apix, box=int(particles.box), model_box=model_box,
-            resolution_0143=None if failed else float(res), timings_s=timer.timings, refinement=refinement,
-            outputs=outputs + [REPORT], resumed_from_poses=resumed, processes=comm.world_size,
-            pose_warning=pose_trust_note(weights_info["provenance"]), quality=quality.to_dict())
-        payload = json.loads(report.to_json())
-        payload["fingerprint"] = fingerprint
-        with atomic_output(out / REPORT) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2))
-        log.warning("%s", report.pose_warning)
-        log.info("%s", report.resolution_text)
-        for line in [*report.verdict_lines, *(f"  - {r}" for r in quality.reasons[1:])]:
-            (log.warning if quality.verdict != "ok" else log.info)("%s", line)
-        return report
 
-    return comm.on_main(write)
+def _judge_and_write(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> Report:
+    """Stages quality and write (rank 0): the verdict, the outputs, report.json, then the closing log lines."""
+    quality = _judge_poses(ctx, inputs, poses, maps)
+    report = _write_run(ctx, inputs, poses, maps, quality)
+    _log_verdict(report, quality)
+    return report
+
+
+def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> PoseQuality:
+    """Stage quality: the data-only verdict on the kept particles' poses against the half maps."""
+    _, half1, half2, *_ = maps
+    with ctx.timer.stage("quality"):
+        return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, (half1, half2),
+                              ctx.device)
+
+
+def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality) -> Report:
+    """Stage write: every output moved into place together, then report.json (with the fingerprint) last."""
+    full, half1, half2, freq, curve, res = maps
+    with ctx.timer.stage("write"):
+        outputs = _write_outputs(ctx.out, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+                                 poses.confidence, poses.est, full, half1, half2, freq, curve, inputs.apix, quality)
+    ctx.timer.timings["total"] = round(time.perf_counter() - ctx.t_start, 3)
+    est, particles, weights_info = poses.est, inputs.particles, inputs.weights_info
+    report = Report(
+        version=__version__, settings=_settings(ctx.cfg), weights=weights_info, n_particles=len(particles),
+        n_kept=int(poses.keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
+        n_chunks=int(est["n_chunks"]), apix=inputs.apix, box=int(particles.box), model_box=inputs.model_box,
+        resolution_0143=None if quality.verdict == "failed" else float(res), timings_s=ctx.timer.timings,
+        refinement=poses.refinement, outputs=outputs + [REPORT], resumed_from_poses=poses.resumed,
+        processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"]),
+        quality=quality.to_dict())
+    payload = json.loads(report.to_json())
+    payload["fingerprint"] = inputs.fingerprint
+    with atomic_output(ctx.out / REPORT) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    return report
+
+
+def _log_verdict(report: Report, quality: PoseQuality) -> None:
+    """The run's last log lines: the pose warning, the resolution (or why none), the pose-quality verdict."""
+    log.warning("%s", report.pose_warning)
+    log.info("%s", report.resolution_text)
+    for line in [*report.verdict_lines, *(f"  - {r}" for r in quality.reasons[1:])]:
+        (log.warning if quality.verdict != "ok" else log.info)("%s", line)
 
 
 def _fsc_resolution(half1: torch.Tensor, half2: torch.Tensor, apix: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -339,51 +452,47 @@ def _fsc_resolution(half1: torch.Tensor, half2: torch.Tensor, apix: float) -> tu
     return freq, curve, resolution_at(freq, curve, apix, 0.143)
 
 
+def _with_fsc(maps: tuple, apix: float) -> tuple:
+    """``(full, half1, half2, freq, curve, resolution)`` from ``(full, half1, half2)``."""
+    full, half1, half2 = maps
+    return (full, half1, half2, *_fsc_resolution(half1, half2, apix))
+
+
 def _accumulate_shard(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                       keep: np.ndarray, apix: float, device: torch.device, read_chunk: int,
-                      progress: Callable[[str, int, int], None] | None, comm: Communicator) -> list[Backprojector]:
+                      progress: Progress | None, comm: Communicator) -> list[Backprojector]:
     """Insert this rank's contiguous share of the kept particles into two half-set Backprojectors, then sum
-    the accumulators of every rank into rank 0's (the others' hold nothing useful afterwards)."""
+    the accumulators of every rank into rank 0's (the others' hold nothing useful afterwards). One process:
+    every kept particle, nothing to sum."""
     indices = np.flatnonzero(keep)
     mine = np.array_split(indices, comm.world_size)[comm.rank]
     my_keep = np.zeros_like(keep)
     my_keep[mine] = True
     halves = [Backprojector(particles.box, device=device) for _ in range(2)]
     total = len(indices)
+    done = [0]
+
+    def tick(k: int) -> None:
+        # This rank's share times the number of ranks: an estimate of the whole.
+        k_all = min(k * comm.world_size, total - done[0])
+        done[0] += k_all
+        if progress:
+            progress("reconstruct", done[0], total)
 
     def insert_mine() -> None:
-        bar = _progress_bar(total, "reconstruct", enabled=comm.is_main)
-        done = [0]
-
-        def tick(k: int) -> None:
-            # This rank's share times the number of ranks: an estimate of the whole.
-            k_all = min(k * comm.world_size, total - done[0])
-            bar.update(k_all)
-            done[0] += k_all
-            if progress:
-                progress("reconstruct", done[0], total)
-
-        try:
-            for ch in _chunks(particles, rotations, shifts, half, my_keep, apix, device, read_chunk, tick):
-                h = np.asarray(ch.half_sets)
-                for k, bp in enumerate(halves, start=1):
-                    sel = torch.as_tensor(np.flatnonzero(h == k), device=device)
-                    if sel.numel():
-                        bp.insert(ch.images[sel], ch.rotations[sel], shifts=ch.shifts[sel],
-                                  ctf=None if ch.ctf is None else ch.ctf.index(sel), apix=ch.apix)
-        finally:
-            bar.close()
+        for ch in _chunks(particles, rotations, shifts, half, my_keep, apix, device, read_chunk, tick):
+            insert_half_sets(halves, ch.images, ch.rotations, ch.half_sets, shifts=ch.shifts, ctf=ch.ctf, apix=ch.apix)
 
     comm.check(insert_mine)
     comm.reduce_sum_([t for bp in halves for t in (bp.numerator, bp.weight)], dst=0)
     return halves
 
 
-def _finalize_with_fsc(halves: list[Backprojector], apix: float) -> tuple:
-    """``(full, half1, half2, freq, curve, resolution)`` from summed half-set accumulators."""
+def _finalize(halves: list[Backprojector]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(full, half1, half2)`` from summed half-set accumulators."""
     half1, half2 = halves[0].finalize(), halves[1].finalize()
     full = halves[0].add_(halves[1]).finalize()
-    return (full, half1, half2, *_fsc_resolution(half1, half2, apix))
+    return full, half1, half2
 
 
 def _refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:
@@ -396,7 +505,7 @@ def _refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:
 
 
 def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int, device: torch.device,
-              progress: Callable[[str, int, int], None] | None, comm: Communicator | None = None) -> dict:
+              progress: Progress | None, comm: Communicator | None = None) -> dict:
     n = len(particles)
 
     ctf_correction = model.cfg.ctf_correction
@@ -410,19 +519,7 @@ def _estimate(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, mo
 
     ecfg = EstimatorConfig(views=cfg.views, candidates=cfg.candidates, anchors=cfg.anchors,
                            chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
-    bar = _progress_bar(n, "poses", enabled=comm is None or comm.is_main)
-    last = [0]
-
-    def tick(done: int) -> None:
-        bar.update(done - last[0])
-        last[0] = done
-        if progress:
-            progress("poses", done, n)
-
-    try:
-        est = estimate_poses(model, load, n, ecfg, progress=tick, comm=comm)
-    finally:
-        bar.close()
+    est = estimate_poses(model, load, n, ecfg, progress=progress, comm=comm)
     scale = model_px_to_input_px(particles.box, model_box)
     if est.chunk_drift_deg:
         log.info("frame health: median anchor disagreement between chunks %.2f deg", float(np.median(est.chunk_drift_deg)))
@@ -464,24 +561,11 @@ def _chunks(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, h
 
 def reconstruct_maps(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                      keep: np.ndarray, apix: float, device: torch.device, read_chunk: int = 512,
-                     progress: Callable[[str, int, int], None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The job's CTF-corrected ``(full, half1, half2)`` maps of the ``keep`` particles at the given poses."""
-    total = int(keep.sum())
-    bar = _progress_bar(total, "reconstruct")
-    done = [0]
-
-    def tick(k: int) -> None:
-        bar.update(k)
-        done[0] += k
-        if progress:
-            progress("reconstruct", done[0], total)
-
-    try:
-        return reconstruct_half_maps(_chunks(particles, rotations, shifts, half, keep, apix, device, read_chunk, tick),
-                                     box=particles.box, device=device)
-    finally:
-        bar.close()
+                     progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The job's CTF-corrected ``(full, half1, half2)`` maps of the ``keep`` particles at the given poses: the
+    job's reconstruct stage in one process."""
+    return _finalize(_accumulate_shard(particles, rotations, shifts, half, keep, apix, device, read_chunk, progress,
+                                       Communicator()))
 
 
 def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
@@ -501,8 +585,7 @@ def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.nda
 
 
 def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
-            keep: np.ndarray, apix: float, device: torch.device,
-            progress: Callable[[str, int, int], None] | None = None
+            keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None
             ) -> tuple[np.ndarray, np.ndarray, list[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     from cryofastar_core.refine import RefineConfig, refine_poses
 
@@ -554,13 +637,6 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
         (stage / "fsc.tsv").write_text(fsc_tsv(freq, curve, apix))
         names = sorted(p.name for p in stage.iterdir())
     return names
-
-
-def _progress_bar(total: int, desc: str, enabled: bool = True):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="particle", dynamic_ncols=True, mininterval=1.0,
-                disable=not enabled or os.environ.get("CRYOFASTAR_NO_PROGRESS") == "1")
 
 
 def _settings(cfg: JobConfig) -> dict:

@@ -82,9 +82,9 @@ from .matching import FourierBand, PowerSpectrum, candidate_scores
 from .physics.ctf import CTFParams
 from .physics.fourier import fft2c, fourier_crop_volume
 from .physics.projection import prepare_volume
-from .reconstruct import Backprojector, fsc, resolution_at, soft_sphere_mask
+from .progress import Progress
+from .reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
 
-ProgressFn = Callable[[str, int, int], None]
 log = logging.getLogger(__name__)
 
 
@@ -211,7 +211,7 @@ def _as_tensor(x, dtype=torch.float64) -> Tensor:
 def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float,
                  rotations: Tensor | np.ndarray, shifts: Tensor | np.ndarray, half_set: Tensor | np.ndarray,
                  cfg: RefineConfig | None = None, device: torch.device | str | None = None,
-                 progress: ProgressFn | None = None,
+                 progress: Progress | None = None,
                  initial_half_maps: tuple[Tensor, Tensor] | None = None) -> RefineResult:
     """Refine ``N`` poses locally; see the module docstring.
 
@@ -262,14 +262,9 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
             yield idx, imgs.to(device=dev, dtype=torch.float32)
 
     def insert(bps: list[Backprojector], idx: np.ndarray, imgs: Tensor) -> None:
-        h = half[idx]
-        for k, bp in enumerate(bps, start=1):
-            sel = torch.nonzero(h == k).flatten()
-            if sel.numel() == 0:
-                continue
-            gi = torch.as_tensor(idx)[sel]
-            bp.insert(imgs[sel.to(dev)], R_all[gi].to(dev, torch.float32), shifts=s_all[gi].to(dev, torch.float32),
-                      ctf=None if use_ctf is None else use_ctf.index(gi.to(dev)), apix=apix)
+        gi = torch.as_tensor(idx)
+        insert_half_sets(bps, imgs, R_all[gi].to(dev, torch.float32), half[gi], shifts=s_all[gi].to(dev, torch.float32),
+                         ctf=None if use_ctf is None else use_ctf.index(gi.to(dev)), apix=apix)
 
     def tick(stage: str, done: int) -> None:
         if progress:

@@ -29,6 +29,7 @@ import torch
 from cryofastar_core.errors import InputError
 from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io.atomic_write import staged_output_dir
+from cryofastar_core.progress import Progress
 
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,9 @@ def stack_names(n: int, stack_size: int) -> list[str]:
     return [f"particles_{i:0{width}d}.mrcs" for i in range(n_stacks)]
 
 
-def simulate(cfg: SimulateConfig) -> Path:
-    """Run the simulation; returns the path of the written ``particles.star``."""
-    from tqdm import tqdm
-
+def simulate(cfg: SimulateConfig, progress: Progress | None = None) -> Path:
+    """Run the simulation; returns the path of the written ``particles.star``. ``progress("simulate", done,
+    n)`` is called after each chunk of images (:mod:`cryofastar_core.progress`)."""
     from cryofastar_core.io import new_star, write_map, write_stack
     from cryofastar_core.physics.ctf import CTFParams
     from cryofastar_core.physics.projection import prepare_volume
@@ -195,7 +195,6 @@ def simulate(cfg: SimulateConfig) -> Path:
     names = stack_names(n, stack_size)
     with staged_output_dir(out_dir, last=[STAR_NAME]) as staging:
         image_names: list[str] = []
-        bar = tqdm(total=n, unit="img", desc="simulate", disable=None)
         for s, name in enumerate(names):
             start, stop = s * stack_size, min(n, (s + 1) * stack_size)
             stack = np.empty((stop - start, cfg.box, cfg.box), np.float32)
@@ -206,11 +205,11 @@ def simulate(cfg: SimulateConfig) -> Path:
                                                snr, gen)
                 stack[c0 - start:c1 - start] = noisy.cpu().numpy()
                 del clean, noisy
-                bar.update(c1 - c0)
+                if progress:
+                    progress("simulate", c1, n)
             write_stack(staging / name, stack, apix)
             del stack
             image_names += [f"{i + 1:06d}@{name}" for i in range(stop - start)]
-        bar.close()
         write_map(staging / TRUTH_NAME, truth, apix)
         new_star(staging / STAR_NAME, image_names, apix, cfg.box, cfg.voltage, cfg.cs, cfg.amplitude_contrast,
                  ctf_values if cfg.ctf else None, rotations, shifts,

@@ -112,7 +112,9 @@ def _offline(args: argparse.Namespace) -> int:
                          "use either --cs FILE --o OUT (offline) or --project/--workspace/--particles (server)")
     if args.out_dir is None:
         raise InputError(None, "--o", "no output folder", "pass --o OUT")
-    report = run_offline(args.cs, args.out_dir, args.project_dir, **_job_options(args))
+    from cryofastar_core.cli.progress import terminal_progress
+
+    report = run_offline(args.cs, args.out_dir, args.project_dir, progress=terminal_progress(), **_job_options(args))
     print(f"{report.n_kept} of {report.n_particles} particles kept; {report.resolution_text}; "
           f"{args.out_dir}/particles.cs (alignments3D), particles.star, map.mrc")
     print(*report.verdict_lines, sep="\n")

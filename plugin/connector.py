@@ -214,6 +214,7 @@ class _JobLog:
         self.server.log(self.project, self.job, redact(text, self.secrets), level=level, name=name)
 
     def progress(self, stage: str, done: int, total: int) -> None:
+        """The CryoSPARC front end's renderer of the engine's progress (:class:`cryofastar_core.progress.Progress`)."""
         # At most one update per few seconds or 10 %, and always the last one, to spare the API.
         now = time.monotonic()
         pct = int(100 * done / max(total, 1))

@@ -32,8 +32,9 @@ EXIT_ABORTED = INTERRUPTED  # RELION ignores exit codes; queue systems and shell
 
 
 class ProgressReporter:
-    """The engine's ``progress(stage, done, total)`` hook: a line in ``run.out`` every ``interval`` seconds
-    per stage (and at each stage's end), and a poll for RELION's abort request at every call."""
+    """The RELION front end's renderer of the engine's progress (:class:`cryofastar_core.progress.Progress`):
+    a line in ``run.out`` every ``interval`` seconds per stage (and at each stage's end), and a poll for
+    RELION's abort request at every call."""
 
     def __init__(self, markers: JobMarkers, interval: float = 2.0, stream=None):
         self.markers, self.interval = markers, interval
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(usage(), end="")  # help writes nothing, not even an exit marker
         return 0
-    # No progress bars: stderr is RELION's run.err, where the GUI shows errors. Headless plotting.
-    os.environ.setdefault("CRYOFASTAR_NO_PROGRESS", "1")
+    # Progress goes to run.out through ProgressReporter only (stderr is run.err, where the GUI shows
+    # errors). Headless plotting.
     os.environ.setdefault("MPLBACKEND", "Agg")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     with sigterm_raises():  # scancel or a queue's time limit: see run_external_job

@@ -35,7 +35,7 @@ def sim_star(tmp_path_factory, tiny_map_file) -> Path:
 
 def _env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-                OMP_NUM_THREADS="1", CRYOFASTAR_NO_PROGRESS="1", MPLBACKEND="Agg")
+                OMP_NUM_THREADS="1", MPLBACKEND="Agg")
 
 
 def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryofastar_core.geometry import mirror_rotations, random_rotations, rotation_angle_deg
+from cryofastar_core.geometry import mirror_rotations, random_rotations
 from cryofastar_core.inference.estimator import (EstimatorConfig, ViewPrediction, _align_hand, estimate_poses,
                                                  predict_views)
 from cryofastar_core.model.fpm import denormalize, fpm_targets, mirror_fpm, normalize

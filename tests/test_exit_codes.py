@@ -109,7 +109,6 @@ def _run_relion(tmp_path, monkeypatch, job) -> int:
     import cryofastar_core.job
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CRYOFASTAR_NO_PROGRESS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     (tmp_path / "p.star").write_text("data_\n")
     monkeypatch.setattr(cryofastar_core.job, "run", job)

@@ -146,7 +146,7 @@ def test_resume_after_inference_skips_the_model(sim_star, tiny_weights, tmp_path
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, CRYOFASTAR_NO_PROGRESS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.Popen([sys.executable, "-m", "cryofastar_core.cli.main", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 

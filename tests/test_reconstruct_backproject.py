@@ -9,8 +9,8 @@ from cryofastar_core.geometry import random_rotations
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft3c, ifft3c, radial_index_grid
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, random_half_sets, reconstruct,
-                                         reconstruct_half_maps, soft_sphere_mask)
+from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, insert_half_sets, random_half_sets,
+                                         reconstruct, reconstruct_half_maps, soft_sphere_mask)
 from cryofastar_core.simulation import simulate_images
 
 N, D = 2000, 32
@@ -107,6 +107,30 @@ def test_accumulators_add_and_weights(dataset):
     assert torch.allclose(wz.finalize(), only_first.finalize(), atol=1e-5)
     with pytest.raises(ValueError):
         Backprojector(D).insert(clean[:2], R[:2], ctf=ctf.index(slice(0, 2)))  # CTF without a pixel size
+
+
+def test_insert_half_sets_sends_each_particle_to_its_own_half(dataset):
+    """The one half-set insertion: exactly one Backprojector.insert per half of that half's particles in
+    their order (bit for bit), whatever form the labels, pixel sizes and weights take; an empty half is
+    left untouched."""
+    vol, apix, clean, R, shifts, ctf = dataset
+    n = 90
+    labels = np.where(np.arange(n) % 3 == 0, 2, 1)
+    apix_n = torch.full((n,), apix)
+    w = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5
+    expected = [Backprojector(D), Backprojector(D)]
+    for k, bp in enumerate(expected, start=1):
+        sel = torch.as_tensor(np.flatnonzero(labels == k))
+        bp.insert(clean[sel], R[sel], shifts[sel], ctf.index(sel), apix_n[sel], weights=w[sel])
+    for given in (labels, torch.as_tensor(labels), labels.tolist()):
+        got = [Backprojector(D), Backprojector(D)]
+        insert_half_sets(got, clean[:n], R[:n], given, shifts=shifts[:n], ctf=ctf.index(slice(0, n)), apix=apix_n,
+                         weights=w)
+        for a, b in zip(got, expected):
+            assert torch.equal(a.numerator, b.numerator) and torch.equal(a.weight, b.weight)
+    only_one = [Backprojector(D), Backprojector(D)]
+    insert_half_sets(only_one, clean[:4], R[:4], np.ones(4, dtype=np.int64), ctf=ctf.index(slice(0, 4)), apix=apix)
+    assert bool(only_one[0].weight.any()) and not bool(only_one[1].weight.any())
 
 
 def test_random_half_sets_balanced_and_reproducible():

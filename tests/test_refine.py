@@ -134,6 +134,35 @@ def test_initial_half_maps_are_used_and_zero_iterations_keep_poses(dataset):
     assert res.history[0]["fsc"] == plain.history[0]["fsc"]
 
 
+def test_every_refinement_pass_inserts_through_the_one_half_set_routine(dataset, monkeypatch):
+    """The initial reconstruction, the global pass, the local iteration and the final rebuild all insert
+    through reconstruct.insert_half_sets, each pass every particle once."""
+    import sys
+
+    from cryofastar_core.reconstruct import Backprojector
+
+    n = 48
+    images, ctf = dataset["images"][:n], dataset["ctf"].index(slice(0, n))
+    callers: list[tuple[str, int]] = []
+    insert = Backprojector.insert
+
+    def recording(self, images, *args, **kw):
+        callers.append((sys._getframe(1).f_code.co_name, images.shape[0]))
+        return insert(self, images, *args, **kw)
+
+    monkeypatch.setattr(Backprojector, "insert", recording)
+    res = refine_poses(_loader(images), ctf, APIX, dataset["R0"][:n], dataset["s0"][:n], dataset["half"][:n],
+                       RefineConfig(iterations=1, chunk_size=16, global_step_deg=30.0, global_passes=1))
+    passes = len(res.history)
+    assert [h["stage"] for h in res.history] == ["start", "global", "local"]
+    assert {c for c, _ in callers} == {"insert_half_sets"}, callers
+    assert sum(b for _, b in callers) == passes * n
+    callers.clear()
+    refine_poses(_loader(images), ctf, APIX, dataset["R0"][:n], dataset["s0"][:n], dataset["half"][:n],
+                 RefineConfig(iterations=0, global_step_deg=None), initial_half_maps=(res.half1, res.half2))
+    assert {c for c, _ in callers} == {"insert_half_sets"} and sum(b for _, b in callers) == n
+
+
 def test_ball_grids_and_neighbours():
     g, nb = _ball_grid(3, 2.0)
     assert g.shape[0] == 33 and torch.equal(g[0], torch.zeros(3, dtype=torch.int64))

@@ -32,7 +32,7 @@ def _step(folder: Path, **settings) -> Path:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CRYOFASTAR_NO_PROGRESS="1", MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     return subprocess.run([sys.executable, "-m", "cryofastar_core.cli.main", "run", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=180)
 

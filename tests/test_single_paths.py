@@ -116,3 +116,77 @@ def test_one_yaml_reader_for_step_files_and_training_configs(tmp_path):
     train.write_text("box: 16\nstage: {name: A, steps: 2, batch-size: 2, lr: 1e-3}\n")
     cfg = load_train_config(train)
     assert cfg.stages[0].batch_size == 2 and cfg.stages[0].lr == pytest.approx(1e-3)
+
+
+def _engine_sources() -> list[tuple[str, ast.AST]]:
+    """The engine: the package without its command line (``cli/``, the terminal front end)."""
+    return [(name, tree) for name, tree in _sources() if not name.startswith("cryofastar_core/cli/")]
+
+
+def test_the_engine_reports_progress_only_through_the_callback():
+    """No tqdm (nor the terminal renderer) in the engine: progress is the caller's ``progress(stage, done,
+    total)`` (cryofastar_core.progress), and each front end chooses how to show it."""
+    found: dict[str, list[int]] = {}
+    for name, tree in _engine_sources():
+        for node in ast.walk(tree):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m == "tqdm" or m.startswith("tqdm.") or m.startswith("cryofastar_core.cli") for m in modules):
+                found.setdefault(name, []).append(node.lineno)
+    assert not found, found
+    assert "cryofastar_core/progress.py" in dict(_engine_sources())
+
+
+def _backprojector_inserts(tree: ast.AST) -> list[tuple[str, int]]:
+    """``(enclosing function, line)`` of every ``x.insert(...)`` call that is not ``list.insert(i, v)`` (two
+    positional arguments) nor ``DataFrame.insert(loc, "column", value)`` (a string constant second)."""
+    calls = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "insert":
+            args = node.args
+            list_insert = len(args) == 2 and not node.keywords
+            frame_insert = len(args) >= 2 and isinstance(args[1], ast.Constant) and isinstance(args[1].value, str)
+            if not (list_insert or frame_insert):
+                calls.append((function, node.lineno))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, "<module>")
+    return calls
+
+
+def test_half_set_insertion_has_one_path():
+    """Every half-set reconstruction (half maps, the job's per-rank shares, refinement's passes) inserts
+    through reconstruct.backproject.insert_half_sets; Backprojector.insert is otherwise called only by the
+    one-map ``reconstruct``."""
+    found = {name: calls for name, tree in _sources() if (calls := _backprojector_inserts(tree))}
+    assert set(found) == {"cryofastar_core/reconstruct/backproject.py"}, found
+    assert sorted(f for f, _ in found["cryofastar_core/reconstruct/backproject.py"]) == \
+        ["insert_half_sets", "reconstruct"], found
+
+
+def test_the_terminal_renderer_draws_one_bar_per_stage():
+    import io
+
+    from cryofastar_core.cli.progress import TqdmProgress, terminal_progress
+
+    assert terminal_progress(stream=io.StringIO()) is None  # not a terminal (a log file, a pipe): nothing drawn
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    bars = terminal_progress(stream=term)
+    assert isinstance(bars, TqdmProgress)
+    for stage, done, total in [("poses", 16, 80), ("poses", 80, 80), ("refine: global search", 40, 80),
+                               ("refine: global search", 80, 80), ("refine: global search", 80, 80),
+                               ("reconstruct", 10, 80)]:
+        bars(stage, done, total)
+    bars.close()
+    text = term.getvalue()
+    assert "poses: 100%" in text and "80/80" in text and "refine: global search: 100%" in text
+    assert "reconstruct:  12%" in text and "10/80" in text

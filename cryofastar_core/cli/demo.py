@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from cryofastar_core.evaluation import evaluate, format_report
+from cryofastar_core.cli.progress import terminal_progress
 from cryofastar_core.cli.run import add_job_arguments, job_config
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
 from cryofastar_core.job import run
@@ -25,8 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, default=1000, help="particles to simulate (default: 1000)")
     p.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio (default: 1)")
     p.add_argument("--max-shift", type=float, default=2.0, help="largest simulated shift, px (default: 2)")
-    # Fewer views and candidates than `run` so the demo finishes in minutes on 2 CPU cores.
-    add_job_arguments(p, defaults={"views": 64, "candidates": 8})
+    # Fewer views and candidates than `run` so the demo finishes in minutes on 2 CPU cores; refinement on,
+    # since the feed-forward poses alone are tens of degrees off (README, model status).
+    add_job_arguments(p, defaults={"views": 64, "candidates": 8, "refine_iters": 3})
     p.set_defaults(func=_main)
 
 
@@ -35,11 +37,12 @@ def _main(args: argparse.Namespace) -> int:
     sim_dir, run_dir = out / "simulated", out / "run"
     print(f"1/3 simulating {args.n} particles of 3ENL (box 64, SNR {args.snr:g}, CTF) -> {sim_dir}")
     star = simulate(SimulateConfig(out_dir=sim_dir, n=args.n, box=64, snr=args.snr, seed=args.seed + 1,
-                                   map_path=DEMO_MAP, ctf=True, max_shift=args.max_shift))
+                                   map_path=DEMO_MAP, ctf=True, max_shift=args.max_shift),
+                    progress=terminal_progress(unit="img"))
     print(f"2/3 cryofastar run -> {run_dir}")
     # Image names in the STARs are relative to the simulation folder, the "project folder" here.
     args.project_dir = sim_dir
-    report = run(job_config(args, star, run_dir))
+    report = run(job_config(args, star, run_dir), progress=terminal_progress())
     print("3/3 comparing with the truth")
     result = evaluate(run_dir / "particles.star", star, run_dir / "map.mrc", sim_dir / "truth.mrc",
                       project_dir=sim_dir)

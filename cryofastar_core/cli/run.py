@@ -71,6 +71,7 @@ def command_line_settings(args: argparse.Namespace) -> dict:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from cryofastar_core.cli.progress import terminal_progress
     from cryofastar_core.inference.distributed import dist_env, init_from_env, shutdown
     from cryofastar_core.job_config import build_job_config
 
@@ -80,7 +81,7 @@ def _main(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     comm, _ = init_from_env(cfg.device)
     try:
-        report = run(cfg, comm=comm)
+        report = run(cfg, progress=terminal_progress(), comm=comm)  # the engine reports on rank 0 only
     finally:
         shutdown()
     if comm.is_main:

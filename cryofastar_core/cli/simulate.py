@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from cryofastar_core import simulate_particles
+from cryofastar_core.cli.progress import terminal_progress
 from cryofastar_core.simulate_particles import TRUTH_NAME, SimulateConfig, simulate
 
 
@@ -49,7 +50,7 @@ def _main(args: argparse.Namespace) -> int:
         max_shift=args.max_shift, defocus_min=args.defocus_range[0], defocus_max=args.defocus_range[1],
         voltage=args.voltage, cs=args.cs, amplitude_contrast=args.amplitude_contrast,
         chunk_size=args.chunk_size, stack_size=args.stack_size, device=args.device)
-    star = simulate(cfg)
+    star = simulate(cfg, progress=terminal_progress(unit="img"))
     print(f"Wrote {cfg.n} particles: {star} (truth map: {star.parent / TRUTH_NAME})")
     return 0
 

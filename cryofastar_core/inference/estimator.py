@@ -26,6 +26,7 @@ from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.inference.distributed import Communicator
 from cryofastar_core.model.fpm import denormalize
 from cryofastar_core.model.kabsch import kabsch
+from cryofastar_core.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,10 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: EstimatorConfig,
-                   progress: Callable[[int], None] | None = None, comm: Communicator | None = None) -> PoseEstimate:
+                   progress: Progress | None = None, comm: Communicator | None = None) -> PoseEstimate:
     """Estimate poses for ``n_particles`` particles read through ``load``.
 
-    ``progress(k)`` is called with the number of particles finished after each batch.
+    ``progress("poses", done, n_particles)`` is called with the number of particles finished after each batch.
 
     With a distributed ``comm`` (several ranks), every rank must call this with the same arguments: the
     reference candidates and then the chunk batches are dealt out to the ranks batch by batch (so each
@@ -209,7 +210,7 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     def tick() -> None:
         if progress:
             mine = int(done.sum()) - n_first
-            progress(min(n_particles, n_first + mine * comm.world_size))
+            progress("poses", min(n_particles, n_first + mine * comm.world_size), n_particles)
 
     def run_my_chunks() -> None:
         if not my_batches:
@@ -255,7 +256,7 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
             flipped[0] += share["flipped"]
             drift.update(share["drift"])
         if progress:
-            progress(int(done.sum()))
+            progress("poses", int(done.sum()), n_particles)
     assert done.all(), "every particle must receive a pose"
     result.flipped_chunks = flipped[0]
     result.chunk_drift_deg = [drift[c] for c in sorted(drift)]

@@ -7,7 +7,8 @@ from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.cs import write_particles_cs
 from cryofastar_core.io.mrc import read_map, write_map, write_stack
 from cryofastar_core.io.particles import CTF_FIELDS, ParticleSet, read_particles
-from cryofastar_core.io.star import CONFIDENCE_LABEL, new_star, write_particles_star
+from cryofastar_core.io.relion_tables import CONFIDENCE_LABEL
+from cryofastar_core.io.star import new_star, write_particles_star
 
 __all__ = ["ParticleSet", "read_particles", "write_particles_star", "write_particles_cs", "new_star", "write_stack",
            "read_map", "write_map", "atomic_output", "CONFIDENCE_LABEL", "CTF_FIELDS"]

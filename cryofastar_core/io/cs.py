@@ -212,7 +212,7 @@ def _dataset_from_star(particles: ParticleSet) -> Dataset:
 
 def dataset_to_relion31(particles: ParticleSet) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.1 particle and optics tables for a ``.cs`` input (mapping of spec §B5)."""
-    ds, n = particles.dataset, len(particles)
+    ds = particles.dataset
     fields = set(ds.fields())
     stacks = [strip_cryosparc_prefix(p) for p in _strings(ds["blob/path"])]
     table = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{p}" for i, p in zip(particles.slice_index, stacks)]})

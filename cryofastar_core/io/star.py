@@ -20,9 +20,8 @@ from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.cs import dataset_to_relion31
 from cryofastar_core.io.particle_set import ParticleSet, as_indices, check_stacks
 from cryofastar_core.io.paths import resolve_image_path, strip_cryosparc_prefix
-# Also importable from here, where they lived before relion_tables (CONFIDENCE_LABEL, build_optics).
-from cryofastar_core.io.relion_tables import (ANGLES, CONFIDENCE_LABEL, IMAGE_NAME, OPTICS_GROUP, OPTICS_LABELS_30,
-                                              ORIGINS_ANGST, ORIGINS_PX, RANDOM_SUBSET, build_optics)
+from cryofastar_core.io.relion_tables import (ANGLES, IMAGE_NAME, OPTICS_GROUP, OPTICS_LABELS_30, ORIGINS_ANGST,
+                                              ORIGINS_PX, RANDOM_SUBSET, build_optics)
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ that shell from 0.851 to 0.897 at box 64 (no mask is applied here). On our simul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -268,6 +268,33 @@ def reconstruct(images: Tensor, rotations: Tensor, shifts: Tensor | None = None,
     return bp.finalize(wiener_constant)
 
 
+def insert_half_sets(backprojectors: Sequence[Backprojector], images: Tensor, rotations: Tensor,
+                     half_sets: np.ndarray | Tensor, shifts: Tensor | None = None, ctf: CTFParams | None = None,
+                     apix: float | Tensor | None = None, weights: Tensor | None = None) -> None:
+    """Insert each image ``(B, D, D)`` into the accumulator of its half set: ``half_sets`` ``(B,)`` in {1, 2}
+    picks ``backprojectors[0]`` or ``[1]``. The one half-set insertion of every reconstruction (half maps,
+    the job's per-rank shares, refinement's passes): a particle never reaches the other half's map.
+
+    Each half receives its particles in their given order, one :meth:`Backprojector.insert` call per half
+    per call here; the other arguments are as there (``apix`` a float or ``(B,)``). Index tensors follow
+    each argument's device, so inputs may live on different devices.
+    """
+    h = half_sets if torch.is_tensor(half_sets) else torch.as_tensor(np.asarray(half_sets))
+    h = h.cpu()
+    for k, bp in enumerate(backprojectors, start=1):
+        sel = torch.nonzero(h == k).flatten()
+        if sel.numel() == 0:
+            continue
+
+        def pick(t: Tensor, sel: Tensor = sel) -> Tensor:
+            return t[sel.to(t.device)]
+
+        bp.insert(pick(images), pick(rotations), shifts=None if shifts is None else pick(shifts),
+                  ctf=None if ctf is None else ctf.index(sel.to(ctf.defocus_u.device)),
+                  apix=pick(apix) if torch.is_tensor(apix) and apix.ndim > 0 else apix,
+                  weights=None if weights is None else pick(weights))
+
+
 @dataclass
 class ParticleChunk:
     """A chunk of particles for streaming reconstruction. ``half_sets``: ``(B,)`` values in {1, 2}."""
@@ -315,16 +342,8 @@ def reconstruct_half_maps(data: Tensor | Iterable[ParticleChunk], rotations: Ten
             box = box or ch.images.shape[-1]
             dev = device if device is not None else ch.images.device
             halves = [Backprojector(box, device=dev, pad=pad) for _ in range(2)]
-        h = torch.as_tensor(np.asarray(ch.half_sets) if not torch.is_tensor(ch.half_sets) else ch.half_sets)
-        for k, bp in enumerate(halves, start=1):
-            sel = torch.nonzero(h.cpu() == k).flatten()
-            if sel.numel() == 0:
-                continue
-            apix_k = ch.apix[sel.to(ch.apix.device)] if torch.is_tensor(ch.apix) and ch.apix.ndim > 0 else ch.apix
-            bp.insert(ch.images[sel.to(ch.images.device)], ch.rotations[sel.to(ch.rotations.device)],
-                      shifts=None if ch.shifts is None else ch.shifts[sel.to(ch.shifts.device)],
-                      ctf=None if ch.ctf is None else ch.ctf.index(sel.to(ch.ctf.defocus_u.device)),
-                      apix=apix_k, weights=None if ch.weights is None else ch.weights[sel.to(ch.weights.device)])
+        insert_half_sets(halves, ch.images, ch.rotations, ch.half_sets, shifts=ch.shifts, ctf=ch.ctf, apix=ch.apix,
+                         weights=ch.weights)
     if halves is None:
         raise ValueError("reconstruct_half_maps: no particles")
     half1 = halves[0].finalize(wiener_constant)

@@ -53,7 +53,7 @@ def _simulate(args: argparse.Namespace, folder: Path) -> Path:
 
 
 def _run(nproc: int, star: Path, weights: str, out: Path, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), CRYOFASTAR_NO_PROGRESS="1", MPLBACKEND="Agg",
+    env = dict(os.environ, PYTHONPATH=str(REPO), MPLBACKEND="Agg",
                OMP_NUM_THREADS=str(args.threads_per_process))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "cryofastar_core.cli.run", "--particles", str(star), "--o", str(out), "--weights", weights,

@@ -429,7 +429,7 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
         n_chunks=int(est["n_chunks"]), apix=inputs.apix, box=int(particles.box), model_box=inputs.model_box,
         resolution_0143=None if quality.verdict == "failed" else float(res), timings_s=ctx.timer.timings,
         refinement=poses.refinement, outputs=outputs + [REPORT], resumed_from_poses=poses.resumed,
-        processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"]),
+        processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"], refined=ctx.cfg.refine_iters > 0),
         quality=quality.to_dict())
     payload = json.loads(report.to_json())
     payload["fingerprint"] = inputs.fingerprint
@@ -643,17 +643,20 @@ def _settings(cfg: JobConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def pose_trust_note(provenance: dict) -> str:
+def pose_trust_note(provenance: dict, refined: bool = False) -> str:
     """One plain sentence on how far these weights' feed-forward poses can be trusted, from the
-    held-out accuracy recorded in the weights file (``extra["heldout"]``, written when weights ship)."""
+    held-out accuracy recorded in the weights file (``extra["heldout"]``, written when weights ship), and
+    what to do about it: refine (``refined`` False), or read the verdict on the refined poses."""
     heldout = provenance.get("heldout") if isinstance(provenance, dict) else None
+    then = ("this run refined them (global passes, then local iterations): the pose-quality verdict below says "
+            "what the refined poses are worth." if refined else
+            "the half-map resolution measures consistency, not correctness. Rerun with --refine-iters 3, or "
+            "refine globally in RELION or CryoSPARC from this map, before building on it.")
     if not isinstance(heldout, dict) or "median_rot_deg" not in heldout:
-        return ("POSES NOT VALIDATED: these weights carry no held-out accuracy; do not trust the poses or the "
-                "map's resolution without an independent check (e.g. RELION/CryoSPARC refinement from this map).")
-    return (f"POSES NOT YET RELIABLE: on unseen simulated structures these weights' median rotation error is "
-            f"{float(heldout['median_rot_deg']):.0f} deg ({heldout.get('setting', 'see the model card')}); "
-            "the half-map resolution measures consistency, not correctness. Refine globally in RELION or "
-            "CryoSPARC from this map before building on it.")
+        return f"FEED-FORWARD POSES NOT VALIDATED: these weights carry no held-out accuracy; {then}"
+    return (f"FEED-FORWARD POSES NOT YET RELIABLE: on unseen simulated structures these weights' median rotation "
+            f"error is {float(heldout['median_rot_deg']):.0f} deg ({heldout.get('setting', 'see the model card')}); "
+            f"{then}")
 
 
 def _weights_identity(path: Path) -> dict:

@@ -67,7 +67,7 @@ def test_run_writes_every_output_and_leaves_inputs_untouched(sim_star, tiny_weig
     assert set(data["timings_s"]) >= {"read", "load_weights", "poses", "reconstruct", "write", "total"}
     assert data["weights"]["sha256"] == hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
     # Weights without a held-out accuracy on record get the plainest warning.
-    assert data["pose_warning"].startswith("POSES NOT VALIDATED")
+    assert data["pose_warning"].startswith("FEED-FORWARD POSES NOT VALIDATED")
 
     # Image names are kept as they were: relative to the folder the input was made in (its "project").
     ours = read_particles(out / "particles.star", sim_star.parent)
@@ -238,7 +238,10 @@ def test_pose_warning_quotes_the_recorded_accuracy():
     from cryofastar_core.job import pose_trust_note
 
     note = pose_trust_note({"heldout": {"median_rot_deg": 64.2, "setting": "clean, 16 views"}})
-    assert note.startswith("POSES NOT YET RELIABLE") and "64 deg (clean, 16 views)" in note
+    assert note.startswith("FEED-FORWARD POSES NOT YET RELIABLE") and "64 deg (clean, 16 views)" in note
+    assert "--refine-iters 3" in note
+    refined = pose_trust_note({"heldout": {"median_rot_deg": 64.2}}, refined=True)
+    assert "verdict below" in refined and "--refine-iters" not in refined
 
 
 

@@ -2,7 +2,8 @@
 
 Particles of ``--pred`` and ``--truth`` (RELION ``.star`` or CryoSPARC ``.cs``) are matched by image
 (stack file and slice, i.e. ``rlnImageName``); particles found in only one file are ignored with a
-warning. Rotation errors are measured after the best global rotation and hand (design brief §5):
+warning. Rotation errors are measured after the best global rotation and hand (an ab initio frame and hand
+are arbitrary):
 median and mean geodesic angle, mean ``||R_true - G R_pred||_F``; translation error in pixels.
 With ``--map`` and ``--truth-map`` the map is moved into the truth frame with the same ``G`` and the
 FSC resolution against the truth map is reported (0.5 and 0.143 thresholds).

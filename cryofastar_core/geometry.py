@@ -10,11 +10,11 @@ Internal convention (used by every engine module; converted only at the I/O edge
   centred 2D transform at frequency ``(kx, ky)`` is ``V_hat(R @ (kx, ky, 0))``.
   ``R`` is the transpose of RELION's matrix ``A(rot, tilt, psi)`` and equals
   ``scipy.Rotation.from_rotvec(alignments3D/pose).as_matrix()`` for CryoSPARC
-  (integration spec §A6, §B5).
+  (``tests/test_physics_relion.py`` checks ``A`` against ``relion_project``).
 * ``shift`` (``(..., 2)``, pixels, ``(x, y)``) has RELION's origin meaning: the particle's
   centre sits at ``box_centre - shift``, i.e. ``image(p) = centred_image(p + shift)``.
   RELION stores it in Å (``rlnOriginXAngst``), CryoSPARC in pixels of ``alignments3D/psize_A``
-  with the same sign (spec §B5).
+  with the same sign (not yet checked against a CryoSPARC server: ``plugin/README.md``).
 
 Everything here is a pure function of tensors; dtype and device follow the input.
 """
@@ -33,7 +33,7 @@ def relion_euler_to_matrix(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Ten
 
 
 def relion_matrix_A(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """RELION's ``Euler_angles2matrix``: ``A`` maps map coordinates to image coordinates."""
+    """RELION's rotation matrix ``A``: it maps map coordinates to image coordinates."""
     rot, tilt, psi = (torch.deg2rad(torch.as_tensor(a, dtype=torch.float64)) for a in (rot, tilt, psi))
     ca, sa = torch.cos(rot), torch.sin(rot)
     cb, sb = torch.cos(tilt), torch.sin(tilt)
@@ -48,7 +48,7 @@ def relion_matrix_A(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) ->
 def matrix_to_relion_euler(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Internal rotations ``(..., 3, 3)`` -> RELION ``(rot, tilt, psi)`` in degrees, tilt in [0, 180].
 
-    Follows RELION's ``Euler_matrix2angles``, including its gimbal-lock choice (rot = 0).
+    At gimbal lock (tilt 0 or 180) it sets rot = 0, as RELION does.
     """
     A = torch.as_tensor(R, dtype=torch.float64).transpose(-1, -2)
     abs_sb = torch.sqrt(A[..., 0, 2] ** 2 + A[..., 1, 2] ** 2)

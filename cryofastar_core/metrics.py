@@ -1,4 +1,4 @@
-"""Evaluation metrics (design brief §5): pose errors after global alignment, translation errors, and
+"""Evaluation metrics: pose errors after global alignment, translation errors, and
 FSC resolution against a ground-truth map.
 
 Frames: an ab initio result is defined only up to a global rotation of the map frame and the hand.
@@ -76,7 +76,7 @@ def apply_alignment(R_pred, G, mirrored: bool) -> torch.Tensor:
 
 def rotation_errors(R_pred, R_true, allow_mirror: bool = True) -> dict:
     """Pose errors after global alignment: ``median_deg``, ``mean_deg`` (geodesic angle),
-    ``mean_fnorm`` (``||R_true - G R_pred||_F``, brief §5's "Rot F-Norm"), ``median_fnorm``,
+    ``mean_fnorm`` (``||R_true - G R_pred||_F``), ``median_fnorm``,
     ``mirrored`` and ``G`` (list of lists)."""
     G, mirrored = align_rotations(R_pred, R_true, allow_mirror)
     Ra = apply_alignment(R_pred, G, mirrored)

@@ -108,7 +108,7 @@ def viewing_directions(rotations) -> tuple[np.ndarray, np.ndarray]:
 
     With the internal convention the image is the integral along the image z axis of the map
     sampled at ``R @ (x, y, z)``, so the projection axis in map coordinates is ``R @ (0, 0, 1)``,
-    the third column of ``R`` (= third row of RELION's ``A``, RELION's ``Euler_angles2direction``:
+    the third column of ``R`` (= third row of RELION's ``A``, RELION's viewing direction
     ``(sin tilt cos rot, sin tilt sin rot, cos tilt)``).
 
     Args:

@@ -1,7 +1,8 @@
 """On-the-fly simulation of particle images (training data and tests).
 
-Order of operations (design brief §3.3): project (Fourier slice) -> CTF -> shift (phase ramp) ->
-inverse FT -> noise. All in Fourier space until the inverse transform, on the volume's device.
+Order of operations: project (Fourier slice) -> CTF -> shift (phase ramp) -> inverse FT -> noise. All in
+Fourier space until the inverse transform, on the volume's device. ``tests/test_relion_conventions.py``
+checks the noiseless images against ``relion_project`` of the same STAR.
 """
 from __future__ import annotations
 

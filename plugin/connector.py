@@ -1,6 +1,6 @@
 """Pull particles from a CryoSPARC job, run the engine, push poses and maps into a new External job.
 
-Steps (integration spec §B2-§B5), all server traffic through the seam :class:`plugin.server.CryoSPARCServer`:
+Steps, all server traffic through the seam :class:`plugin.server.CryoSPARCServer`:
 
 1. check the source job has the output, load it (all slots) as a ``Dataset``;
 2. find the images: read them from the project folder when it is mounted here, otherwise stream each

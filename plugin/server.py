@@ -1,9 +1,8 @@
 """The one seam between the connector and a CryoSPARC instance (cryosparc-tools 5.x).
 
-:class:`CryoSPARCServer` is deliberately small and dumb: every method is one cryosparc-tools call
-(integration spec §B1-§B3), takes plain uids, and returns plain values or real
-``cryosparc.dataset.Dataset`` objects. All logic lives in :mod:`plugin.connector`, so tests can
-replace this class with a recording fake and check exactly which calls are made.
+:class:`CryoSPARCServer` is deliberately small and dumb: every method is one cryosparc-tools call,
+takes plain uids, and returns plain values or real ``cryosparc.dataset.Dataset`` objects. All logic lives
+in :mod:`plugin.connector`, so tests can replace this class with a recording fake and check exactly which calls are made.
 
 cryosparc-tools 4.x is refused (see :func:`check_tools_version`): its classes, ports and login
 (a license ID) differ, and it cannot be tested here without a 4.x server.
@@ -81,7 +80,7 @@ class CryoSPARCServer:
 
     @classmethod
     def connect(cls, creds: Credentials) -> "CryoSPARCServer":
-        """Log in the way cryosparc-tools 5.x does (spec §B1). Error messages never hold the password."""
+        """Log in the way cryosparc-tools 5.x does. Error messages never hold the password."""
         check_tools_version()
         from cryosparc.tools import CryoSPARC
 

@@ -2,7 +2,8 @@
 
 RELION ignores the exit code of an External program (it runs it in the background) and only watches for
 ``RELION_JOB_EXIT_SUCCESS`` / ``_FAILURE`` / ``_ABORTED`` in the job folder. The GUI's Abort button only
-creates ``RELION_JOB_ABORT_NOW``; the program must notice it itself (spec §A2).
+creates ``RELION_JOB_ABORT_NOW``; the program must notice it itself (RELION 3.1, in
+``tests/test_relion_external_pipeline.py``).
 """
 from __future__ import annotations
 

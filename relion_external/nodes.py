@@ -4,7 +4,8 @@ RELION 3.1 reads the integer column ``rlnPipeLineNodeType``; 4.0 and 5.0 read th
 ``rlnPipeLineNodeTypeLabel``, with different particle labels in 4.0 and 5.0, and 5.0 does not convert
 4.0 labels in this file. 3.1 only warns about the label column and 4.0/5.0 ignore the integer one, so we
 always write both and choose the label by the version detected from the project's
-``default_pipeline.star`` (spec §A3).
+``default_pipeline.star``. ``tests/test_relion_external_pipeline.py`` checks that RELION 3.1 takes our nodes
+into its pipeline; 4.0 and 5.0 are untested.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cryofastar_core.io.atomic_write import atomic_output
 NODES_FILE = "RELION_OUTPUT_NODES.star"
 PIPELINE_FILE = "default_pipeline.star"
 
-# Node kinds -> (RELION 3.1 integer type, 4.0 label, 5.0 label); from pipeline_jobs.h of each version.
+# Node kinds -> (RELION 3.1 integer type, 4.0 label, 5.0 label), each version's own values.
 NODE_TYPES: dict[str, tuple[int, str, str]] = {
     "particles": (3, "ParticlesData.star.relion", "ParticleGroupMetadata.star.relion"),
     "map": (6, "DensityMap.mrc", "DensityMap.mrc"),

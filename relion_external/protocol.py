@@ -6,7 +6,8 @@ with nothing after the flag when the value is empty, the additional arguments ar
 any command containing ``relion_`` gets ``--pipeline_control <dir>`` (``--pipeline-control`` in 5.0)
 appended. So the parser is hand-written: every flag is accepted, a flag's value is the next token unless
 that token is another flag, and flags we do not know are kept in :attr:`ExternalArgs.unknown` for a
-warning, never an error. See ``shared/docs/integration-spec.md`` §A1.
+warning, never an error. ``tests/test_relion_external_pipeline.py`` runs the job from RELION 3.1's own
+pipeliner; the 4.0 and 5.0 forms are untested.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable
 from cryofastar_core.errors import InputError
 from cryofastar_core.job import JOB_OPTIONS
 
-# RELION's input flags (spec §A1), in the order RELION emits them.
+# RELION's input flags, in the order RELION emits them.
 INPUT_FLAGS = ("in_movies", "in_mics", "in_parts", "in_coords", "in_3dref", "in_mask")
 # Flags RELION may add that carry no meaning for us.
 IGNORED_FLAGS = ("pipeline_control",)

@@ -31,4 +31,4 @@ def test_demo_help_shows_the_demos_own_defaults():
     run_help, demo_help = (" ".join(_help(c).split()) for c in ("run", "demo"))
     assert "new particles (default: 128)" in run_help and "new particles (default: 64)" in demo_help
     assert "kept (default: 64)" in run_help and "kept (default: 8)" in demo_help
-    assert "feed-forward poses (default: 0)" in run_help and "feed-forward poses (default: 3)" in demo_help
+    assert "global passes (0: feed-forward poses only) (default: 3)" in run_help

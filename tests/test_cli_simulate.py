@@ -37,7 +37,7 @@ def test_cli_writes_relion31_star_stack_and_truth(tmp_path, tiny_map_file, tiny_
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
                 "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnRandomSubset"):
         assert col in parts.columns, col
-    assert "rlnOriginX" not in parts.columns  # 3.1 files carry Å origins only (spec §A5)
+    assert "rlnOriginX" not in parts.columns  # 3.1 files carry Å origins only
     assert list(parts["rlnImageName"][:2]) == ["000001@particles.mrcs", "000002@particles.mrcs"]
     assert parts["rlnDefocusU"].between(5000, 30250).all() and (parts["rlnDefocusU"] >= parts["rlnDefocusV"]).all()
     assert (parts[["rlnOriginXAngst", "rlnOriginYAngst"]].abs() <= 2 * 3.0 + 1e-6).all().all()

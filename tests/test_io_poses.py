@@ -18,7 +18,7 @@ def test_euler_rotvec_round_trip_random_poses():
     np.testing.assert_allclose(poses.rotvec_to_rotations(rv), R, atol=1e-9)
     back = poses.euler_to_rotations(*poses.rotations_to_euler(poses.rotvec_to_rotations(rv)))
     np.testing.assert_allclose(back, R, atol=1e-9)
-    # CryoSPARC -> RELION Euler as pyem does it (scipy intrinsic ZYZ of the rotation vector).
+    # CryoSPARC -> RELION Euler: scipy's intrinsic ZYZ of the rotation vector's matrix.
     rot, tilt, psi = poses.rotations_to_euler(Rotation.from_rotvec(rv).as_matrix())
     np.testing.assert_allclose(Rotation.from_euler("ZYZ", np.stack([rot, tilt, psi], -1), degrees=True).as_matrix(),
                                R, atol=1e-9)

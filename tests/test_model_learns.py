@@ -1,6 +1,6 @@
 """The default loss must teach rotations, not only lower its own value.
 
-With the official grid term (10 x L1 on neighbour differences) the loss fell while the Kabsch rotation
+With a grid term of weight 10 (L1 on neighbour differences) the loss fell while the Kabsch rotation
 error of a fixed batch stayed at 44 deg after 300 steps; without it the same batch was memorised to
 under 2 deg. This guards the default configuration against such a stall.
 """
@@ -47,5 +47,5 @@ def test_default_loss_memorises_the_rotations_of_one_batch():
         loss.backward()
         opt.step()
     end = _median_rotation_error(model(images), rotations, box)
-    # Measured: 4.3 deg with the defaults, 33 deg with the official grid_weight=10.
+    # Measured: 4.3 deg with the defaults, 33 deg with grid_weight=10.
     assert start > 40 and end < 12, (start, end)

@@ -87,9 +87,8 @@ def _count(size, box, **overrides):
     return sum(p.numel() for p in model.parameters())
 
 
-def test_parameter_counts_match_brief():
-    # Brief §2.2 (analytic, reproduces the official count with its per-pixel linear head):
-    # L 532.6 M and S 52.0 M at D=128, p=16.
+def test_parameter_counts_of_the_named_sizes():
+    # Analytic counts with the per-pixel linear head: L 532.6 M and S 52.0 M at D=128, p=16.
     assert abs(_count("L", 128) / 532.6e6 - 1) < 0.005
     assert abs(_count("S", 128) / 52.0e6 - 1) < 0.005
     assert abs(_count("XS", 64) / 13.7e6 - 1) < 0.01

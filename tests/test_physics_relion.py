@@ -1,4 +1,4 @@
-"""Our projection, shift and CTF against the real ``relion_project`` binary (RELION convention, spec §A6)."""
+"""Our projection, shift and CTF against the real ``relion_project`` binary (RELION convention)."""
 from __future__ import annotations
 
 import subprocess

@@ -43,7 +43,7 @@ def test_fsc_crossings_follow_the_reported_resolution():
 
 
 def test_viewing_directions_match_relion_direction():
-    # RELION's Euler_angles2direction: (sin t cos r, sin t sin r, cos t); our projection axis is R @ e_z.
+    # RELION's viewing direction (sin t cos r, sin t sin r, cos t); our projection axis is R @ e_z.
     rot, tilt, psi = np.array([30.0, -120.0, 75.0]), np.array([50.0, 100.0, 10.0]), np.array([70.0, 5.0, -33.0])
     R = relion_euler_to_matrix(torch.tensor(rot), torch.tensor(tilt), torch.tensor(psi))
     az, el = plots.viewing_directions(R)

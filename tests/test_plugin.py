@@ -2,7 +2,7 @@
 recording fake in place of the one server seam (``plugin.server.CryoSPARCServer``).
 
 The particle set is a small CryoSPARC-style project folder built here by hand: a simulated stack at
-``J1/imported/particles.mrcs`` and a ``.cs`` written with ``Dataset`` (fields of spec §B2). Tiny untrained
+``J1/imported/particles.mrcs`` and a ``.cs`` written with ``Dataset`` (CryoSPARC's fields). Tiny untrained
 weights: this checks plumbing and conventions, not accuracy.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ SECRET = "pa55-Wörd_do-not-leak-7f3a"
 JOB_ARGS = ["--views", "16", "--candidates", "3", "--anchors", "4", "--device", "cpu", "--chunks-per-batch", "2"]
 JOB_KW = dict(views=16, candidates=3, anchors=4, device="cpu", chunks_per_batch=2)
 
-# alignments3D as CryoSPARC defines it (spec §B2), written out here independently of the code under test.
+# alignments3D as CryoSPARC defines it, written out here independently of the code under test.
 ALIGNMENTS3D = [("alignments3D/split", "<u4"), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/pose", "<f4", (3,)),
                 ("alignments3D/psize_A", "<f4"), ("alignments3D/error", "<f4"), ("alignments3D/error_min", "<f4"),
                 ("alignments3D/resid_pow", "<f4"), ("alignments3D/slice_pow", "<f4"),
@@ -224,14 +224,14 @@ def test_fake_speaks_the_seams_interface():
 
 # --- checks shared by the round trips ----------------------------------------------------------------
 def _check_cs_against_star(cs: Dataset, star_path: Path, source: Dataset) -> None:
-    """The .cs beside the STAR agrees with it by spec §B5, row by row."""
+    """The .cs beside the STAR agrees with it by the mapping under "Conventions" in plugin/README.md, row by row."""
     star = starfile.read(star_path)["particles"]
     assert len(star) == len(cs)
     names = [f"{int(i) + 1:06d}@{p}" for i, p in zip(cs["blob/idx"], cs["blob/path"])]
     assert star["rlnImageName"].tolist() == names
     pose = np.asarray(cs["alignments3D/pose"], dtype=np.float64)
     eul = star[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
-    # RELION Eulers are scipy's intrinsic ZYZ of the rotation vector (pyem's csparc2star).
+    # RELION Eulers are scipy's intrinsic ZYZ of the rotation vector.
     R_cs = Rotation.from_rotvec(pose).as_matrix()
     assert np.allclose(Rotation.from_euler("ZYZ", eul, degrees=True).as_matrix(), R_cs, atol=1e-4)
     R_star = geometry.relion_euler_to_matrix(*(torch.as_tensor(eul[:, k]) for k in range(3))).numpy()
@@ -347,7 +347,8 @@ def test_server_round_trip_exact_calls(cs_project, tiny_weights, tmp_path):
     logs = [kw for name, kw in fake.calls if name == "log"]
     progress = [kw for kw in logs if kw["name"] == "progress_poses"]
     assert progress and progress[-1]["text"].endswith(f"100% ({N}/{N})")
-    assert any(kw["name"] == "progress_reconstruct" for kw in logs)
+    # Refinement is on by default: its passes report progress, and its last maps are the job's maps.
+    assert any(kw["name"] == "progress_refine 3/3" for kw in logs), {kw["name"] for kw in logs}
     assert all(kw["job"] == EXT and kw["project"] == PROJECT for kw in logs)
     # The pose-quality verdict is the job log's last line, where the user looks.
     verdict = json.loads((out / "report.json").read_text())["quality"]["verdict"]

@@ -28,7 +28,7 @@ TEMPLATE = REPO / "deploy" / "relion" / "slurm_external_template.sh"
 # --- argv --------------------------------------------------------------------------------------------------------
 
 def test_parses_the_argv_relion_sends():
-    # Logged from RELION 3.1.3 (spec §A1): inputs, user parameters, --j, then "Additional arguments".
+    # Logged from RELION 3.1.3: inputs, user parameters, --j, then "Additional arguments".
     argv = ["--o", "External/job001/", "--in_parts", "Import/proj.star", "--in_3dref", "ref.mrc", "--weights",
             "/w/tiny.pt", "--views", "64", "--j", "2", "--extra_flag", "1"]
     args = parse_external_args(argv)
@@ -111,7 +111,7 @@ _rlnPipeLineNodeType #2
 Import/job001/particles.star            3
 """
 
-# As written by RELION 4.0 (pipeliner.cpp, ver4.0): label columns, STAR version still 30001.
+# The form RELION 4.0 writes (no 4.0 binary here to produce it): label columns, STAR version still 30001.
 PIPELINE_40 = """
 # version 30001
 
@@ -257,8 +257,9 @@ def test_abort_requested_before_start_is_honoured(tmp_path, monkeypatch):
 # --- queue template and wrapper -------------------------------------------------------------------------------------
 
 def render_like_relion(template: str, command: str, tokens: dict[str, str]) -> str:
-    """RELION's ``saveJobSubmissionScript`` for a command without ``relion_`` in it (spec §A4): the whole
-    line holding XXXcommandXXX becomes the bare command; other tokens are replaced in place."""
+    """How RELION fills a queue template for a command without ``relion_`` in it: the whole line holding
+    XXXcommandXXX becomes the bare command; other tokens are replaced in place (RELION 3.1 itself does this
+    in ``test_queue_submission_through_the_slurm_template``, tests/test_relion_external_pipeline.py)."""
     lines = []
     for line in template.splitlines():
         if "XXXcommandXXX" in line:

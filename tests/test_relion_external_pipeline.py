@@ -126,7 +126,9 @@ def external_job(project, tiny_weights) -> tuple[str, dict, dict]:
     An empty ``gpu`` value (a bare flag), unknown flags and an injected ``--pipeline_control`` ride along,
     as RELION emits them."""
     assert os.access(WRAPPER, os.X_OK), f"{WRAPPER} must be executable (git: mode 100755)"
-    opts = _external_options("Import/job001/particles.star", tiny_weights, gpu="", device="cpu")
+    # Feed-forward only (refine_iters 0): these tests are about the adapter and RELION reading our outputs;
+    # refinement inside the job has its own tests (tests/test_job.py, tests/test_refine.py).
+    opts = _external_options("Import/job001/particles.star", tiny_weights, gpu="", device="cpu", refine_iters="0")
     opts["other_args"] = "--unknown_flag 3 --bare --pipeline_control External/job002/"
     job = _add_external(project, opts)
     before = _snapshot(project)

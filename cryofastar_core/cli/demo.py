@@ -26,9 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, default=1000, help="particles to simulate (default: 1000)")
     p.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio (default: 1)")
     p.add_argument("--max-shift", type=float, default=2.0, help="largest simulated shift, px (default: 2)")
-    # Fewer views and candidates than `run` so the demo finishes in minutes on 2 CPU cores; refinement on,
-    # since the feed-forward poses alone are tens of degrees off (README, model status).
-    add_job_arguments(p, defaults={"views": 64, "candidates": 8, "refine_iters": 3})
+    # Fewer views and candidates than `run` so the demo finishes in minutes on 2 CPU cores.
+    add_job_arguments(p, defaults={"views": 64, "candidates": 8})
     p.set_defaults(func=_main)
 
 

@@ -1,4 +1,4 @@
-"""Poses for N >> views particles in one shared frame (design brief §4).
+"""Poses for N >> views particles in one shared frame.
 
 1. Score ``candidates`` reference particles, each in one forward pass with the same fixed auxiliary set;
    keep the best by mean confidence and Kabsch residual.

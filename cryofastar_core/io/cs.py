@@ -1,9 +1,9 @@
 """CryoSPARC ``.cs`` particle files through cryosparc-tools' ``Dataset`` (offline; no server).
 
-Field meanings (integration spec §B2, §B5): ``blob/path`` relative to the CryoSPARC project folder
-(a leading ``>`` is dropped), ``blob/idx`` 0-based, ``blob/psize_A`` Å/px, ``blob/sign`` contrast,
-``ctf/*`` in Å and radians, ``alignments3D/pose`` rotation vector (= internal ``R``),
-``alignments3D/shift`` pixels of ``alignments3D/psize_A``, ``alignments3D/split`` 0/1.
+Field meanings (CryoSPARC's; ``plugin/README.md`` lists those not yet checked against a server):
+``blob/path`` relative to the CryoSPARC project folder (a leading ``>`` is dropped), ``blob/idx`` 0-based,
+``blob/psize_A`` Å/px, ``blob/sign`` contrast, ``ctf/*`` in Å and radians, ``alignments3D/pose`` rotation
+vector (= internal ``R``), ``alignments3D/shift`` pixels of ``alignments3D/psize_A``, ``alignments3D/split`` 0/1.
 """
 from __future__ import annotations
 
@@ -211,7 +211,8 @@ def _dataset_from_star(particles: ParticleSet) -> Dataset:
 
 
 def dataset_to_relion31(particles: ParticleSet) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """RELION 3.1 particle and optics tables for a ``.cs`` input (mapping of spec §B5)."""
+    """RELION 3.1 particle and optics tables for a ``.cs`` input (the mapping listed under "Conventions" in
+    ``plugin/README.md``)."""
     ds = particles.dataset
     fields = set(ds.fields())
     stacks = [strip_cryosparc_prefix(p) for p in _strings(ds["blob/path"])]

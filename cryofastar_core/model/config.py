@@ -1,4 +1,4 @@
-"""Model configuration: the architecture hyper-parameters and the named sizes (design brief §2.2)."""
+"""Model configuration: the architecture hyper-parameters and the named sizes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ MODEL_SIZES: dict[str, dict] = {
     "L": dict(enc_dim=1024, enc_depth=24, enc_heads=16, dec_dim=768, dec_depth=12, dec_heads=12, neck_dim=256),
 }
 
-TOKENS_PER_SIDE = 8  # T = 64 tokens per view at every box size (brief §2.2)
+TOKENS_PER_SIDE = 8  # T = 64 tokens per view at every box size: the patch side grows with the box instead
 
 
 @dataclass
@@ -23,11 +23,11 @@ class ModelConfig:
     ``box`` is the image side D in pixels, ``patch`` the ViT patch side p (``box % patch == 0``).
     ``xyz_grid_base``: the xyz heads predict a residual added to the planar grid ``ū/2 + 1/2``
     (the reference's own FPM for zero shift), so a freshly initialised model outputs a valid plane
-    instead of a constant; switch off for a plain linear head as in the official code.
+    instead of a constant; switch off for a plain linear head.
     ``checkpointing``: activation checkpointing of every transformer block during training.
 
     ``arch`` chooses the model class (:func:`cryofastar_core.model.factory.build_model`): ``"patch"``
-    (the paper's patch tokens, :class:`~cryofastar_core.model.network.CryoFastAR`) or ``"lines"``
+    (patch tokens, :class:`~cryofastar_core.model.network.CryoFastAR`) or ``"lines"``
     (each view's 1D projections as tokens and a polar FPM,
     :class:`~cryofastar_core.model.lines.LineCryoFastAR`). Line models use ``n_lines`` angles,
     ``line_samples`` samples per line and ``line_radii`` FPM points per line. ``patch``,

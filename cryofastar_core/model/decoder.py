@@ -1,4 +1,5 @@
-"""Reference/auxiliary decoder (brief §2.1), with two learned view embeddings (brief §6.4).
+"""Reference/auxiliary decoder, with two learned view embeddings (one per branch, so any number of views
+uses only trained embeddings).
 
 Each layer runs View Integration on the reference (self-attention, cross-attention to all auxiliary
 tokens, MLP) and then View Update on the auxiliary views (self-attention per view, cross-attention

@@ -1,4 +1,4 @@
-"""Fourier Planar Maps (FPM): the regression target of CryoFastAR (design brief §1).
+"""Fourier Planar Maps (FPM): the regression target of CryoFastAR.
 
 Convention (internal, see :mod:`cryofastar_core.geometry`): ``R_i`` maps image-frame coordinates
 to map-frame coordinates, and the centred 2D transform of image ``i`` at frequency ``ū`` equals
@@ -8,10 +8,10 @@ frame. Expressed in the *reference image's* frame (map coords -> reference coord
     X_i(u)  = R_0ᵀ R_i ū + h(t_i),     h(t) = (t_x / D, t_y / D, 0)ᵀ,   t = internal shift (px)
     X̃_i(u) = X_i(u) / 2 + 1/2         (normalised form, what the network predicts)
 
-The brief writes ``R_0 R_iᵀ`` because cryoDRGN's matrices are the transposes of ours (row-vector
-convention: its slice samples ``R_iᵀ ū``); substituting ``R = R_cryodrgnᵀ`` gives the same map.
-The reference's own FPM is ``ū + h(t_0)``, the z = 0 plane. As in the official code the shift is an
-*encoding*: a constant, unrotated offset, read back as ``D ×`` the FPM centroid.
+With row-vector matrices, the transposes of ours (cryoDRGN's:
+:func:`bench.peers.peer_cryodrgn.poses_from_cryodrgn`), the same map reads ``R_0 R_iᵀ``. The reference's
+own FPM is ``ū + h(t_0)``, the z = 0 plane. The shift is an *encoding*: a constant, unrotated offset,
+read back as ``D ×`` the FPM centroid.
 
 The grid ``ū`` is ``(x, y, 0)`` with ``x, y = linspace(-1, 1, D)``; pixel (row h, column w) holds
 ``(x = lin[w], y = lin[h])``, so x runs along image columns like the image's own x axis.

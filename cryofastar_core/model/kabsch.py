@@ -1,4 +1,4 @@
-"""Pose from a (predicted) FPM: weighted Kabsch / orthogonal Procrustes (design brief §1.3).
+"""Pose from a (predicted) FPM: weighted Kabsch / orthogonal Procrustes.
 
 For an un-normalised FPM ``X̂`` ``(..., D, D, 3)`` and weights ``w`` we find the proper rotation
 ``Q`` and offset ``c`` minimising ``Σ w ‖X̂(u) − (Q ū + c)‖²``:

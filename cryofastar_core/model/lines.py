@@ -1,6 +1,6 @@
 """The line model: each view's 1D projections as its tokens, and a polar FPM.
 
-Why lines (``shared/docs/pose-model-v2.md``): line ``θ`` of a view is the molecule's 1D marginal
+Why lines: line ``θ`` of a view is the molecule's 1D marginal
 along the 3D direction ``R u_θ`` (:mod:`cryofastar_core.physics.lines`), so attention between the
 lines of two views is common-line matching, and an in-plane rotation of a view by one line step is a
 cyclic shift of its tokens. Patch tokens must learn that geometry from data; on our compute they
@@ -9,8 +9,8 @@ did not (model card).
 Data flow, for ``B`` samples of ``V`` views (view 0 the reference):
 
     images (B, V, D, D) --line transform--> lines (B, V, L, S) --embed--> tokens (B, V, L, d)
-    --encoder (within a view, periodic RoPE)--> --decoder (the paper's View Integration / View
-    Update; across views position-free, biased by line similarity)-->
+    --encoder (within a view, periodic RoPE)--> --decoder (View Integration / View Update, as
+    :mod:`cryofastar_core.model.decoder`; across views position-free, biased by line similarity)-->
     --heads--> per line: direction d_l (3), offset o_l (3), K confidence logits
     polar FPM X(l, k) = r_k d_l + o_l at the in-plane points ū(l, k) = r_k u_l
 
@@ -187,8 +187,8 @@ def _peer_inputs(sim_all: torch.Tensor, views: int, n_lines: int) -> tuple[torch
 
 
 class LineDecoder(nn.Module):
-    """The paper's decoder on lines: View Integration on the reference, View Update on each auxiliary
-    view; auxiliary views talk to each other only through the reference. Cross-view attention is
+    """The reference/auxiliary decoder on lines: View Integration on the reference, View Update on each
+    auxiliary view; auxiliary views talk to each other only through the reference. Cross-view attention is
     position-free (only line content can say which lines are common) and biased by line similarity;
     the reference's tokens alone carry their absolute angle (its lines define the frame)."""
 

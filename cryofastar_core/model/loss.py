@@ -1,4 +1,4 @@
-"""Training loss on normalised FPMs (design brief §3.2, with the hand-invariant choice of §6.1).
+"""Training loss on normalised FPMs, invariant to the hand.
 
     L = mean[ C ⊙ (X̃_pred − X̃_gt)² ]                  confidence-weighted squared error per coordinate
       − α · mean[ log C ]                              keeps C from growing without bound
@@ -26,7 +26,7 @@ class LossConfig:
     enters the FPM terms (the denoise term always uses every view)."""
 
     alpha: float = 0.1
-    grid_weight: float = 0.0  # the official 10 stalls learning here (model card); 0 disables
+    grid_weight: float = 0.0  # 10 stalled learning (model card, tests/test_model_learns.py); 0 disables
     denoise_weight: float = 1.0
     hand_invariant: bool = True
     include_reference: bool = True

@@ -29,7 +29,7 @@ class ModelOutput:
 
 
 class CryoFastAR(nn.Module):
-    """The paper's patch-token model: shared ViT encoder, reference/auxiliary decoder, one dense head
+    """The patch-token model: shared ViT encoder, reference/auxiliary decoder, one dense head
     per branch. Kept as the baseline of the model card's A/B; the shipped model is
     :class:`~cryofastar_core.model.lines.LineCryoFastAR`."""
 

@@ -59,7 +59,8 @@ def electron_wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
 
 
 def compute_ctf(params: CTFParams, box: int, apix: torch.Tensor | float) -> torch.Tensor:
-    """Centred CTF images ``(B, D, D)`` for ``B`` particles, following RELION's ``CTF::getCTF``.
+    """Centred CTF images ``(B, D, D)`` for ``B`` particles, as RELION computes them (compared pixel by pixel
+    with ``relion_project --ctf`` in ``tests/test_physics_relion.py``).
 
     ``CTF(k) = -scale * exp(-B |k|^2 / 4) * sin(pi*lambda*(-dz(k))*|k|^2 + pi/2*Cs*lambda^3*|k|^4 - phase_shift - w)``
     with ``w = atan(Q / sqrt(1 - Q^2))`` (amplitude contrast ``Q``), ``k`` in 1/Å and

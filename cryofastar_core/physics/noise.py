@@ -7,8 +7,8 @@ from torch import Tensor
 
 def add_noise(images: Tensor, snr: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Noisy copies of ``images`` ``(B, D, D)``: white Gaussian noise with per-image
-    ``sigma^2 = var(clean image over the whole box) / snr`` (design brief §3.3, the paper's SNR definition;
-    so the SNR depends on how much of the box the particle fills). ``snr``: float or ``(B,)``.
+    ``sigma^2 = var(clean image over the whole box) / snr`` (no particle mask
+    needed, but the SNR then depends on how much of the box the particle fills). ``snr``: float or ``(B,)``.
 
     Noise is drawn on the generator's device (for reproducibility across devices) and moved to the images'.
     """

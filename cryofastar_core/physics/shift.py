@@ -28,7 +28,8 @@ def phase_ramp(box: int, shifts: Tensor) -> Tensor:
 def shift_images(images: Tensor, shifts: Tensor) -> Tensor:
     """Apply shifts ``(B, 2)`` (px, origin convention) to real images ``(B, D, D)`` by Fourier phase ramp.
 
-    The shift is periodic (content leaving one edge re-enters at the other), as RELION's ``shiftImageInFourierTransform``.
+    The shift is periodic (content leaving one edge re-enters at the other), as in RELION
+    (``tests/test_physics_relion.py`` compares it with ``relion_project --xoff/--yoff``).
     """
     ramp = phase_ramp(images.shape[-1], shifts.to(device=images.device, dtype=images.dtype))
     return ifft2c(fft2c(images) * ramp).real

@@ -42,7 +42,7 @@ two runs at different load):
 
 (Insertion 0.9 ms/image at box 64, 2.5-4.8 ms/image at box 128; finalize 0.09 s / 1.0-1.3 s.) The
 Nyquist shell of ``relion_project`` data comes out lower for us; ``relion_reconstruct`` soft-masks the
-map's corners (``softMaskOutsideMap``); a soft sphere mask (radius D/2 - 3, 3 px edge) on our map lifts
+map's corners; a soft sphere mask (radius D/2 - 3, 3 px edge) on our map lifts
 that shell from 0.851 to 0.897 at box 64 (no mask is applied here). On our simulator's data ours is the higher one (first table).
 """
 from __future__ import annotations

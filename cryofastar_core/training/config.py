@@ -1,6 +1,6 @@
 """Training configuration: a curriculum of stages plus model, loss and optimiser settings, read from YAML.
 
-One YAML file describes a whole run (design brief §3.3 item 6)::
+One YAML file describes a whole run::
 
     box: 64
     model: {size: XS, overrides: {}}
@@ -70,7 +70,7 @@ class StageConfig:
     cs: float = 2.7
     amplitude_contrast: float = 0.1
     bfactor_max: float = 0.0
-    # Pixel size jitter (Å/px), uniform per sample: only scales the CTF's frequency axis (brief §3.3).
+    # Pixel size jitter (Å/px), uniform per sample: only scales the CTF's frequency axis.
     apix_min: float = 1.0
     apix_max: float = 6.0
     max_tilt_start: float = 180.0
@@ -90,7 +90,7 @@ class StageConfig:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}", f"set a positive {key}")
         if self.views_min < 4:
             # Two (or three) views leave a free dihedral angle; with many structures the target is
-            # ambiguous (brief §6.2), so training never uses them.
+            # ambiguous, so training never uses them.
             raise bad("views_min", f"must be >= 4, got {self.views_min}", "train with at least 4 views per sample")
         if self.views_max < self.views_min:
             raise bad("views_max", f"{self.views_max} is below views_min {self.views_min}", "set views_max >= views_min")
@@ -140,7 +140,7 @@ class ModelSection:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW (DUSt3R's defaults, brief §3.1) and global-norm gradient clipping (``None``: off)."""
+    """AdamW and global-norm gradient clipping (``None``: off)."""
 
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05

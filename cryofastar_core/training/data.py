@@ -1,4 +1,4 @@
-"""On-the-fly training data, simulated on the training device (design brief §3.3).
+"""On-the-fly training data, simulated on the training device.
 
 A *sample* is ``V`` views of ONE volume: a Haar-uniform reference pose and auxiliary poses whose
 viewing directions lie within the stage's current maximum tilt of the reference's (Haar-uniform at

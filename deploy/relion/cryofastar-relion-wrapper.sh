@@ -3,9 +3,9 @@
 # (or anywhere cryofastar-relion is not on RELION's PATH).
 #
 # RELION runs the External executable as a bare command: on a queue, the template line holding
-# XXXcommandXXX is REPLACED by that command for any executable whose name lacks "relion_" (spec §A4), so
-# `srun`, `module load` or `conda activate` cannot live on that line. This wrapper does the set-up and
-# then execs cryofastar-relion with RELION's arguments unchanged.
+# XXXcommandXXX is REPLACED by that command for any executable whose name lacks "relion_" (RELION 3.1,
+# tests/test_relion_external_pipeline.py), so `srun`, `module load` or `conda activate` cannot live on that
+# line. This wrapper does the set-up and then execs cryofastar-relion with RELION's arguments unchanged.
 #
 # Configure with environment variables (set them before starting the RELION GUI: Slurm passes the
 # submitting environment on by default) or edit the defaults below in a site copy of this file:

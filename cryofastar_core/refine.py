@@ -298,14 +298,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
         moved_deg, moved_px = [], []
         done = 0
-        for idx, imgs in chunks():
-            ft = fft2c(imgs)
-            next_spectrum.add(ft)
-            if not spectrum.ready():
-                spectrum.add(ft)
-            w = _match_weight(filt, spectrum, band, cfg)
-            X = ft.reshape(ft.shape[0], -1)[:, band.idx_full]
-            del ft
+        for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
             for k in (1, 2):
                 sel = torch.nonzero(half[idx] == k).flatten()
                 if sel.numel() == 0:
@@ -362,15 +355,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         n_edge_shift = (nb_sh < 0).any(-1).any(-1)
         done = 0
         stage = f"refine {it + 1}/{cfg.iterations}"
-        for idx, imgs in chunks():
-            ft = fft2c(imgs)
-            next_spectrum.add(ft)
-            if not spectrum.ready():
-                # No spectrum yet (the caller gave the starting half maps): use the first chunk's.
-                spectrum.add(ft)
-            w = _match_weight(filt, spectrum, band, cfg)
-            X = ft.reshape(ft.shape[0], -1)[:, band.idx_full]                # (n, P)
-            del ft
+        for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
             for k in (1, 2):
                 sel = torch.nonzero(half[idx] == k).flatten()
                 if sel.numel() == 0:
@@ -489,6 +474,19 @@ def _fsc_filter(curve: Tensor, band: FourierBand, cfg: RefineConfig) -> Tensor:
     if cfg.fsc_weighting:
         filt = filt * curve.to(filt.device)[band.shell.clamp(max=curve.numel() - 1)].clamp(0.0, 1.0)
     return filt
+
+
+def _on_band(chunks, band: FourierBand, filt: Tensor, spectrum: PowerSpectrum, next_spectrum: PowerSpectrum,
+             cfg: RefineConfig):
+    """``(idx, images, X, w)`` per chunk: ``X`` ``(n, P)`` the image transforms on ``band``, ``w`` the matched
+    filter's weight. The images' power goes into ``next_spectrum`` (the next pass's whitening), and into
+    ``spectrum`` too while it is empty (the caller gave the starting half maps: the first chunk's is used)."""
+    for idx, imgs in chunks:
+        ft = fft2c(imgs)
+        next_spectrum.add(ft)
+        if not spectrum.ready():
+            spectrum.add(ft)
+        yield idx, imgs, ft.reshape(ft.shape[0], -1)[:, band.idx_full], _match_weight(filt, spectrum, band, cfg)
 
 
 def _match_weight(filt: Tensor, spectrum: PowerSpectrum, band: FourierBand, cfg: RefineConfig) -> Tensor:

@@ -84,7 +84,7 @@ def run_relion(ds: Path, work: Path, start_map: Path, apix: float, box: int, tru
     cmd = ["mpirun", "--oversubscribe", "-np", "3", "relion_refine_mpi", "--i", "particles.star", "--o", "refine/run",
            "--auto_refine", "--split_random_halves", "--ref", str(start_map.resolve()), "--firstiter_cc",
            "--ini_high", "30", "--ctf", "--particle_diameter", f"{0.9 * box * apix:.1f}", "--flatten_solvent",
-           "--zero_mask", "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
+           "--zero_mask", "--oversampling", "1", "--healpix_order", "1", "--auto_local_healpix_order", "4",
            "--offset_range", "5", "--offset_step", "2", "--sym", "C1", "--low_resol_join_halves", "40", "--norm",
            "--scale", "--j", "1", "--pool", "3", "--pad", "2", "--dont_combine_weights_via_disc"]
     (work / "refine").mkdir(exist_ok=True)

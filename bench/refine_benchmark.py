@@ -8,8 +8,8 @@ the half maps from those poses are the starting maps, as in ``cryofastar run --r
 median rotation error after the best global rotation and hand, median shift error, the final map's
 FSC resolution against the truth at 0.5 (aligned, either hand), and the wall time, beside the map from
 the true poses. ``--relion D`` also runs ``relion_refine_mpi --auto_refine`` (3 MPI ranks: 2 workers,
-1 thread each, i.e. two cores as our run) from the same starting map of perturbation D, the same
-particles (normalised as RELION expects) and no pose priors: RELION's global-then-local search.
+1 thread each) from the same starting map of perturbation D, the same particles (normalised as RELION
+expects) and no pose priors, starting at 15° sampling (our grid's) and going local automatically.
 
     python bench/refine_benchmark.py --snr 0.1 --perturbations 10 20 30 45 60 --threads 2 --relion 30 \
         --out bench/results/refine

@@ -299,11 +299,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         moved_deg, moved_px = [], []
         done = 0
         for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
-            for k in (1, 2):
-                sel = torch.nonzero(half[idx] == k).flatten()
-                if sel.numel() == 0:
-                    continue
-                gi = torch.as_tensor(idx)[sel]
+            for k, sel, gi in _by_half(half, idx):
                 j, t, _ = best_on_grid(projections[k - 1], band, X[sel.to(dev)], s_all[gi], deltas, w,
                                        None if use_ctf is None else use_ctf.index(gi.to(dev)), apix)
                 R_new, s_new = grid[j.cpu()], s_all[gi] + deltas[t.cpu()]
@@ -356,11 +352,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         done = 0
         stage = f"refine {it + 1}/{cfg.iterations}"
         for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
-            for k in (1, 2):
-                sel = torch.nonzero(half[idx] == k).flatten()
-                if sel.numel() == 0:
-                    continue
-                gi = torch.as_tensor(idx)[sel]
+            for k, sel, gi in _by_half(half, idx):
                 best_j, best_t, frac_r, frac_s = _match(
                     refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], perturb, E, w,
                     None if use_ctf is None else use_ctf.index(gi.to(dev)), apix, cfg.batch_points, nbs, grids)
@@ -474,6 +466,15 @@ def _fsc_filter(curve: Tensor, band: FourierBand, cfg: RefineConfig) -> Tensor:
     if cfg.fsc_weighting:
         filt = filt * curve.to(filt.device)[band.shell.clamp(max=curve.numel() - 1)].clamp(0.0, 1.0)
     return filt
+
+
+def _by_half(half: Tensor, idx: np.ndarray):
+    """``(k, sel, gi)`` for each half set ``k`` present in the chunk ``idx``: positions in the chunk and
+    global indices of its particles, so each half is matched only against its own map."""
+    for k in (1, 2):
+        sel = torch.nonzero(half[idx] == k).flatten()
+        if sel.numel():
+            yield k, sel, torch.as_tensor(idx)[sel]
 
 
 def _on_band(chunks, band: FourierBand, filt: Tensor, spectrum: PowerSpectrum, next_spectrum: PowerSpectrum,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import DatasetSpec, build_dataset  # noqa: E402
 
-from cryofastar_core.geometry import random_rotations, rotvec_to_matrix  # noqa: E402
 from cryofastar_core.io import read_particles  # noqa: E402
 from cryofastar_core.job import JobConfig, assess_quality, reconstruct_maps, run  # noqa: E402
-from cryofastar_core.geometry import rotation_angle_deg  # noqa: E402
+from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.metrics import apply_alignment, rotation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
 from cryofastar_core.refine import RefineConfig, refine_poses  # noqa: E402
@@ -46,9 +44,7 @@ REFINED_FROM = (5.0, 30.0)
 
 
 def _turned(R: np.ndarray, deg: float, gen: torch.Generator) -> np.ndarray:
-    axes = torch.randn(len(R), 3, generator=gen, dtype=torch.float64)
-    axes = axes / axes.norm(dim=-1, keepdim=True)
-    return R @ rotvec_to_matrix(axes * math.radians(deg)).numpy()
+    return R @ rotations_at_angle(len(R), deg, gen).numpy()
 
 
 def pose_sets(particles, ds: Path, work: Path, threads: int, half: np.ndarray,

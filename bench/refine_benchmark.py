@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import DatasetSpec, build_dataset  # noqa: E402
 
-from cryofastar_core.geometry import rotvec_to_matrix  # noqa: E402
+from cryofastar_core.geometry import rotations_at_angle  # noqa: E402
 from cryofastar_core.io import read_map, read_particles, write_map  # noqa: E402
 from cryofastar_core.job import reconstruct_maps  # noqa: E402
 from cryofastar_core.metrics import map_resolution, rotation_errors, translation_errors  # noqa: E402
@@ -43,9 +43,7 @@ from cryofastar_core.refine import RefineConfig, refine_poses  # noqa: E402
 
 def perturbed(R: np.ndarray, s: np.ndarray, deg: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
-    axes = torch.randn(len(R), 3, generator=g, dtype=torch.float64)
-    axes = axes / axes.norm(dim=-1, keepdim=True)
-    R0 = R @ rotvec_to_matrix(axes * math.radians(deg)).numpy()
+    R0 = R @ rotations_at_angle(len(R), deg, g).numpy()
     phi = 2 * math.pi * torch.rand(len(R), generator=g, dtype=torch.float64).numpy()
     s0 = s + 1.5 * np.stack([np.cos(phi), np.sin(phi)], -1)
     return R0, s0

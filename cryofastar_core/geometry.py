@@ -132,6 +132,14 @@ def random_rotations(n: int, generator: torch.Generator | None = None, dtype: to
     return quaternion_to_matrix(q).to(dtype=dtype, device=device)
 
 
+def rotations_at_angle(n: int, angle_deg: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` rotations ``(n, 3, 3)`` float64, each by exactly ``angle_deg`` about a random axis (uniform on
+    the sphere): the perturbations of pose-accuracy benchmarks and the near poses of the quality check."""
+    axes = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    axes = axes / axes.norm(dim=-1, keepdim=True)
+    return rotvec_to_matrix(axes * math.radians(angle_deg))
+
+
 def rotations_within_tilt(n: int, max_tilt_deg: float, generator: torch.Generator | None = None,
                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``n`` rotations ``Q`` ``(n, 3, 3)`` whose viewing direction ``Q e_z`` lies uniformly on the cap within

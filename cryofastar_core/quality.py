@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .geometry import random_rotations, rotvec_to_matrix
+from .geometry import random_rotations, rotations_at_angle
 from .physics.ctf import CTFParams
 from .physics.fourier import fft2c, fourier_crop_volume
 from .physics.projection import prepare_volume
@@ -105,13 +105,6 @@ def viewing_coverage(rotations: Tensor | np.ndarray, bins: int = 100) -> float:
     return float(-(nz * nz.log()).sum() / math.log(bins))
 
 
-def _rotations_at_angle(n: int, angle_deg: float, generator: torch.Generator) -> Tensor:
-    """``n`` rotations ``(n, 3, 3)`` float64 by exactly ``angle_deg`` about random axes."""
-    axes = torch.randn(n, 3, generator=generator, dtype=torch.float64)
-    axes = axes / axes.norm(dim=-1, keepdim=True)
-    return rotvec_to_matrix(axes * math.radians(angle_deg))
-
-
 def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float,
                  rotations: Tensor | np.ndarray, shifts: Tensor | np.ndarray, half_set: np.ndarray,
                  half_maps: tuple[Tensor, Tensor], cfg: QualityConfig | None = None,
@@ -142,7 +135,7 @@ def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
 
     perturb = torch.cat([torch.eye(3, dtype=torch.float64)[None],
                          random_rotations(cfg.random_poses, generator=gen, dtype=torch.float64),
-                         _rotations_at_angle(cfg.near_poses, cfg.near_deg, gen)])
+                         rotations_at_angle(cfg.near_poses, cfg.near_deg, gen)])
     E = torch.ones(band.kx.numel(), 1, dtype=torch.complex64, device=dev)  # the particle's own shift only
     spectrum = PowerSpectrum(D, dev)
     scores = torch.empty(len(pick), perturb.shape[0], dtype=torch.float64)

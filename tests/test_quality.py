@@ -1,13 +1,12 @@
 """The pose-quality verdict on pose sets whose quality is known (cryofastar_core/quality.py)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from cryofastar_core.geometry import random_rotations, rotvec_to_matrix
+from cryofastar_core.geometry import random_rotations, rotations_at_angle
 from cryofastar_core.job import Report
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.quality import QualityConfig, assess_poses, viewing_coverage
@@ -38,9 +37,7 @@ def _judge(particles, R):
 
 
 def _turned(R: torch.Tensor, deg: float, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    axes = torch.randn(R.shape[0], 3, generator=gen, dtype=torch.float64)
-    return R @ rotvec_to_matrix(axes / axes.norm(dim=-1, keepdim=True) * math.radians(deg))
+    return R @ rotations_at_angle(R.shape[0], deg, torch.Generator().manual_seed(seed))
 
 
 def test_true_poses_are_ok(particles):

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import DatasetSpec, build_dataset  # noqa: E402
 
-from cryofastar_core.geometry import rotations_at_angle  # noqa: E402
+from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.io import read_map, read_particles, write_map  # noqa: E402
 from cryofastar_core.job import reconstruct_maps  # noqa: E402
-from cryofastar_core.metrics import map_resolution, rotation_errors, translation_errors  # noqa: E402
+from cryofastar_core.metrics import align_rotations, apply_alignment, map_resolution, rotation_errors, translation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
 from cryofastar_core.refine import RefineConfig, refine_poses  # noqa: E402
 
@@ -56,17 +56,34 @@ def score(R, s, full, truth_R, truth_s, truth_map, apix) -> dict:
         translation_errors(s, truth_s)["median_px"], 2), "map_vs_truth_05_A": round(float(res), 2)}
 
 
-def run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, iterations: int) -> dict:
+def run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, cfg: RefineConfig) -> dict:
     def load(idx: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(particles.read_images(idx) * particles.sign[idx, None, None], dtype=torch.float32)
 
+    errors = []  # the truth's view of each stage (the engine never sees it)
+
+    def follow(entry: dict, R: torch.Tensor, s: torch.Tensor) -> None:
+        G, mirrored = align_rotations(R.numpy(), truth_R)
+        ang = rotation_angle_deg(apply_alignment(R.numpy(), G, mirrored), torch.as_tensor(truth_R)).numpy()
+        own = []  # each half aligned on its own: halves are independent and may settle in different frames
+        for k in (1, 2):
+            m = np.asarray(half) == k
+            Gk, mk = align_rotations(R.numpy()[m], truth_R[m])
+            own.append(round(float(rotation_angle_deg(apply_alignment(R.numpy()[m], Gk, mk),
+                                                      torch.as_tensor(truth_R[m])).median()), 2))
+        errors.append({"median_rot_deg": round(float(np.median(ang)), 2), "median_per_half_deg": own,
+                       "within_5deg": round(float(np.mean(ang <= 5)), 3),
+                       "within_15deg": round(float(np.mean(ang <= 15)), 3)})
+        print(f"  {entry['stage']} {entry['iteration']}: {errors[-1]} moved {entry['median_rotation_change_deg']:.1f} deg"
+              f" (fraction {entry.get('fraction_moved', float('nan')):.2f}), half 2 registered by {entry.get('half2_registration_deg', 0):.1f} deg, {entry['seconds']:.1f} s", flush=True)
+
     t0 = time.perf_counter()
-    res = refine_poses(load, particles.ctf_params(), apix, R0, s0, half, RefineConfig(iterations=iterations))
+    res = refine_poses(load, particles.ctf_params(), apix, R0, s0, half, cfg, on_stage=follow)
     seconds = time.perf_counter() - t0
     out = score(res.rotations.numpy(), res.shifts.numpy(), res.full.cpu(), truth_R, truth_s, truth_map, apix)
-    out.update(seconds=round(seconds, 1), stages=[{k: h.get(k) for k in ("stage", "iteration", "seconds",
-                                                                          "median_rotation_change_deg")}
-                                                  for h in res.history])
+    stages = [{k: h.get(k) for k in ("stage", "iteration", "seconds", "median_rotation_change_deg")}
+              for h in res.history[1:]]
+    out.update(seconds=round(seconds, 1), stages=[dict(st, **e) for st, e in zip(stages, errors)])
     return out
 
 
@@ -110,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--perturbations", type=float, nargs="+", default=[10, 20, 30, 45, 60])
     ap.add_argument("--iterations", type=int, default=3, help="local iterations after the global pass")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="RefineConfig fields to change from the defaults (experiments), e.g. global_max_shells=5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--relion", type=float, nargs="*", default=[], help="perturbations to run RELION from")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -117,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/refine"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    cfg = RefineConfig(iterations=a.iterations)
+    for kv in a.set:
+        key, _, value = kv.partition("=")
+        if not hasattr(cfg, key):
+            ap.error(f"--set {kv}: RefineConfig has no field {key!r}")
+        old = getattr(cfg, key)
+        setattr(cfg, key, None if value == "None" else (value == "True") if isinstance(old, bool)
+                else type(old or 0.0)(value))
     a.out.mkdir(parents=True, exist_ok=True)
     ds = build_dataset(DatasetSpec(a.structure, a.box, a.snr, a.n), a.root)
     particles = read_particles(ds / "particles.star", ds)
@@ -135,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         full0, _, _ = reconstruct_maps(particles, R0, s0, half, keep, apix, torch.device("cpu"))
         start = score(R0, s0, full0, truth_R, truth_s, truth_map, apix)
         rows.append(dict(method="cryofastar refine (global + local)", start_deg=d, start=start,
-                         **run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, a.iterations)))
+                         **run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, cfg)))
         print(json.dumps(rows[-1]), flush=True)
         if d in a.relion:
             start_map = a.out / f"start_{d:g}.mrc"

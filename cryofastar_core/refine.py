@@ -12,9 +12,20 @@ What it does: starting from given poses (the feed-forward estimate), each iterat
 Before the local iterations, a **global pass** (``global_step_deg``, default 15°; ``None``: off) scores
 every particle at every orientation of a uniform grid against its own half map
 (:mod:`cryofastar_core.global_search`), shifts within ``global_shift_radius_px`` of the current ones,
-and keeps the best: starting poses tens of degrees off are brought within the grid spacing, which the
-first local iteration (a ball of 8°) then covers. It matches only shells up to ``global_max_shells``
-(and the FSC = 0.5 crossing), where a 15° grid moves a sample by at most about one pixel.
+and keeps the best unless the particle's current pose already scores higher (``global_keep_better``: a
+good feed-forward pose is not traded for the nearest grid point, 7° away on average). Starting poses
+tens of degrees off are brought within the grid spacing, which the first local iteration (a ball of
+15°) then covers. It matches only shells up to ``global_max_shells`` (and the FSC = 0.5 crossing), where
+a 15° grid moves a sample by at most about one pixel. The passes repeat (each against the maps of the
+previous one) until fewer than ``global_settle_fraction`` of the particles move by more than half the
+grid step, at most ``global_passes`` times.
+
+**One frame for both halves.** The halves are refined apart (gold standard), so each half's poses are
+defined only up to its own map's frame, and against a blurred starting map the two frames drift apart
+(measured: 7° between halves that were each 2.5° from the truth in their own frame). Before every pass,
+half 2's map is registered onto half 1's by a rotation (:mod:`cryofastar_core.map_registration`, shells
+weighted by their FSC signal-to-noise, ``register_halves``), and half 2's new poses are turned by it as
+they are made, so the next maps share one frame; three parameters are shared, nothing else.
 
 Choices, and why:
 
@@ -26,7 +37,7 @@ Choices, and why:
   ``shift_radius`` (pixels of the input box), scored for every rotation candidate at once as a matrix
   product with phase ramps (cheaper than projecting again, and exact at sub-pixel offsets).
 * **Coarse to fine.** Both steps and both radii are multiplied by ``shrink`` after every iteration
-  (default 0.5: 4° in a ball of 8° (33 rotations), then 2°/4°, 1°/2°, ...). The frequency band used in
+  (default 0.5: 5° in a ball of 15° (123 rotations), then 2.5°/7.5°, 1.25°/3.75°, ...). The frequency band used in
   matching grows with the data: the first iteration uses shells up to the half-map FSC = 0.5 crossing, later
   ones the FSC = 0.143 crossing, each plus ``extra_shells``, clamped to ``[min_shells, max_shells]``.
 * **Cropping.** Matching runs on a Fourier-cropped box ``d = 2 (ceil(r_lim) + 2) <= D`` (the half map is
@@ -78,7 +89,9 @@ from torch import Tensor
 
 from .geometry import rotation_angle_deg, rotvec_to_matrix
 from .global_search import best_on_grid, grid_projections, so3_grid
+from .map_registration import register_map
 from .matching import FourierBand, PowerSpectrum, candidate_scores
+from .metrics import apply_alignment
 from .physics.ctf import CTFParams
 from .physics.fourier import fft2c, fourier_crop_volume
 from .physics.projection import prepare_volume
@@ -97,8 +110,9 @@ class RefineConfig:
     """
 
     iterations: int = 3
-    angle_step_deg: float = 4.0
-    angle_radius_deg: float = 8.0
+    angle_step_deg: float = 5.0
+    angle_radius_deg: float = 15.0
+    later_radius_steps: float = 3.0
     shift_step_px: float = 1.0
     shift_radius_px: float = 2.0
     shrink: float = 0.5
@@ -118,10 +132,14 @@ class RefineConfig:
     subgrid: bool = True
     soft: bool = True
     global_step_deg: float | None = 15.0
-    global_passes: int = 3
+    global_passes: int = 10
     global_shift_step_px: float = 1.0
     global_shift_radius_px: float = 3.0
     global_max_shells: float = 8.0
+    global_settle_fraction: float = 0.05
+    global_keep_better: bool = True
+    register_halves: bool = True
+    register_radius_deg: float = 20.0
 
     def validate(self) -> None:
         if self.iterations < 0:
@@ -212,7 +230,8 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                  rotations: Tensor | np.ndarray, shifts: Tensor | np.ndarray, half_set: Tensor | np.ndarray,
                  cfg: RefineConfig | None = None, device: torch.device | str | None = None,
                  progress: Progress | None = None,
-                 initial_half_maps: tuple[Tensor, Tensor] | None = None) -> RefineResult:
+                 initial_half_maps: tuple[Tensor, Tensor] | None = None,
+                 on_stage: Callable[[dict, Tensor, Tensor], None] | None = None) -> RefineResult:
     """Refine ``N`` poses locally; see the module docstring.
 
     ``load_images(idx)``: ``idx`` ``(n,)`` int64 indices into ``0..N-1`` -> real images ``(n, D, D)``
@@ -220,7 +239,9 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     (``None``: no CTF). ``apix``: Å/px of the images. ``rotations`` ``(N, 3, 3)`` (internal convention),
     ``shifts`` ``(N, 2)`` px, ``half_set`` ``(N,)`` in {1, 2}. ``initial_half_maps``: half maps of the
     starting poses if the caller already has them (saves one pass over the data). ``progress(stage, done,
-    total)`` is called after every chunk.
+    total)`` is called after every chunk. ``on_stage(entry, rotations, shifts)``, if given, is called after
+    every stage with its history entry and the poses it produced (read-only views: copy to keep them), so
+    a caller that knows the truth (a benchmark) can follow each stage.
     """
     cfg = cfg or RefineConfig()
     cfg.validate()
@@ -291,21 +312,32 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         band = FourierBand(D, r_lim, dev)
         grid = so3_grid(cfg.global_step_deg)
         deltas = shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px)
-        projections = [grid_projections(prepare_volume(fourier_crop_volume(m * mask, band.crop), pad=cfg.pad), band,
-                                        grid) for m in maps]
+        refs = [prepare_volume(fourier_crop_volume(m * mask, band.crop), pad=cfg.pad) for m in maps]
+        projections = [grid_projections(v, band, grid) for v in refs]
+        E_here = band.ramps(deltas.to(dev), torch.float32).T.contiguous()                # (P, T)
+        identity = torch.eye(3, dtype=torch.float64)[None]
         filt = _fsc_filter(curve, band, cfg)
+        frame = _half_frame(maps, mask, r_lim, curve, cfg)
         next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
         moved_deg, moved_px = [], []
         done = 0
         for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
             for k, sel, gi in _by_half(half, idx):
-                j, t, _ = best_on_grid(projections[k - 1], band, X[sel.to(dev)], s_all[gi], deltas, w,
-                                       None if use_ctf is None else use_ctf.index(gi.to(dev)), apix)
+                ctf_k = None if use_ctf is None else use_ctf.index(gi.to(dev))
+                j, t, best = best_on_grid(projections[k - 1], band, X[sel.to(dev)], s_all[gi], deltas, w, ctf_k, apix)
                 R_new, s_new = grid[j.cpu()], s_all[gi] + deltas[t.cpu()]
+                if cfg.global_keep_better:
+                    # A pose already better than every grid point (a good feed-forward pose) is kept.
+                    here = candidate_scores(refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], identity,
+                                            E_here, w, ctf_k, apix, cfg.batch_points)[:, 0]
+                    here_best, here_t = here.max(-1)
+                    stay = (here_best >= best).cpu()
+                    R_new = torch.where(stay[:, None, None], R_all[gi], R_new)
+                    s_new = torch.where(stay[:, None], s_all[gi] + deltas[here_t.cpu()], s_new)
                 moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
                 moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
-                R_all[gi], s_all[gi] = R_new, s_new
+                R_all[gi], s_all[gi] = frame(k, R_new), s_new
             insert(new_bps, idx, imgs)
             done += len(idx)
             tick("refine: global search", done)
@@ -319,16 +351,21 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                      n_shifts=int(deltas.shape[0]), match_shells=r_lim, match_resolution=float(D * apix / r_lim),
                      match_box=band.crop, median_rotation_change_deg=float(moved_deg_t.median()),
                      mean_rotation_change_deg=float(moved_deg_t.mean()),
-                     median_shift_change_px=float(moved_px_t.median()))
+                     median_shift_change_px=float(moved_px_t.median()),
+                     half2_registration_deg=frame.angle_deg,
+                     fraction_moved=float((moved_deg_t > cfg.global_step_deg / 2).double().mean()))
         history.append(entry)
         _log_entry(entry)
-        if entry["median_rotation_change_deg"] < cfg.global_step_deg / 2:
+        if on_stage:
+            on_stage(entry, R_all, s_all)
+        if entry["fraction_moved"] < cfg.global_settle_fraction:
             break  # the assignment has settled within the grid: the local iterations take over
 
     for it in range(cfg.iterations):
         t0 = time.perf_counter()
         scale = cfg.shrink ** it
-        a_step, a_rad = cfg.angle_step_deg * scale, cfg.angle_radius_deg * scale
+        a_step = cfg.angle_step_deg * scale
+        a_rad = cfg.angle_radius_deg if it == 0 else min(cfg.angle_radius_deg * scale, cfg.later_radius_steps * a_step)
         s_step, s_rad = cfg.shift_step_px * scale, cfg.shift_radius_px * scale
         thr = cfg.first_fsc_threshold if it == 0 else cfg.fsc_threshold
         r_lim = matching_shells(freq, curve, D, thr, cfg)
@@ -343,6 +380,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         E = band.ramps(deltas.to(dev), torch.float32).T.contiguous()         # (P, T)
         refs = [prepare_volume(fourier_crop_volume(m * mask, band.crop), pad=cfg.pad) for m in maps]
         filt = _fsc_filter(curve, band, cfg)
+        frame = _half_frame(maps, mask, r_lim, curve, cfg)
         next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
         moved_deg, moved_px, edge_rot, edge_shift = [], [], 0, 0
@@ -364,7 +402,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                 moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
                 edge_rot += int(n_edge_rot[best_j].sum())
                 edge_shift += int(n_edge_shift[best_t].sum())
-                R_all[gi] = _orthonormalise(R_new)
+                R_all[gi] = frame(k, _orthonormalise(R_new))
                 s_all[gi] = s_new
             insert(new_bps, idx, imgs)
             done += len(idx)
@@ -381,9 +419,12 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
             match_resolution=float(D * apix / r_lim), match_box=band.crop,
             median_rotation_change_deg=float(moved_deg_t.median()), mean_rotation_change_deg=float(moved_deg_t.mean()),
             median_shift_change_px=float(moved_px_t.median()),
-            fraction_rotation_at_edge=edge_rot / N, fraction_shift_at_edge=edge_shift / N)
+            fraction_rotation_at_edge=edge_rot / N, fraction_shift_at_edge=edge_shift / N,
+            half2_registration_deg=frame.angle_deg)
         history.append(entry)
         _log_entry(entry)
+        if on_stage:
+            on_stage(entry, R_all, s_all)
 
     if bps is None:
         # No iteration ran and the caller supplied the maps: there is nothing to sum; rebuild the full map.
@@ -466,6 +507,36 @@ def _fsc_filter(curve: Tensor, band: FourierBand, cfg: RefineConfig) -> Tensor:
     if cfg.fsc_weighting:
         filt = filt * curve.to(filt.device)[band.shell.clamp(max=curve.numel() - 1)].clamp(0.0, 1.0)
     return filt
+
+
+class _HalfFrame:
+    """Puts half 2's new poses into half 1's frame (``G R``, see :mod:`cryofastar_core.map_registration`)
+    as they are made, so the next maps of both halves share one frame."""
+
+    def __init__(self, G: Tensor | None, mirrored: bool = False):
+        self.G, self.mirrored = G, mirrored
+
+    @property
+    def angle_deg(self) -> float:
+        if self.G is None:
+            return 0.0
+        return float(rotation_angle_deg(self.G[None], torch.eye(3, dtype=self.G.dtype)[None])[0])
+
+    def __call__(self, k: int, R: Tensor) -> Tensor:
+        if k != 2 or self.G is None:
+            return R
+        return apply_alignment(R, self.G, self.mirrored)
+
+
+def _half_frame(maps: list[Tensor], mask: Tensor, shells: float, curve: Tensor, cfg: RefineConfig) -> _HalfFrame:
+    """The rotation that registers half 2's map onto half 1's (identity without ``register_halves``);
+    shells weighted by their signal-to-noise ratio from the half maps' FSC ``curve``."""
+    if not cfg.register_halves:
+        return _HalfFrame(None)
+    f = curve.to(torch.float64).clamp(0.0, 0.99)
+    reg = register_map(maps[1] * mask, maps[0] * mask, shells, radius_deg=cfg.register_radius_deg,
+                       shell_weights=f / (1 - f))
+    return _HalfFrame(reg.G, reg.mirrored)
 
 
 def _by_half(half: Tensor, idx: np.ndarray):

@@ -236,3 +236,37 @@ def test_global_pass_keeps_the_half_sets_apart(dataset):
     h = torch.as_tensor(dataset["half"])
     assert float(err[h == 1].median()) < 11.0
     assert float(err[h == 2].median()) > 60.0
+
+
+def test_global_pass_keeps_poses_better_than_every_grid_point(dataset):
+    """Exact poses and correct maps: a 15 degree grid has nothing better, so the poses stay (without the
+    comparison every particle would be moved onto its nearest grid point, about 7 degrees away)."""
+    maps = _correct_maps(dataset)
+    errs = {}
+    for keep in (True, False):
+        res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, dataset["R"], dataset["s"],
+                           dataset["half"], RefineConfig(iterations=0, global_passes=1, global_keep_better=keep,
+                                                         register_halves=False), initial_half_maps=maps)
+        errs[keep] = float(rotation_angle_deg(dataset["R"], res.rotations).median())
+    assert errs[True] < 1.0 < 4.0 < errs[False], errs
+
+
+def test_half_two_is_brought_into_half_one_frame(dataset):
+    """Half 2's poses and map turned together by 6 degrees (a consistent, but different, frame, as a global
+    pass against a blurred map leaves it): registering the half maps before the pass puts half 2's new
+    poses back in half 1's frame, which the true poses share; without it they stay 6 degrees off."""
+    h = torch.as_tensor(dataset["half"])
+    G0 = rotvec_to_matrix(torch.tensor([[0.0, math.radians(6.0), 0.0]], dtype=torch.float64))[0]
+    R_mixed = dataset["R"].clone()
+    R_mixed[h == 2] = G0.T @ R_mixed[h == 2]
+    maps = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, R_mixed, dataset["s"], dataset["half"],
+                        RefineConfig(iterations=0, global_step_deg=None))
+    err = {}
+    for register in (True, False):
+        res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, R_mixed, dataset["s"], dataset["half"],
+                           RefineConfig(iterations=1, global_step_deg=None, register_halves=register),
+                           initial_half_maps=(maps.half1, maps.half2))
+        err[register] = float(rotation_angle_deg(dataset["R"][h == 2], res.rotations[h == 2]).median())
+        if register:
+            assert abs(res.history[1]["half2_registration_deg"] - 6.0) < 1.0
+    assert err[True] < 2.5 and err[False] > 4.5, err

@@ -112,7 +112,6 @@ class RefineConfig:
     iterations: int = 3
     angle_step_deg: float = 5.0
     angle_radius_deg: float = 15.0
-    later_radius_steps: float = 3.0
     shift_step_px: float = 1.0
     shift_radius_px: float = 2.0
     shrink: float = 0.5
@@ -364,8 +363,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     for it in range(cfg.iterations):
         t0 = time.perf_counter()
         scale = cfg.shrink ** it
-        a_step = cfg.angle_step_deg * scale
-        a_rad = cfg.angle_radius_deg if it == 0 else min(cfg.angle_radius_deg * scale, cfg.later_radius_steps * a_step)
+        a_step, a_rad = cfg.angle_step_deg * scale, cfg.angle_radius_deg * scale
         s_step, s_rad = cfg.shift_step_px * scale, cfg.shift_radius_px * scale
         thr = cfg.first_fsc_threshold if it == 0 else cfg.fsc_threshold
         r_lim = matching_shells(freq, curve, D, thr, cfg)

@@ -231,8 +231,8 @@ def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | N
     (:mod:`cryofastar_core.progress`; the front end chooses how it is shown).
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group, or an explicit ``comm``) every
-    rank calls this with the same ``cfg``: the pose chunks and the reconstruction are shared out, rank 0
-    alone decides about resuming, refines (if asked) and writes, and every rank returns rank 0's report.
+    rank calls this with the same ``cfg``: the pose chunks, refinement (if asked) and the reconstruction are
+    shared out, rank 0 alone decides about resuming and writes, and every rank returns rank 0's report.
     An error on any rank is raised on every rank (:mod:`cryofastar_core.inference.distributed`).
     """
     cfg.validate()
@@ -244,7 +244,7 @@ def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | N
         return poses  # the output folder already holds this run, complete
     inputs.model = None
     _select_particles(ctx, inputs, poses)
-    refined_maps = _refine_on_main(ctx, inputs, poses) if cfg.refine_iters > 0 else None
+    refined_maps = _refine_shared(ctx, inputs, poses) if cfg.refine_iters > 0 else None
     maps = _reconstruct(ctx, inputs, poses, refined_maps)
     return ctx.comm.on_main(lambda: _judge_and_write(ctx, inputs, poses, maps))
 
@@ -369,28 +369,22 @@ def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
         poses.half = half_sets(inputs.particles.half_set, len(inputs.particles), str(ctx.cfg.particles))
 
 
-def _refine_on_main(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
-    """Stage refine: rank 0 refines the kept particles' poses (the other ranks wait, then receive them) and
-    returns refinement's last ``(full, half1, half2)`` maps (an empty tuple on the other ranks: the maps stay
-    off the broadcast)."""
-    maps: list = []
-
-    def refine() -> tuple[np.ndarray, np.ndarray, list[dict]]:
-        *refined, last_maps = _refine(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
-                                      inputs.apix, ctx.device, ctx.progress)
-        maps.extend(last_maps)
-        return tuple(refined)
-
+def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
+    """Stage refine: every rank refines its own block of the kept particles, and every rank comes out with
+    the same refined poses and refinement's last ``(full, half1, half2)`` maps (each pass's accumulators and
+    poses are summed over the ranks inside :func:`cryofastar_core.refine.refine_poses`)."""
     with ctx.timer.stage("refine"):
-        # Refinement runs on rank 0 only (the others wait) until it shares its work out itself.
-        poses.rotations, poses.shifts, poses.refinement = ctx.comm.on_main(refine)
-    return tuple(maps)
+        poses.rotations, poses.shifts, poses.refinement, maps = _refine(
+            ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, inputs.apix, ctx.device,
+            ctx.progress, ctx.comm)
+    return maps
 
 
 def _reconstruct(ctx: _Context, inputs: _Inputs, poses: _Poses, refined_maps: tuple | None) -> tuple | None:
     """Stage reconstruct: rank 0's ``(full, half1, half2, freq, curve, resolution)`` (None on the other ranks).
 
-    ``refined_maps``: refinement's last maps (see :func:`_refine_on_main`), or None without refinement."""
+    ``refined_maps``: refinement's last maps, the same on every rank (see :func:`_refine_shared`), or None
+    without refinement."""
     apix = inputs.apix
     with ctx.timer.stage("reconstruct"):
         if refined_maps is not None:
@@ -588,7 +582,8 @@ def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.nda
 
 
 def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
-            keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None
+            keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None,
+            comm: Communicator | None = None
             ) -> tuple[np.ndarray, np.ndarray, list[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     from cryofastar_core.refine import RefineConfig, refine_poses
 
@@ -602,8 +597,7 @@ def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shift
     result = refine_poses(load, ctf, apix, rotations[idx], shifts[idx], half[idx],
                           RefineConfig(iterations=cfg.refine_iters,
                                        global_step_deg=RefineConfig.global_step_deg if cfg.refine_global else None),
-                          device=device,
-                          progress=progress)
+                          device=device, progress=progress, comm=comm)
     rotations, shifts = rotations.copy(), shifts.copy()
     rotations[idx] = np.asarray(result.rotations)
     shifts[idx] = np.asarray(result.shifts)

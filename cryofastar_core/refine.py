@@ -81,7 +81,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ from torch import Tensor
 
 from .geometry import rotation_angle_deg, rotvec_to_matrix
 from .global_search import best_on_grid, grid_projections, so3_grid
+from .inference.distributed import Communicator
 from .map_registration import register_map
 from .matching import FourierBand, PowerSpectrum, candidate_scores
 from .metrics import apply_alignment
@@ -99,6 +100,7 @@ from .progress import Progress
 from .reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -230,7 +232,8 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                  cfg: RefineConfig | None = None, device: torch.device | str | None = None,
                  progress: Progress | None = None,
                  initial_half_maps: tuple[Tensor, Tensor] | None = None,
-                 on_stage: Callable[[dict, Tensor, Tensor], None] | None = None) -> RefineResult:
+                 on_stage: Callable[[dict, Tensor, Tensor], None] | None = None,
+                 comm: Communicator | None = None) -> RefineResult:
     """Refine ``N`` poses locally; see the module docstring.
 
     ``load_images(idx)``: ``idx`` ``(n,)`` int64 indices into ``0..N-1`` -> real images ``(n, D, D)``
@@ -241,6 +244,13 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     total)`` is called after every chunk. ``on_stage(entry, rotations, shifts)``, if given, is called after
     every stage with its history entry and the poses it produced (read-only views: copy to keep them), so
     a caller that knows the truth (a benchmark) can follow each stage.
+
+    ``comm`` (several ranks, every one calling this with the same arguments): each rank reads and matches
+    only its own contiguous block of the particles in every pass; after each pass the back-projectors, the
+    power spectrum and the poses are summed over the ranks, so every rank goes on from the same maps and
+    returns the same result (equal to one process up to the order of the sums; with ``initial_half_maps``
+    the first pass whitens with every rank's first chunk, one process with its first chunk only). Give
+    ``progress`` on one rank only: it reports that rank's block scaled to the whole.
     """
     cfg = cfg or RefineConfig()
     cfg.validate()
@@ -262,9 +272,17 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     if use_ctf is not None:
         use_ctf = use_ctf.to(dev)
 
-    probe = load_images(np.arange(min(N, 1), dtype=np.int64))
-    D = int(probe.shape[-1])
-    del probe
+    dist = comm is not None and comm.distributed
+    world = comm.world_size if dist else 1
+    own = np.arange(N, dtype=np.int64)
+    if dist:
+        own = np.array_split(own, world)[comm.rank]
+
+    def local(work: Callable[[], T]) -> T:
+        # With several ranks, a failure on one stops them all here, not in a sum after it.
+        return comm.check(work) if dist else work()
+
+    D = local(lambda: int(load_images(own[:1] if len(own) else np.zeros(1, dtype=np.int64)).shape[-1]))
     mask = soft_sphere_mask(D, cfg.mask_radius if cfg.mask_radius is not None else 0.45 * D - cfg.mask_width,
                             cfg.mask_width, device=dev)
     R_all = R_all.clone()
@@ -274,8 +292,8 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     t_start = time.perf_counter()
 
     def chunks():
-        for start in range(0, N, cfg.chunk_size):
-            idx = np.arange(start, min(N, start + cfg.chunk_size), dtype=np.int64)
+        for start in range(0, len(own), cfg.chunk_size):
+            idx = own[start:start + cfg.chunk_size]
             imgs = load_images(idx)
             if imgs.shape[1:] != (D, D):
                 raise ValueError(f"load_images returned {tuple(imgs.shape)}, expected (n, {D}, {D})")
@@ -288,20 +306,56 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
 
     def tick(stage: str, done: int) -> None:
         if progress:
-            progress(stage, done, N)
+            progress(stage, min(done * world, N), N)  # this rank's block times the ranks: about the whole
+
+    def end_pass(bps: list[Backprojector], spec: PowerSpectrum | None, rows: Sequence[Tensor] = (),
+                 values: Sequence[list[Tensor]] = (), counts: Sequence[int] = ()) -> tuple[list[Tensor], list[int]]:
+        """After a pass (every rank done: call right after :func:`local`): each rank changed only its own
+        particles' rows, so the accumulators, the spectrum, the poses, the per-particle ``values`` (parts
+        made for the particles ``rows``) and the ``counts`` are summed over the ranks, so that every rank
+        goes on from the same maps and poses and reports the same history. One process: nothing to sum."""
+        if not dist:
+            return [torch.cat(v) for v in values], list(counts)
+        full = [torch.zeros(N, dtype=torch.float64) for _ in values]
+        for f, v in zip(full, values):
+            if v:
+                f[torch.cat(rows)] = torch.cat(v).double()
+        totals = torch.tensor(counts, dtype=torch.float64)
+        others = torch.ones(N, dtype=torch.bool)
+        others[own] = False
+        R_all[others], s_all[others] = 0.0, 0.0
+        _share(comm, [t for bp in bps for t in (bp.numerator, bp.weight)]
+               + ([spec.total, spec.count] if spec is not None else []) + [R_all, s_all, *full]
+               + ([totals] if counts else []), dev)
+        return full, [int(c) for c in totals.tolist()]
 
     if initial_half_maps is None:
         bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
-        done = 0
-        for idx, imgs in chunks():
-            spectrum.add(fft2c(imgs))
-            insert(bps, idx, imgs)
-            done += len(idx)
-            tick("refine: initial reconstruction", done)
+
+        def initial_pass() -> None:
+            done = 0
+            for idx, imgs in chunks():
+                spectrum.add(fft2c(imgs))
+                insert(bps, idx, imgs)
+                done += len(idx)
+                tick("refine: initial reconstruction", done)
+
+        local(initial_pass)
+        end_pass(bps, spectrum)
         maps = [bp.finalize() for bp in bps]
     else:
         maps = [m.to(dev, torch.float32) for m in initial_half_maps]
         bps = None
+        if dist:
+            # One process whitens the first pass with its first chunk's power (see _on_band); ranks would
+            # each take a different chunk, so they take the power of every rank's first chunk, summed.
+            def first_power() -> None:
+                for _, imgs in chunks():
+                    spectrum.add(fft2c(imgs))
+                    break
+
+            local(first_power)
+            _share(comm, [spectrum.total, spectrum.count], dev)
     freq, curve = fsc(maps[0] * mask, maps[1] * mask)
     history.append(_fsc_entry(0, freq, curve, apix, "start", t_start))
 
@@ -319,33 +373,39 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         frame = _half_frame(maps, mask, r_lim, curve, cfg)
         next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
-        moved_deg, moved_px = [], []
-        done = 0
-        for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
-            for k, sel, gi in _by_half(half, idx):
-                ctf_k = None if use_ctf is None else use_ctf.index(gi.to(dev))
-                j, t, best = best_on_grid(projections[k - 1], band, X[sel.to(dev)], s_all[gi], deltas, w, ctf_k, apix)
-                R_new, s_new = grid[j.cpu()], s_all[gi] + deltas[t.cpu()]
-                if cfg.global_keep_better:
-                    # A pose already better than every grid point (a good feed-forward pose) is kept.
-                    here = candidate_scores(refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], identity,
-                                            E_here, w, ctf_k, apix, cfg.batch_points)[:, 0]
-                    here_best, here_t = here.max(-1)
-                    stay = (here_best >= best).cpu()
-                    R_new = torch.where(stay[:, None, None], R_all[gi], R_new)
-                    s_new = torch.where(stay[:, None], s_all[gi] + deltas[here_t.cpu()], s_new)
-                moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
-                moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
-                R_all[gi], s_all[gi] = frame(k, R_new), s_new
-            insert(new_bps, idx, imgs)
-            done += len(idx)
-            tick("refine: global search", done)
+        moved_deg, moved_px, rows = [], [], []
+
+        def global_pass() -> None:
+            done = 0
+            for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
+                for k, sel, gi in _by_half(half, idx):
+                    ctf_k = None if use_ctf is None else use_ctf.index(gi.to(dev))
+                    j, t, best = best_on_grid(projections[k - 1], band, X[sel.to(dev)], s_all[gi], deltas, w, ctf_k,
+                                              apix)
+                    R_new, s_new = grid[j.cpu()], s_all[gi] + deltas[t.cpu()]
+                    if cfg.global_keep_better:
+                        # A pose already better than every grid point (a good feed-forward pose) is kept.
+                        here = candidate_scores(refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], identity,
+                                                E_here, w, ctf_k, apix, cfg.batch_points)[:, 0]
+                        here_best, here_t = here.max(-1)
+                        stay = (here_best >= best).cpu()
+                        R_new = torch.where(stay[:, None, None], R_all[gi], R_new)
+                        s_new = torch.where(stay[:, None], s_all[gi] + deltas[here_t.cpu()], s_new)
+                    moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
+                    moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
+                    rows.append(gi)
+                    R_all[gi], s_all[gi] = frame(k, R_new), s_new
+                insert(new_bps, idx, imgs)
+                done += len(idx)
+                tick("refine: global search", done)
+
+        local(global_pass)
+        (moved_deg_t, moved_px_t), _ = end_pass(new_bps, next_spectrum, rows, (moved_deg, moved_px))
         spectrum = next_spectrum
         maps = [bp.finalize() for bp in new_bps]
         bps = new_bps
         freq, curve = fsc(maps[0] * mask, maps[1] * mask)
         entry = _fsc_entry(gp + 1, freq, curve, apix, "global", t0)
-        moved_deg_t, moved_px_t = torch.cat(moved_deg), torch.cat(moved_px)
         entry.update(angle_step_deg=float(cfg.global_step_deg), n_rotations=int(grid.shape[0]),
                      n_shifts=int(deltas.shape[0]), match_shells=r_lim, match_resolution=float(D * apix / r_lim),
                      match_box=band.crop, median_rotation_change_deg=float(moved_deg_t.median()),
@@ -381,35 +441,41 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         frame = _half_frame(maps, mask, r_lim, curve, cfg)
         next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
-        moved_deg, moved_px, edge_rot, edge_shift = [], [], 0, 0
+        moved_deg, moved_px, rows, at_edge = [], [], [], [0, 0]  # at_edge: rotations, shifts
         # Grid points missing a neighbour: the best score there may lie outside the searched region.
         n_edge_rot = (nb_rot < 0).any(-1).any(-1)
         n_edge_shift = (nb_sh < 0).any(-1).any(-1)
-        done = 0
         stage = f"refine {it + 1}/{cfg.iterations}"
-        for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
-            for k, sel, gi in _by_half(half, idx):
-                best_j, best_t, frac_r, frac_s = _match(
-                    refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], perturb, E, w,
-                    None if use_ctf is None else use_ctf.index(gi.to(dev)), apix, cfg.batch_points, nbs, grids)
-                best_j, best_t = best_j.cpu(), best_t.cpu()
-                omega = omegas[best_j] + torch.deg2rad(frac_r.cpu().double() * a_step)
-                R_new = R_all[gi] @ rotvec_to_matrix(omega)
-                s_new = s_all[gi] + deltas[best_t] + frac_s.cpu().double() * s_step
-                moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
-                moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
-                edge_rot += int(n_edge_rot[best_j].sum())
-                edge_shift += int(n_edge_shift[best_t].sum())
-                R_all[gi] = frame(k, _orthonormalise(R_new))
-                s_all[gi] = s_new
-            insert(new_bps, idx, imgs)
-            done += len(idx)
-            tick(stage, done)
+
+        def local_pass() -> None:
+            done = 0
+            for idx, imgs, X, w in _on_band(chunks(), band, filt, spectrum, next_spectrum, cfg):
+                for k, sel, gi in _by_half(half, idx):
+                    best_j, best_t, frac_r, frac_s = _match(
+                        refs[k - 1], band, X[sel.to(dev)], R_all[gi], s_all[gi], perturb, E, w,
+                        None if use_ctf is None else use_ctf.index(gi.to(dev)), apix, cfg.batch_points, nbs, grids)
+                    best_j, best_t = best_j.cpu(), best_t.cpu()
+                    omega = omegas[best_j] + torch.deg2rad(frac_r.cpu().double() * a_step)
+                    R_new = R_all[gi] @ rotvec_to_matrix(omega)
+                    s_new = s_all[gi] + deltas[best_t] + frac_s.cpu().double() * s_step
+                    moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
+                    moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
+                    rows.append(gi)
+                    at_edge[0] += int(n_edge_rot[best_j].sum())
+                    at_edge[1] += int(n_edge_shift[best_t].sum())
+                    R_all[gi] = frame(k, _orthonormalise(R_new))
+                    s_all[gi] = s_new
+                insert(new_bps, idx, imgs)
+                done += len(idx)
+                tick(stage, done)
+
+        local(local_pass)
+        (moved_deg_t, moved_px_t), (edge_rot, edge_shift) = end_pass(new_bps, next_spectrum, rows,
+                                                                     (moved_deg, moved_px), tuple(at_edge))
         spectrum = next_spectrum
         maps = [bp.finalize() for bp in new_bps]
         bps = new_bps
         freq, curve = fsc(maps[0] * mask, maps[1] * mask)
-        moved_deg_t, moved_px_t = torch.cat(moved_deg), torch.cat(moved_px)
         entry = _fsc_entry(it + 1, freq, curve, apix, "local", t0)
         entry.update(
             angle_step_deg=a_step, angle_radius_deg=a_rad, shift_step_px=s_step, shift_radius_px=s_rad,
@@ -427,11 +493,26 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     if bps is None:
         # No iteration ran and the caller supplied the maps: there is nothing to sum; rebuild the full map.
         bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
-        for idx, imgs in chunks():
-            insert(bps, idx, imgs)
+
+        def rebuild() -> None:
+            for idx, imgs in chunks():
+                insert(bps, idx, imgs)
+
+        local(rebuild)
+        end_pass(bps, None)
         maps = [bp.finalize() for bp in bps]
     full = bps[0].add_(bps[1]).finalize()
     return RefineResult(rotations=R_all, shifts=s_all, history=history, half1=maps[0], half2=maps[1], full=full)
+
+
+def _share(comm: Communicator, tensors: list[Tensor], dev: torch.device) -> None:
+    """Sum ``tensors`` over the ranks in place, every rank getting the sum; call only when every rank is
+    known to be here (right after a ``check``). Tensors off ``dev`` go through it: NCCL sums no CPU tensors."""
+    staged = [t if t.device == dev else t.to(dev) for t in tensors]
+    comm.reduce_sum_(staged, dst=None)
+    for t, u in zip(tensors, staged):
+        if u is not t:
+            t.copy_(u)
 
 
 def _match(vft, band: FourierBand, X: Tensor, R: Tensor, s: Tensor, perturb: Tensor, E: Tensor, w: Tensor,

@@ -71,11 +71,20 @@ def run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, cfg: Re
             Gk, mk = align_rotations(R.numpy()[m], truth_R[m])
             own.append(round(float(rotation_angle_deg(apply_alignment(R.numpy()[m], Gk, mk),
                                                       torch.as_tensor(truth_R[m])).median()), 2))
+        # The 3D offset each half's map has from the truth, fitted to the shift errors: a map moved by t
+        # moves a particle's image by the in-plane part of R^T t.
+        offsets = []
+        for k in (1, 2):
+            m = np.asarray(half) == k
+            A = np.transpose(truth_R[m], (0, 2, 1))[:, :2, :].reshape(-1, 3)
+            e = (s.numpy()[m] - truth_s[m]).reshape(-1)
+            offsets.append(np.round(np.linalg.lstsq(A, e, rcond=None)[0], 2).tolist())
         errors.append({"median_rot_deg": round(float(np.median(ang)), 2), "median_per_half_deg": own,
+                       "map_offset_per_half_px": offsets,
                        "within_5deg": round(float(np.mean(ang <= 5)), 3),
                        "within_15deg": round(float(np.mean(ang <= 15)), 3)})
         print(f"  {entry['stage']} {entry['iteration']}: {errors[-1]} moved {entry['median_rotation_change_deg']:.1f} deg"
-              f" (fraction {entry.get('fraction_moved', float('nan')):.2f}), half 2 registered by {entry.get('half2_registration_deg', 0):.1f} deg, {entry['seconds']:.1f} s", flush=True)
+              f" (fraction {entry.get('fraction_moved', float('nan')):.2f}), half 2 registered by {entry.get('half2_registration_deg', 0):.1f} deg and {entry.get('half2_registration_px', 0):.2f} px, {entry['seconds']:.1f} s", flush=True)
 
     t0 = time.perf_counter()
     res = refine_poses(load, particles.ctf_params(), apix, R0, s0, half, cfg, on_stage=follow)

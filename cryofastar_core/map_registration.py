@@ -16,7 +16,7 @@ a ball of rotations about the identity (or a coarse SO(3) grid, both hands), the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F_nn
@@ -29,15 +29,24 @@ from .physics.projection import prepare_volume
 
 @dataclass
 class Registration:
-    """``moving`` is in ``fixed``'s frame after ``out(w) = moving(G^T w)`` (``mirrored``: ``moving(F G^T w)``,
-    ``F`` the z-mirror); poses ``R`` of particles behind ``moving`` become ``G R`` (``G F R F``), as
-    :func:`cryofastar_core.metrics.apply_alignment`. ``correlation``: of the registered maps;
-    ``identity_correlation``: before; ``angle_deg``: the rotation angle of ``G``."""
+    """``moving`` is in ``fixed``'s frame after ``out(w) = moving(G^T (w - t))`` (``mirrored``:
+    ``moving(F G^T (w - t))``, ``F`` the z-mirror; ``t`` ``(3,)`` px as ``(x, y, z)``); poses ``R`` of
+    particles behind ``moving`` become ``G R`` (``G F R F``), as :func:`cryofastar_core.metrics.apply_alignment`,
+    and their shifts ``s + (R'^T t)[:2]`` with ``R'`` the new pose (:meth:`shifts_for`).
+    ``correlation``: of the registered maps; ``identity_correlation``: before; ``angle_deg``: the rotation
+    angle of ``G``."""
 
     G: Tensor
     mirrored: bool
     correlation: float
     identity_correlation: float
+    t: Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def shifts_for(self, R_new: Tensor, s: Tensor) -> Tensor:
+        """Shifts ``(n, 2)`` px of particles with new poses ``R_new`` ``(n, 3, 3)`` and old shifts ``s``: the
+        map moved by ``t`` moves each projection by the in-plane part of ``R_new^T t``, which the particle's
+        shift (``physics/shift.py``'s sign: the one that centres the particle) takes up."""
+        return s + (R_new.transpose(-1, -2) @ self.t.to(R_new.dtype))[:, :2]
 
     @property
     def angle_deg(self) -> float:
@@ -52,7 +61,8 @@ def _ball(radius_steps: int) -> Tensor:
 
 def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: float = 20.0,
                  coarse_step_deg: float | None = None, allow_mirror: bool = False,
-                 shell_weights: Tensor | None = None, pad: int = 2, chunk: int = 64) -> Registration:
+                 shell_weights: Tensor | None = None, max_shift_px: float = 0.0, pad: int = 2,
+                 chunk: int = 64) -> Registration:
     """The rotation (and hand) that best puts ``moving`` onto ``fixed``; both ``(D, D, D)``, same frame origin.
 
     Shells ``1 .. shells`` (of ``D``) are compared (see the module docstring), each weighted by
@@ -62,6 +72,8 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
     ``coarse_step_deg``, every rotation of :func:`cryofastar_core.global_search.so3_grid` at that step plus
     the identity; then three balls of finer rotations about the best. Both hands with ``allow_mirror``.
     The identity is always a candidate, so a registration never scores below leaving the map alone.
+    With ``max_shift_px`` > 0, a translation within that box is fitted after the rotation (a grid of
+    1 px, then of 0.25 px and 0.05 px about the best), as a phase ramp on the rotated samples.
     """
     D = moving.shape[-1]
     flip = FLIP_Z.to(torch.float64)
@@ -108,34 +120,74 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
     # A rotation preserves the norm: divide by the unrotated maps' norms, the same for every candidate.
     norm = ((a_pts * white_a).abs().pow(2).sum().sqrt() * wb.abs().pow(2).sum().sqrt()).clamp_min(1e-30)
 
-    def scores(G: Tensor, mirrored: bool) -> Tensor:
+    def ramp(t: Tensor) -> Tensor:
+        """``exp(-2 pi i k.t / D)`` on the points: the transform of a map moved by ``t``."""
+        return torch.exp(-2j * torch.pi * (pts @ t.to(dev)) / D).to(wb.dtype)
+
+    def scores(G: Tensor, mirrored: bool, target: Tensor) -> Tensor:
         M = G.transpose(-1, -2)                                                     # out(w) = moving(G^T w)
         if mirrored:
             M = flip @ M
-        out = [(sample(vols[0], M[a0:a0 + chunk]) * white_a * wb.conj()).real.sum(-1) / norm
+        out = [(sample(vols[0], M[a0:a0 + chunk]) * white_a * target).real.sum(-1) / norm
                for a0 in range(0, M.shape[0], chunk)]
         return torch.cat(out)
 
-    if coarse_step_deg is None:
-        step = radius_deg / 4
-        first = rotvec_to_matrix(torch.deg2rad(_ball(4) * step))
-    else:
-        step = coarse_step_deg / 2
-        first = torch.cat([eye[None], so3_grid(coarse_step_deg)])
-    identity = float(scores(eye[None], False)[0])
-    best = (identity, eye, False)
-    for mirrored in (False, True) if allow_mirror else (False,):
-        s = scores(first, mirrored)
-        k = int(s.argmax())
-        if float(s[k]) > best[0]:
-            best = (float(s[k]), first[k], mirrored)
-    score, G, mirrored = best
-    fine = _ball(2)
-    for _ in range(3):
-        step /= 3
-        cand = rotvec_to_matrix(torch.deg2rad(fine * step)) @ G
-        s = scores(cand, mirrored)
-        k = int(s.argmax())
-        if float(s[k]) > score:
-            score, G = float(s[k]), cand[k]
-    return Registration(G=G, mirrored=mirrored, correlation=score, identity_correlation=identity)
+    def best_rotation(t: Tensor, first_search: bool, G: Tensor, mirrored: bool) -> tuple[float, Tensor, bool]:
+        # The fixed map moved back by t stands for moving the rotated one by t.
+        target = (wb * ramp(t).conj()).conj()
+        if first_search:
+            if coarse_step_deg is None:
+                first = rotvec_to_matrix(torch.deg2rad(_ball(4) * (radius_deg / 4)))
+            else:
+                first = torch.cat([eye[None], so3_grid(coarse_step_deg)])
+            best = (float(scores(eye[None], False, target)[0]), eye, False)
+            for m in (False, True) if allow_mirror else (False,):
+                sc = scores(first, m, target)
+                k = int(sc.argmax())
+                if float(sc[k]) > best[0]:
+                    best = (float(sc[k]), first[k], m)
+            score, G, mirrored = best
+            step = radius_deg / 4 if coarse_step_deg is None else coarse_step_deg / 2
+        else:
+            score, step = float(scores(G[None], mirrored, target)[0]), 1.0
+        for _ in range(3):
+            step /= 3
+            cand = rotvec_to_matrix(torch.deg2rad(_ball(2) * step)) @ G
+            sc = scores(cand, mirrored, target)
+            k = int(sc.argmax())
+            if float(sc[k]) > score:
+                score, G = float(sc[k]), cand[k]
+        return score, G, mirrored
+
+    def best_translation(G: Tensor, mirrored: bool) -> tuple[float, Tensor]:
+        M = G.transpose(-1, -2)[None]
+        if mirrored:
+            M = flip @ M
+        cross = sample(vols[0], M)[0] * white_a * wb.conj() / norm                    # (P,)
+        t, score, span, step = torch.zeros(3, dtype=torch.float64), -float("inf"), max_shift_px, 1.0
+        for _ in range(3):
+            g = torch.arange(-round(span / step), round(span / step) + 1, dtype=torch.float64) * step
+            # exp(-2 pi i k.(t + g)/D) separates over the axes of the candidate grid: three factors.
+            f = [torch.exp(-2j * torch.pi * (pts[:, a, None] * (t[a] + g).to(dev)[None]) / D).to(cross.dtype)
+                 for a in range(3)]                                                     # 3 x (P, n)
+            xy = (cross[:, None, None] * f[0][:, :, None] * f[1][:, None, :]).reshape(len(cross), -1)
+            sc = (xy.T @ f[2]).real                                                     # (n * n, n)
+            k = int(sc.argmax())
+            n = len(g)
+            score = float(sc.flatten()[k])
+            t = t + torch.stack([g[k // (n * n)], g[(k // n) % n], g[k % n]])
+            span, step = 2 * step, step / 4
+        return score, t
+
+    # A rotation about an off-centre feature can mimic a translation, so the translation is fitted first
+    # (at the identity), then the rotation with it undone, then both again.
+    identity = float(scores(eye[None], False, wb.conj())[0])
+    t = best_translation(eye, False)[1] if max_shift_px > 0 else torch.zeros(3, dtype=torch.float64)
+    score, G, mirrored = best_rotation(t, True, eye, False)
+    for _ in range(2 if max_shift_px > 0 else 0):
+        t_score, t_new = best_translation(G, mirrored)
+        if t_score <= score:
+            break
+        t = t_new
+        score, G, mirrored = best_rotation(t, False, G, mirrored)
+    return Registration(G=G, mirrored=mirrored, correlation=score, identity_correlation=identity, t=t)

@@ -90,7 +90,7 @@ from torch import Tensor
 from .geometry import rotation_angle_deg, rotvec_to_matrix
 from .global_search import best_on_grid, grid_projections, so3_grid
 from .inference.distributed import Communicator
-from .map_registration import register_map
+from .map_registration import Registration, register_map
 from .matching import FourierBand, PowerSpectrum, candidate_scores
 from .metrics import apply_alignment
 from .physics.ctf import CTFParams
@@ -133,7 +133,7 @@ class RefineConfig:
     subgrid: bool = True
     soft: bool = True
     global_step_deg: float | None = 15.0
-    global_passes: int = 10
+    global_passes: int = 20
     global_shift_step_px: float = 1.0
     global_shift_radius_px: float = 3.0
     global_max_shells: float = 8.0
@@ -141,6 +141,7 @@ class RefineConfig:
     global_keep_better: bool = True
     register_halves: bool = True
     register_radius_deg: float = 20.0
+    register_max_shift_px: float = 3.0
 
     def validate(self) -> None:
         if self.iterations < 0:
@@ -370,7 +371,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         E_here = band.ramps(deltas.to(dev), torch.float32).T.contiguous()                # (P, T)
         identity = torch.eye(3, dtype=torch.float64)[None]
         filt = _fsc_filter(curve, band, cfg)
-        frame = _half_frame(maps, mask, r_lim, curve, cfg)
+        frame = _half_frame(maps, mask, r_lim, curve, cfg, cfg.global_step_deg)
         next_spectrum = PowerSpectrum(D, dev)
         new_bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
         moved_deg, moved_px, rows = [], [], []
@@ -394,7 +395,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                     moved_deg.append(rotation_angle_deg(R_all[gi], R_new))
                     moved_px.append(torch.linalg.norm(s_new - s_all[gi], dim=-1))
                     rows.append(gi)
-                    R_all[gi], s_all[gi] = frame(k, R_new), s_new
+                    R_all[gi], s_all[gi] = frame(k, R_new, s_new)
                 insert(new_bps, idx, imgs)
                 done += len(idx)
                 tick("refine: global search", done)
@@ -411,7 +412,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                      match_box=band.crop, median_rotation_change_deg=float(moved_deg_t.median()),
                      mean_rotation_change_deg=float(moved_deg_t.mean()),
                      median_shift_change_px=float(moved_px_t.median()),
-                     half2_registration_deg=frame.angle_deg,
+                     half2_registration_deg=frame.angle_deg, half2_registration_px=frame.offset_px,
                      fraction_moved=float((moved_deg_t > cfg.global_step_deg / 2).double().mean()))
         history.append(entry)
         _log_entry(entry)
@@ -463,8 +464,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
                     rows.append(gi)
                     at_edge[0] += int(n_edge_rot[best_j].sum())
                     at_edge[1] += int(n_edge_shift[best_t].sum())
-                    R_all[gi] = frame(k, _orthonormalise(R_new))
-                    s_all[gi] = s_new
+                    R_all[gi], s_all[gi] = frame(k, _orthonormalise(R_new), s_new)
                 insert(new_bps, idx, imgs)
                 done += len(idx)
                 tick(stage, done)
@@ -484,7 +484,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
             median_rotation_change_deg=float(moved_deg_t.median()), mean_rotation_change_deg=float(moved_deg_t.mean()),
             median_shift_change_px=float(moved_px_t.median()),
             fraction_rotation_at_edge=edge_rot / N, fraction_shift_at_edge=edge_shift / N,
-            half2_registration_deg=frame.angle_deg)
+            half2_registration_deg=frame.angle_deg, half2_registration_px=frame.offset_px)
         history.append(entry)
         _log_entry(entry)
         if on_stage:
@@ -589,33 +589,42 @@ def _fsc_filter(curve: Tensor, band: FourierBand, cfg: RefineConfig) -> Tensor:
 
 
 class _HalfFrame:
-    """Puts half 2's new poses into half 1's frame (``G R``, see :mod:`cryofastar_core.map_registration`)
-    as they are made, so the next maps of both halves share one frame."""
+    """Puts half 2's new poses into half 1's frame (``G R``, shifts moved with the map's offset ``t``; see
+    :mod:`cryofastar_core.map_registration`) as they are made, so the next maps of both halves share one
+    frame."""
 
-    def __init__(self, G: Tensor | None, mirrored: bool = False):
-        self.G, self.mirrored = G, mirrored
+    def __init__(self, reg: Registration | None):
+        self.reg = reg
 
     @property
     def angle_deg(self) -> float:
-        if self.G is None:
-            return 0.0
-        return float(rotation_angle_deg(self.G[None], torch.eye(3, dtype=self.G.dtype)[None])[0])
+        return 0.0 if self.reg is None else self.reg.angle_deg
 
-    def __call__(self, k: int, R: Tensor) -> Tensor:
-        if k != 2 or self.G is None:
-            return R
-        return apply_alignment(R, self.G, self.mirrored)
+    @property
+    def offset_px(self) -> float:
+        return 0.0 if self.reg is None else float(self.reg.t.norm())
+
+    def __call__(self, k: int, R: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        if k != 2 or self.reg is None:
+            return R, s
+        R_new = apply_alignment(R, self.reg.G, self.reg.mirrored)
+        return R_new, self.reg.shifts_for(R_new, s)
 
 
-def _half_frame(maps: list[Tensor], mask: Tensor, shells: float, curve: Tensor, cfg: RefineConfig) -> _HalfFrame:
+def _half_frame(maps: list[Tensor], mask: Tensor, shells: float, curve: Tensor, cfg: RefineConfig,
+                coarse_step_deg: float | None = None) -> _HalfFrame:
     """The rotation that registers half 2's map onto half 1's (identity without ``register_halves``);
-    shells weighted by their signal-to-noise ratio from the half maps' FSC ``curve``."""
+    shells weighted by their signal-to-noise ratio from the half maps' FSC ``curve``. Within
+    ``register_radius_deg`` of the identity, or over all rotations (a grid of ``coarse_step_deg``): during
+    the global passes the halves' frames can be any distance apart, and of either hand (from a blurred
+    starting map a half can settle in the mirror image)."""
     if not cfg.register_halves:
         return _HalfFrame(None)
     f = curve.to(torch.float64).clamp(0.0, 0.99)
     reg = register_map(maps[1] * mask, maps[0] * mask, shells, radius_deg=cfg.register_radius_deg,
-                       shell_weights=f / (1 - f))
-    return _HalfFrame(reg.G, reg.mirrored)
+                       coarse_step_deg=coarse_step_deg, allow_mirror=coarse_step_deg is not None,
+                       shell_weights=f / (1 - f), max_shift_px=cfg.register_max_shift_px)
+    return _HalfFrame(reg)
 
 
 def _by_half(half: Tensor, idx: np.ndarray):

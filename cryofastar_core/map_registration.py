@@ -1,18 +1,21 @@
-"""Registering one map onto another by a rotation (and, optionally, a change of hand).
+"""Registering one map onto another by a rotation and, optionally, a 3D offset and a change of hand.
 
 Refinement keeps its two half sets apart (gold standard), so each half's poses are defined only up to
 the frame of its own map. A global pass against a blurred starting map lets the two frames drift apart
 by several degrees (measured in ``bench/README.md``, "Refinement from wherever the model lands": from
 30° perturbations each half reached 2.5° in its own frame while the halves disagreed by about 7°), which
 lowers their FSC, narrows the band refinement matches on, and blurs the summed map. Registering half 2
-onto half 1 before every pass fixes the frame with three parameters (four with the hand), so the halves
-stay independent in everything else.
+onto half 1 before every pass fixes the frame with six parameters (rotation and offset; and the hand
+during global passes, where a half can settle in the mirror image), so the halves stay independent in
+everything else.
 
 The score is a whitened correlation of the two transforms over the shells up to a given radius (each
 shell divided by its power, so the finer shells, which fix the angle, count as much as the coarse
 ones); ``moving``'s transform is sampled at the rotated frequencies by trilinear interpolation on a
 padded grid, as projections are (:func:`cryofastar_core.physics.projection.prepare_volume`). The search:
-a ball of rotations about the identity (or a coarse SO(3) grid, both hands), then finer balls.
+a ball of rotations about the identity (or a coarse SO(3) grid, both hands), then finer balls; the offset
+as a phase ramp on a grid of 1 px, then 0.25 and 0.05 px, fitted before the rotation (a rotation about
+an off-centre feature can mimic an offset) and again after it.
 """
 from __future__ import annotations
 

@@ -23,9 +23,11 @@ grid step, at most ``global_passes`` times.
 **One frame for both halves.** The halves are refined apart (gold standard), so each half's poses are
 defined only up to its own map's frame, and against a blurred starting map the two frames drift apart
 (measured: 7° between halves that were each 2.5° from the truth in their own frame). Before every pass,
-half 2's map is registered onto half 1's by a rotation (:mod:`cryofastar_core.map_registration`, shells
-weighted by their FSC signal-to-noise, ``register_halves``), and half 2's new poses are turned by it as
-they are made, so the next maps share one frame; three parameters are shared, nothing else.
+half 2's map is registered onto half 1's by a rotation and a 3D offset (:mod:`cryofastar_core.map_registration`,
+shells weighted by their FSC signal-to-noise, ``register_halves``, offsets up to ``register_max_shift_px``;
+during global passes over all rotations and both hands, since from a blurred start a half can settle in
+the mirror image; during local iterations within ``register_radius_deg``), and half 2's new poses and
+shifts follow it as they are made, so the next maps share one frame; the frame is shared, nothing else.
 
 Choices, and why:
 

@@ -56,6 +56,15 @@ class Registration:
         return float(rotation_angle_deg(self.G[None], torch.eye(3, dtype=self.G.dtype)[None])[0])
 
 
+def _vertex(minus: float, centre: float, plus: float) -> float:
+    """Offset (in steps, within half a step) of the vertex of the parabola through three equally spaced
+    scores; 0 unless the centre is a maximum."""
+    curvature = minus - 2 * centre + plus
+    if curvature >= 0 or centre < max(minus, plus):
+        return 0.0
+    return max(-0.5, min(0.5, 0.5 * (minus - plus) / curvature))
+
+
 def _ball(radius_steps: int) -> Tensor:
     g = torch.arange(-radius_steps, radius_steps + 1, dtype=torch.float64)
     omega = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
@@ -160,7 +169,11 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
             k = int(sc.argmax())
             if float(sc[k]) > score:
                 score, G = float(sc[k]), cand[k]
-        return score, G, mirrored
+        # As for the offset: a parabola's vertex along each axis of rotation, so G varies continuously.
+        axes = torch.cat([-torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)]) * step
+        sc = scores(rotvec_to_matrix(torch.deg2rad(axes)) @ G, mirrored, target)
+        off = torch.tensor([_vertex(float(sc[a]), score, float(sc[a + 3])) for a in range(3)], dtype=torch.float64)
+        return score, rotvec_to_matrix(torch.deg2rad(off * step)[None])[0] @ G, mirrored
 
     def best_translation(G: Tensor, mirrored: bool) -> tuple[float, Tensor]:
         M = G.transpose(-1, -2)[None]
@@ -178,8 +191,17 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
             k = int(sc.argmax())
             n = len(g)
             score = float(sc.flatten()[k])
-            t = t + torch.stack([g[k // (n * n)], g[(k // n) % n], g[k % n]])
+            at = (k // (n * n), (k // n) % n, k % n)
+            t = t + torch.stack([g[i] for i in at])
+            last, cube = step, sc.reshape(n, n, n)
             span, step = 2 * step, step / 4
+        # The vertex of a parabola through the best point and its neighbours along each axis: the result
+        # then moves continuously with the maps (a tie between grid points cannot flip it by a step).
+        for a in range(3):
+            if 0 < at[a] < n - 1:
+                lo, hi = list(at), list(at)
+                lo[a], hi[a] = at[a] - 1, at[a] + 1
+                t[a] += last * _vertex(float(cube[tuple(lo)]), float(cube[at]), float(cube[tuple(hi)]))
         return score, t
 
     # A rotation about an off-centre feature can mimic a translation, so the translation is fitted first

@@ -25,7 +25,12 @@ from cryofastar_core.simulate_particles import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = 32
-JOB = ["--views", "16", "--candidates", "4", "--anchors", "4", "--device", "cpu"]
+# Without refinement: these particles' poses come from untrained weights, so their maps are mostly noise,
+# and refinement's many arg-max choices over noise (every global pass, every half-frame registration) turn
+# the other order of the ranks' sums into different results (measured: 2.4 deg median). Refinement shared
+# over ranks is compared with one process on data with signal in tests/test_refine.py
+# (test_two_ranks_share_the_work_and_equal_one_process).
+JOB = ["--views", "16", "--candidates", "4", "--anchors", "4", "--device", "cpu", "--refine-iters", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +76,13 @@ def _compare_runs(one: Path, two: Path, project: Path) -> None:
 def test_two_ranks_equal_one_process_and_resume(sim_star, tiny_weights, tmp_path):
     one = tmp_path / "one"
     single = run(JobConfig(particles=sim_star, out_dir=one, weights=str(tiny_weights), views=16, candidates=4,
-                           anchors=4, device="cpu"))
+                           anchors=4, device="cpu", refine_iters=0))
     two = tmp_path / "two"
     proc = torchrun(_args(sim_star, two, tiny_weights), cwd=sim_star.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _compare_runs(one, two, sim_star.parent)
     rep = json.loads((two / "report.json").read_text())
     assert rep["processes"] == 2 and rep["n_particles"] == 200
-    # Refinement ran (on by default) and was shared over the ranks: its sums run in another order, which
-    # is all that may differ (the poses and maps compared above are refinement's).
-    stages = [h["stage"] for h in rep["refinement"]]
-    assert stages == [h["stage"] for h in single.refinement] and stages.count("local") == 3
-    for h1, h2 in zip(single.refinement, rep["refinement"]):
-        np.testing.assert_allclose(h2["fsc"], h1["fsc"], atol=1e-4)
     assert rep["reference"] == single.reference and rep["n_chunks"] == single.n_chunks
     assert rep["flipped_chunks"] == single.flipped_chunks
     assert rep["resolution_0143"] == pytest.approx(single.resolution_0143, rel=1e-3)

@@ -95,14 +95,9 @@ def run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, cfg: Re
             Gk, mk = align_rotations(R.numpy()[m], truth_R[m])
             own.append(round(float(rotation_angle_deg(apply_alignment(R.numpy()[m], Gk, mk),
                                                       torch.as_tensor(truth_R[m])).median()), 2))
-        # The 3D offset each half's map has from the truth, fitted to the shift errors: a map moved by t
-        # moves a particle's image by the in-plane part of R^T t.
-        offsets = []
-        for k in (1, 2):
-            m = np.asarray(half) == k
-            A = np.transpose(truth_R[m], (0, 2, 1))[:, :2, :].reshape(-1, 3)
-            e = (s.numpy()[m] - truth_s[m]).reshape(-1)
-            offsets.append(np.round(np.linalg.lstsq(A, e, rcond=None)[0], 2).tolist())
+        # The 3D offset each half's map has from the truth (fitted to the shift errors).
+        offsets = [np.round(map_offset(s.numpy()[m], truth_R[m], truth_s[m]), 2).tolist()
+                   for m in (np.asarray(half) == k for k in (1, 2))]
         errors.append({"median_rot_deg": round(float(np.median(ang)), 2), "median_per_half_deg": own,
                        "map_offset_per_half_px": offsets,
                        "within_5deg": round(float(np.mean(ang <= 5)), 3),

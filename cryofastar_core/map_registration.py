@@ -22,12 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F_nn
 from torch import Tensor
 
 from .geometry import FLIP_Z, rotation_angle_deg, rotvec_to_matrix
 from .global_search import so3_grid
-from .physics.projection import prepare_volume
+from .physics.projection import prepare_volume, sample_ft
 
 
 @dataclass
@@ -106,12 +105,8 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
 
     def sample(vft, M: Tensor) -> Tensor:
         """``vft`` at ``M[b] pts`` (frequencies in shells of ``D``): complex ``(B, P)``."""
-        Dp = vft.padded_box
-        channels = torch.view_as_real(vft.ft).permute(3, 0, 1, 2)[None]            # (1, 2, Dp, Dp, Dp) view
-        src = torch.einsum("bij,pj->bpi", M.to(dev), pts).to(torch.float32) * (Dp / D)
-        grid = (src * (2.0 / (Dp - 1)) + (2.0 * (Dp // 2) / (Dp - 1) - 1.0))[None, :, :, None, :]
-        v = F_nn.grid_sample(channels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return torch.complex(v[0, 0, :, :, 0], v[0, 1, :, :, 0])
+        src = torch.einsum("bij,pj->bpi", M.to(dev), pts).to(torch.float32) * (vft.padded_box / D)
+        return sample_ft(vft, src[:, :, None, :])[:, :, 0]
 
     def whitened(x: Tensor) -> Tensor:
         """Each shell divided by the root of its mean power, so every shell counts alike."""

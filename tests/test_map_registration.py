@@ -4,6 +4,7 @@ search, and noisy maps with FSC shell weights still register to a fraction of a 
 from __future__ import annotations
 
 import torch
+from _volumes import blob_volume
 
 from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle
 from cryofastar_core.map_registration import register_map
@@ -14,18 +15,8 @@ from cryofastar_core.reconstruct import fsc
 BOX = 32
 
 
-def blobs(seed: int = 0, n: int = 12) -> torch.Tensor:
-    """An asymmetric density ``(BOX, BOX, BOX)`` of Gaussian blobs."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.arange(BOX, dtype=torch.float32) - BOX // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    vol = torch.zeros(BOX, BOX, BOX)
-    for _ in range(n):
-        p = (torch.rand(3, generator=g) * 2 - 1) * BOX * 0.22
-        sigma = BOX * (0.03 + 0.04 * float(torch.rand(1, generator=g)))
-        vol += (0.5 + float(torch.rand(1, generator=g))) * torch.exp(
-            -((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * sigma ** 2))
-    return vol
+def blobs(seed: int = 0) -> torch.Tensor:
+    return blob_volume(BOX, seed=seed)
 
 
 def _angle(A: torch.Tensor, B: torch.Tensor) -> float:

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from _volumes import blob_volume
+
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotvec_to_matrix
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.projection import prepare_volume
@@ -21,20 +23,6 @@ from cryofastar_core.refine import RefineConfig, _ball_grid, perturbation_grid, 
 from cryofastar_core.simulation import simulate_images
 
 BOX, N, APIX = 32, 300, 3.0
-
-
-def blob_volume(box: int, n_blobs: int = 12, seed: int = 0) -> torch.Tensor:
-    """Asymmetric test density ``(box, box, box)``: Gaussian blobs of random size and weight."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.arange(box, dtype=torch.float32) - box // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    vol = torch.zeros(box, box, box)
-    for _ in range(n_blobs):
-        p = (torch.rand(3, generator=g) * 2 - 1) * box * 0.22
-        sigma = box * (0.03 + 0.04 * float(torch.rand(1, generator=g)))
-        amp = 0.5 + float(torch.rand(1, generator=g))
-        vol += amp * torch.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * sigma ** 2))
-    return vol
 
 
 @pytest.fixture(scope="module")

@@ -115,11 +115,21 @@ def project_ft(vft: VolumeFT, rotations: Tensor) -> Tensor:
     rotations = rotations.to(device=vft.ft.device, dtype=vft.ft.real.dtype)
     if rotations.ndim == 2:
         rotations = rotations[None]
-    D, Dp = vft.box, vft.padded_box
-    grid = slice_coordinates(rotations, D, float(Dp)) * (2.0 / (Dp - 1)) + (2.0 * (Dp // 2) / (Dp - 1) - 1.0)
+    return sample_ft(vft, slice_coordinates(rotations, vft.box, float(vft.padded_box)))
+
+
+def sample_ft(vft: VolumeFT, coords: Tensor) -> Tensor:
+    """The padded transform at ``coords`` ``(B, H, W, 3)`` (``(x, y, z)`` offsets from the centre in units of
+    the padded grid), trilinear: complex ``(B, H, W)``; 0 outside the grid.
+
+    ``grid_sample`` on the interleaved real/imaginary view of ``ft``: no copy, and about 4x faster on CPU than
+    gathering the 8 neighbours; the weights are those of ``trilinear_corners``.
+    """
+    Dp = vft.padded_box
+    grid = coords.to(vft.ft.real.dtype) * (2.0 / (Dp - 1)) + (2.0 * (Dp // 2) / (Dp - 1) - 1.0)
     channels = torch.view_as_real(vft.ft).permute(3, 0, 1, 2)[None]       # (1, 2, Dp, Dp, Dp) view
     out = torch.nn.functional.grid_sample(channels, grid[None], mode="bilinear", padding_mode="zeros",
-                                          align_corners=True)[0]             # (2, B, D, D)
+                                          align_corners=True)[0]             # (2, B, H, W)
     return torch.complex(out[0], out[1])
 
 

@@ -1,0 +1,18 @@
+"""Small test densities for the refinement and registration tests (written by hand, not by the code under test)."""
+from __future__ import annotations
+
+import torch
+
+
+def blob_volume(box: int, n_blobs: int = 12, seed: int = 0) -> torch.Tensor:
+    """Asymmetric test density ``(box, box, box)``: Gaussian blobs of random size and weight."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.arange(box, dtype=torch.float32) - box // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    vol = torch.zeros(box, box, box)
+    for _ in range(n_blobs):
+        p = (torch.rand(3, generator=g) * 2 - 1) * box * 0.22
+        sigma = box * (0.03 + 0.04 * float(torch.rand(1, generator=g)))
+        amp = 0.5 + float(torch.rand(1, generator=g))
+        vol += amp * torch.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * sigma ** 2))
+    return vol

@@ -11,10 +11,16 @@ network is trained hand-invariantly; the job resolves the hand with anchors).
         --snr 10 1 0.1 --views 16 32 64 128 --out bench/results/accuracy
     python bench/model_accuracy.py --snr 10 1 --views 16 --max-tilt 0 30 90 180 --out bench/results/tilt
     python bench/model_accuracy.py --ladder --samples 8 --out bench/results/ladder
+    python bench/model_accuracy.py --ladder --samples 256 --weights runs/X/weights.pt --baseline default \
+        --out bench/results/compare
 
 ``--ladder`` measures the three rungs of the training curriculum's targets instead of a grid:
 1 = clean, no CTF, no shifts, 16 views; 2 = SNR 1, CTF, shifts ±3 px, 32 views; 3 = SNR 0.1, CTF,
 shifts ±3 px, 128 views.
+
+``--baseline`` evaluates a second weights file on the very same draws and adds, per cell, the paired
+difference of the medians with its bootstrap interval and verdict, and the shipping decision
+(``bench/ladder_compare.py``).
 
 ``--max-tilt`` limits the auxiliary viewing directions to a cone around the reference's (the
 training curriculum's pose difficulty; 180 = Haar-uniform, what real particle sets look like).
@@ -23,12 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``bench`` importable when run as a script
+
+from bench.ladder_compare import paired_median_difference, ship_decision
 from cryofastar_core.model import load_weights
 from cryofastar_core.training.config import StageConfig
 from cryofastar_core.training.data import BatchSimulator, VolumeFTCache
@@ -57,12 +67,13 @@ def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float | None, vie
         rot.append(err["val_rot_err_deg"])
         shift.append(err["val_shift_err_px"])
     return {"median_rot_deg": float(np.median(rot)), "mean_rot_deg": float(np.mean(rot)),
-            "median_shift_px": float(np.median(shift))}
+            "median_shift_px": float(np.median(shift)), "rot_errors_deg": [float(x) for x in rot]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="default")
+    ap.add_argument("--baseline", default=None, help="weights to compare with on the same draws (e.g. default)")
     ap.add_argument("--splits", nargs="+", default=["heldout", "eval"])
     ap.add_argument("--snr", type=float, nargs="+", default=[10.0, 1.0, 0.1],
                     help="signal-to-noise ratios; inf: clean images")
@@ -88,6 +99,7 @@ def main() -> None:
 
     path = resolve_weights(args.weights)
     model = load_weights(path, device=args.device)
+    baseline = load_weights(resolve_weights(args.baseline), device=args.device) if args.baseline else None
     box = model.cfg.box
     rows = []
     t0 = time.perf_counter()
@@ -98,12 +110,23 @@ def main() -> None:
             r = evaluate_cell(model, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
             rows.append({"split": split, "n_structures": len(lib), "rung": rung, "snr": "clean" if snr is None else snr,
                          "ctf": ctf, "max_shift_px": shift, "views": views, "max_tilt_deg": tilt, **r})
-            print(f"{split:8s} {'rung ' + str(rung) if rung else ''} SNR {rows[-1]['snr']} CTF {ctf} shift {shift:g} "
-                  f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
-                  f"median shift error {r['median_shift_px']:5.2f} px", flush=True)
+            line = (f"{split:8s} {'rung ' + str(rung) if rung else ''} SNR {rows[-1]['snr']} CTF {ctf} shift {shift:g} "
+                    f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
+                    f"median shift error {r['median_shift_px']:5.2f} px")
+            if baseline is not None:
+                rb = evaluate_cell(baseline, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
+                cmp = paired_median_difference(np.array(r["rot_errors_deg"]), np.array(rb["rot_errors_deg"]))
+                rows[-1]["baseline"] = {k: rb[k] for k in ("median_rot_deg", "mean_rot_deg", "median_shift_px")}
+                rows[-1]["paired"] = cmp
+                line += (f"; baseline {rb['median_rot_deg']:6.2f} deg, difference {cmp['difference']:+.2f} "
+                         f"[{cmp['low']:+.2f}, {cmp['high']:+.2f}] -> {cmp['verdict']}")
+            print(line, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"weights": str(path), "box": box, "samples_per_cell": args.samples, "ladder": args.ladder,
-            "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
+            "seed": args.seed, "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
+    if baseline is not None:
+        meta["baseline"] = str(resolve_weights(args.baseline))
+        meta["ship"] = ship_decision([r["paired"]["verdict"] for r in rows])
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     tilted = not args.ladder and args.max_tilt != [180.0]
     lines = ["| split |" + (" rung |" if args.ladder else "") + " SNR | CTF | shifts (px) | views |"
@@ -114,6 +137,15 @@ def main() -> None:
               + f" {r['snr']} | {'yes' if r['ctf'] else 'no'} | ±{r['max_shift_px']:g} | {r['views']} |"
               + (f" {r['max_tilt_deg']:g} |" if tilted else "")
               + f" {r['median_rot_deg']:.2f} | {r['mean_rot_deg']:.2f} | {r['median_shift_px']:.2f} |" for r in rows]
+    if baseline is not None:
+        lines += ["", f"Against {meta['baseline']} on the same draws ({args.samples} per cell): candidate minus "
+                  "baseline median rotation error, bootstrap 95 % interval, share of samples the candidate wins.", "",
+                  "| split | rung | candidate | baseline | difference | 95 % interval | wins | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['split']} | {r['rung']} | {r['median_rot_deg']:.2f} | {r['baseline']['median_rot_deg']:.2f} | "
+                  f"{r['paired']['difference']:+.2f} | [{r['paired']['low']:+.2f}, {r['paired']['high']:+.2f}] | "
+                  f"{100 * r['paired']['candidate_wins']:.0f} % | {r['paired']['verdict']} |" for r in rows]
+        lines += ["", f"Ship (no cell worse, at least one better): {'yes' if meta['ship'] else 'no'}"]
     (args.out / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -232,3 +232,21 @@ def test_resume_skips_measured_pairs_only(tmp_path, monkeypatch):
     assert measured == []
     assert {r["method"] for r in json.loads((tmp_path / "results.json").read_text())} == {
         "cryofastar", "cryofastar-refine3", "aspire"}
+
+
+def test_ladder_comparison_is_paired_and_decides_by_interval():
+    from bench.ladder_compare import paired_median_difference, ship_decision
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 180, 256)  # wide errors, as at chance
+    # The same samples a few degrees better each: unpaired medians would not tell, the pairs do.
+    better = paired_median_difference(base - 3.0, base)
+    assert better["verdict"] == "better" and better["high"] < 0 and better["candidate_wins"] == 1.0
+    assert paired_median_difference(base + 3.0, base)["verdict"] == "worse"
+    # An independent draw of the same quality is neither.
+    same = paired_median_difference(rng.uniform(0, 180, 256), base)
+    assert same["verdict"] == "same" and same["low"] < 0 < same["high"]
+    assert ship_decision(["better", "same", "same"]) and not ship_decision(["same", "same"])
+    assert not ship_decision(["better", "worse"])
+    with pytest.raises(ValueError):
+        paired_median_difference(base[:3], base)

@@ -140,13 +140,21 @@ def test_schedule(tmp_path):
     assert v != [views_at(b, 1, s) for s in range(200)]
 
 
-def test_continue_from_committed_weights_skips_done_stages(tmp_path):
+def test_continue_from_committed_weights_skips_done_stages(tmp_path, monkeypatch):
+    import yaml
+
     from cryofastar_core.training.config import continue_from
 
     path = Path(__file__).resolve().parents[1] / "cryofastar_core" / "configs" / "lines-box64-cpu.yaml"
     cfg = load_train_config(path)
+    monkeypatch.chdir(tmp_path)
     later = continue_from(cfg, "R3-ctf", "w.pt", path)
-    assert [s.name for s in later.stages] == [s.name for s in cfg.stages][2:] and later.init_weights == "w.pt"
+    assert [s.name for s in later.stages] == [s.name for s in cfg.stages][2:]
+    assert later.init_weights == str(tmp_path / "w.pt")  # the command line's path, from where it was typed
+    # The run folder's copy of the config, read back on --resume, names the same file.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(later.to_dict(), sort_keys=False))
+    assert load_train_config(tmp_path / "run" / "config.yaml").init_weights == later.init_weights
     assert [s.name for s in cfg.stages][:2] == ["R1-clean", "R2-shifts"]  # the original is unchanged
     with pytest.raises(InputError, match="R9"):
         continue_from(cfg, "R9", None, path)

@@ -235,14 +235,18 @@ def load_train_config(path: str | Path) -> TrainConfig:
 def continue_from(cfg: TrainConfig, from_stage: str | None, init_weights: str | None,
                   path: str | Path | None = None) -> TrainConfig:
     """``cfg`` starting at stage ``from_stage`` (earlier stages dropped) from ``init_weights``: how a
-    curriculum continues from committed weights when the run folder's checkpoint is gone."""
+    curriculum continues from committed weights when the run folder's checkpoint is gone.
+
+    ``init_weights`` comes from the command line, so it is relative to the working directory; it is
+    kept absolute, as the config file's own paths are, because the run folder's ``config.yaml`` is
+    read back from another folder when the run resumes."""
     if from_stage is not None:
         names = [s.name for s in cfg.stages]
         if from_stage not in names:
             raise InputError(path, "--from-stage", f"no stage named {from_stage!r}", f"use one of: {', '.join(names)}")
         cfg = dataclasses.replace(cfg, stages=cfg.stages[names.index(from_stage):])
     if init_weights is not None:
-        cfg = dataclasses.replace(cfg, init_weights=str(init_weights))
+        cfg = dataclasses.replace(cfg, init_weights=str(Path(init_weights).expanduser().resolve()))
     return cfg
 
 
@@ -258,7 +262,7 @@ def train_config_from_dict(data: Any, path: str | Path | None = None) -> TrainCo
     for key in ("cache_dir", "init_weights"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).expanduser().is_absolute():
-            setattr(cfg, key, str(base / Path(value).expanduser()))
+            setattr(cfg, key, str((base / Path(value).expanduser()).resolve()))
     cfg.validate(path)
     return cfg
 

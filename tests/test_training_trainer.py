@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cryofastar_core.cli import train as train_cli
-from cryofastar_core.errors import InputError
+from cryofastar_core.errors import InputError, WeightsError
 from cryofastar_core.model import load_weights
 from cryofastar_core.training.config import train_config_from_dict
 from cryofastar_core.training.trainer import CHECKPOINT_FORMAT, train
@@ -121,6 +121,10 @@ def test_run_folder_errors(tmp_path, volume_cache):
     bad["stages"][0]["single_index"] = 10_000
     with pytest.raises(InputError, match="single_index"):
         train(train_config_from_dict(bad), tmp_path / "other", device="cpu")
+    wider = tiny_config(volume_cache, 4, 1, init_weights=str(run / "weights.pt"))
+    wider["model"] = {"size": "XS", "overrides": {**TINY_MODEL["overrides"], "dec_dim": 48}}
+    with pytest.raises(WeightsError, match="weights.pt: does not match the configured model"):
+        train(train_config_from_dict(wider), tmp_path / "wider", device="cpu")
 
 
 def test_cli(tmp_path, volume_cache, capsys):

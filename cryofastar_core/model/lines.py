@@ -164,6 +164,10 @@ class PeerAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads)
         self.bias = MatchBias(heads)
+        self.start_neutral()
+
+    def start_neutral(self) -> None:
+        """Zero the output projection: the block then adds nothing to the auxiliary tokens."""
         nn.init.zeros_(self.attn.proj.weight)
         nn.init.zeros_(self.attn.proj.bias)
 
@@ -262,6 +266,10 @@ class LineCryoFastAR(nn.Module):
     """Line encoder shared by all views, the reference/auxiliary decoder with line-matching attention
     bias, one head for the reference and one shared by the auxiliary views."""
 
+    # Modules whose fresh initialisation leaves the output unchanged (``init_from_weights``): weights
+    # trained without peer attention start a model with it exactly where they ended.
+    NEUTRAL_AT_INIT = ("decoder.peers.",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.arch != "lines":
@@ -281,6 +289,8 @@ class LineCryoFastAR(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.decoder.ref_embedding, std=0.02)
         nn.init.trunc_normal_(self.decoder.aux_embedding, std=0.02)
+        for peer in self.decoder.peers or ():  # the loop above re-drew their zeroed projections
+            peer.start_neutral()
 
     def lines(self, images: torch.Tensor) -> torch.Tensor:
         """The model's view of ``images`` ``(..., D, D)``: lines ``(..., L, S)``."""

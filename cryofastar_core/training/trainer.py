@@ -132,7 +132,8 @@ class _Trainer:
                                  "make the global batch size a multiple of the number of processes")
 
     def _build_model(self) -> nn.Module:
-        from cryofastar_core.model import build_model, load_weights, model_config
+        from cryofastar_core.model import build_model, model_config
+        from cryofastar_core.model.checkpoint import init_from_weights
 
         overrides = dict(self.cfg.model.overrides)
         overrides.setdefault("checkpointing", self.cfg.activation_checkpointing)
@@ -140,12 +141,10 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed)  # identical initialisation on every rank
         model = build_model(mcfg)
         if self.cfg.init_weights:
-            src = load_weights(self.cfg.init_weights)
-            try:
-                model.load_state_dict(src.state_dict(), strict=True)
-            except RuntimeError as exc:
-                raise InputError(self.cfg.init_weights, "init_weights", f"does not match the configured model ({exc})",
-                                 "use weights of the same size and box, or drop init_weights") from None
+            fresh = init_from_weights(model, self.cfg.init_weights)
+            if fresh:
+                log.info("%d tensors are new to %s and start neutral (%s ...)", len(fresh), self.cfg.init_weights,
+                         fresh[0])
         return model.to(self.dev)
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -4,7 +4,8 @@ The model is replaced by :class:`TruthModel`, which keeps the real model's outpu
 (:class:`~cryofastar_core.model.network.ModelOutput`: normalised polar FPMs ``(B, V, L, K, 3)`` on the line
 model's ``polar_grid``, confidences ``>= 1``) and returns the exact answer, computed from known rotations
 and shifts with the project's own :func:`~cryofastar_core.model.fpm.fpm_targets`. Each image carries
-its particle's index in its pixels, so the model knows which particles a pass holds.
+its particle's index in a corner pixel, so the model knows which particles a pass holds, and a round
+blob moved by the particle's shift, which the estimator's centroid shifts read back.
 
 On top of the exact FPM the model can, per view or per pass, set the Kabsch residual to a chosen value
 (a radial pattern orthogonal to every rigid motion, so the fitted pose stays exact), set the
@@ -30,7 +31,8 @@ from cryofastar_core.model.lines import polar_grid
 from cryofastar_core.model.network import ModelOutput
 
 N = 40  # particles
-BOX = 8  # model box (pixels); shifts are returned in these pixels
+BOX = 32  # model box (pixels); shifts are returned in these pixels
+ID_SCALE = 1e-3  # pixel (0, 0) holds the particle's index times this: far outside the mask, it moves no centroid
 N_LINES, N_RADII = 6, 4  # polar grid: radii 1/4, 1/2, 3/4, 1
 # A radial pattern with sum_k s_k = 0 and sum_k s_k r_k = 0: adding eps * s_k * d to every line moves no
 # centroid and no cross-moment, so Kabsch's pose is unchanged and its residual is exactly eps.
@@ -63,7 +65,7 @@ class TruthModel(torch.nn.Module):
         self.calls: list[torch.Tensor] = []  # particle ids (B, V) of every forward pass
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
-        ids = images[..., 0, 0].round().long()  # (B, V)
+        ids = (images[..., 0, 0] / ID_SCALE).round().long()  # (B, V)
         self.calls.append(ids.clone())
         rot = self.rotations[ids]
         xyz = fpm_targets(rot[:, 0], rot, self.shifts[ids], BOX, self.grid)  # (B, V, L, K, 3), exact
@@ -84,9 +86,20 @@ class TruthModel(torch.nn.Module):
         return ModelOutput(xyz=normalize(x).float(), conf=conf.float(), denoised=None, grid=self.grid.float())
 
 
-def load(idx: np.ndarray) -> torch.Tensor:
-    """Preprocessed images ``(n, BOX, BOX)`` holding each particle's index in every pixel."""
-    return torch.as_tensor(np.asarray(idx), dtype=torch.float32)[:, None, None].expand(-1, BOX, BOX).clone()
+def make_load(shifts: torch.Tensor) -> Callable[[np.ndarray], torch.Tensor]:
+    """``load(idx)``: preprocessed images ``(n, BOX, BOX)``, a Gaussian blob at ``-shift`` (the origin
+    convention: ``image(p) = centred(p + s)``) and the particle's index in pixel (0, 0)."""
+    c = torch.arange(BOX, dtype=torch.float32) - BOX // 2
+    py, px = torch.meshgrid(c, c, indexing="ij")
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        s = shifts[i].float()
+        img = torch.exp(-((px + s[:, 0, None, None]) ** 2 + (py + s[:, 1, None, None]) ** 2) / 8.0)
+        img[:, 0, 0] = i.float() * ID_SCALE
+        return img
+
+    return load
 
 
 @pytest.fixture
@@ -103,7 +116,7 @@ def relative(rotations: torch.Tensor, ref: int) -> np.ndarray:
 
 
 def run(model: TruthModel, **overrides):
-    return estimate_poses(model, load, N, EstimatorConfig(**{**CFG, **overrides}))
+    return estimate_poses(model, make_load(model.shifts), N, EstimatorConfig(**{**CFG, **overrides}))
 
 
 def passes(model: TruthModel) -> tuple[list[int], list[int], list[list[int]]]:
@@ -149,7 +162,8 @@ def test_recovers_the_known_poses_in_the_reference_frame(truth):
     assert est.reference in candidates and len(chunks) == est.n_chunks == N_CHUNKS
     np.testing.assert_array_equal(est.rotations[est.reference], np.eye(3))
     np.testing.assert_allclose(est.rotations, relative(rotations, est.reference), atol=TOL_ROT)
-    np.testing.assert_allclose(est.shifts, shifts.numpy(), atol=1e-4)
+    # Centroids of a sampled blob inside the estimator's mask: a few thousandths of a pixel off (max 2.6e-3).
+    np.testing.assert_allclose(est.shifts, shifts.numpy(), atol=5e-3, rtol=0)
     np.testing.assert_allclose(est.residual, model.resid.numpy(), rtol=1e-3)
     np.testing.assert_allclose(est.confidence, 1.0 - 1.0 / model.conf.numpy(), atol=1e-6)
     assert est.flipped_chunks == 0
@@ -190,7 +204,7 @@ def test_a_chunk_predicted_in_the_mirrored_hand_is_flipped_back(truth):
     model = TruthModel(rotations, shifts)
     model.mirror = lambda ids: ids[1:] != aux and bool(mirrored & set(ids))
     # The stand-in really predicts that chunk in the other hand: Kabsch gives F Q F for all its views.
-    raw = predict_views(model, load(np.array(chunks[3]))[None])
+    raw = predict_views(model, make_load(shifts)(np.array(chunks[3]))[None])
     ref = chunks[3][0]
     np.testing.assert_allclose(raw.rotation[0, 1:].double().numpy(),
                                mirror_rotations(torch.as_tensor(relative(rotations, ref)[chunks[3][1:]])).numpy(),

@@ -9,7 +9,9 @@
    the first pass and flip the chunk (``Q -> F Q F``) when the mirror fits better.
 
 Rotations returned are internal rotations (image -> map frame) of a map whose frame is the reference
-particle's (the reference gets the identity); shifts are in model-box pixels.
+particle's (the reference gets the identity); shifts are in model-box pixels, each image's own centroid
+(:func:`~cryofastar_core.physics.centre.centroid_shifts`: the map's origin at the molecule's centre of
+mass), which the model card measured far closer than the line model's shift output.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.inference.distributed import Communicator
 from cryofastar_core.model.fpm import denormalize
 from cryofastar_core.model.kabsch import kabsch
+from cryofastar_core.physics.centre import centroid_shifts
 from cryofastar_core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,8 @@ class PoseEstimate:
 
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str = "confidence") -> ViewPrediction:
-    """Forward ``(B, V, d, d)`` images and recover each view's pose by (weighted) Kabsch."""
+    """Forward ``(B, V, d, d)`` images and recover each view's rotation by (weighted) Kabsch; its
+    shift is the image's centroid."""
     box = images.shape[-1]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else torch.autocast("cpu", enabled=False)
     with autocast:
@@ -85,7 +89,8 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str =
     xyz = denormalize(out.xyz.float())
     conf = out.conf.float()
     k = kabsch(xyz, conf if weighting == "confidence" else None, box, out.grid)
-    return ViewPrediction(k.rotation, k.shift, conf.mean(dim=(-1, -2)), k.residual)
+    shift = centroid_shifts(images.reshape(-1, box, box).float()).reshape(*images.shape[:-2], 2)
+    return ViewPrediction(k.rotation, shift, conf.mean(dim=(-1, -2)), k.residual)
 
 
 def confidence_score(mean_conf: torch.Tensor) -> np.ndarray:

@@ -27,6 +27,7 @@ from torch import Tensor
 from .geometry import FLIP_Z, rotation_angle_deg, rotvec_to_matrix
 from .global_search import so3_grid
 from .physics.projection import prepare_volume, sample_ft
+from .search_grids import ball_grid
 
 
 @dataclass
@@ -62,12 +63,6 @@ def _vertex(minus: float, centre: float, plus: float) -> float:
     if curvature >= 0 or centre < max(minus, plus):
         return 0.0
     return max(-0.5, min(0.5, 0.5 * (minus - plus) / curvature))
-
-
-def _ball(radius_steps: int) -> Tensor:
-    g = torch.arange(-radius_steps, radius_steps + 1, dtype=torch.float64)
-    omega = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    return omega[(omega ** 2).sum(-1) <= radius_steps ** 2 + 1e-9]
 
 
 def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: float = 20.0,
@@ -144,7 +139,7 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
         target = (wb * ramp(t).conj()).conj()
         if first_search:
             if coarse_step_deg is None:
-                first = rotvec_to_matrix(torch.deg2rad(_ball(4) * (radius_deg / 4)))
+                first = rotvec_to_matrix(torch.deg2rad(ball_grid(3, 4)[0].double() * (radius_deg / 4)))
             else:
                 first = torch.cat([eye[None], so3_grid(coarse_step_deg)])
             best = (float(scores(eye[None], False, target)[0]), eye, False)
@@ -159,7 +154,7 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
             score, step = float(scores(G[None], mirrored, target)[0]), 1.0
         for _ in range(3):
             step /= 3
-            cand = rotvec_to_matrix(torch.deg2rad(_ball(2) * step)) @ G
+            cand = rotvec_to_matrix(torch.deg2rad(ball_grid(3, 2)[0].double() * step)) @ G
             sc = scores(cand, mirrored, target)
             k = int(sc.argmax())
             if float(sc[k]) > score:

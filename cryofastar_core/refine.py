@@ -100,6 +100,7 @@ from .physics.fourier import fft2c, fourier_crop_volume
 from .physics.projection import prepare_volume
 from .progress import Progress
 from .reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
+from .search_grids import ball_grid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,40 +182,17 @@ class RefineResult:
     full: Tensor | None = None
 
 
-def _ball_grid(ndim: int, radius_steps: float) -> tuple[Tensor, Tensor]:
-    """Integer points ``(J, ndim)`` with norm ``<= radius_steps`` (origin first, then by norm), and for each
-    point and axis the index of its neighbours at ``-1`` and ``+1`` along that axis, ``(J, ndim, 2)``
-    (``-1`` where the neighbour lies outside the ball)."""
-    n = int(math.floor(radius_steps + 1e-9))
-    r = torch.arange(-n, n + 1, dtype=torch.int64)
-    g = torch.stack(torch.meshgrid(*([r] * ndim), indexing="ij"), -1).reshape(-1, ndim)
-    norm2 = (g * g).sum(-1)
-    g = g[norm2 <= radius_steps ** 2 + 1e-9]
-    g = g[torch.argsort((g * g).sum(-1), stable=True)]
-    side = 2 * n + 3  # one spare cell on each side so that neighbours of edge points have a slot
-    weights = side ** torch.arange(ndim)
-    lookup = torch.full((side ** ndim,), -1, dtype=torch.int64)
-    lookup[((g + n + 1) * weights).sum(-1)] = torch.arange(g.shape[0])
-    nb = torch.empty(g.shape[0], ndim, 2, dtype=torch.int64)
-    for a in range(ndim):
-        for k, sgn in enumerate((-1, 1)):
-            h = g.clone()
-            h[:, a] += sgn
-            nb[:, a, k] = lookup[((h + n + 1) * weights).sum(-1)]
-    return g, nb
-
-
 def perturbation_grid(step_deg: float, radius_deg: float) -> Tensor:
     """Rotation vectors ``(J, 3)`` (radians) on a cubic grid of spacing ``step_deg`` inside a ball of
     ``radius_deg``; the identity comes first."""
-    g, _ = _ball_grid(3, radius_deg / step_deg)
+    g, _ = ball_grid(3, radius_deg / step_deg)
     return torch.deg2rad(g.double() * step_deg)
 
 
 def shift_grid(step_px: float, radius_px: float) -> Tensor:
     """Shift offsets ``(T, 2)`` (px) on a square grid of spacing ``step_px`` inside a disc of ``radius_px``;
     zero first."""
-    g, _ = _ball_grid(2, radius_px / step_px)
+    g, _ = ball_grid(2, radius_px / step_px)
     return g.double() * step_px
 
 
@@ -431,8 +409,8 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         thr = cfg.first_fsc_threshold if it == 0 else cfg.fsc_threshold
         r_lim = matching_shells(freq, curve, D, thr, cfg)
         band = FourierBand(D, r_lim, dev)
-        g_rot, nb_rot = _ball_grid(3, a_rad / a_step)
-        g_sh, nb_sh = _ball_grid(2, s_rad / s_step)
+        g_rot, nb_rot = ball_grid(3, a_rad / a_step)
+        g_sh, nb_sh = ball_grid(2, s_rad / s_step)
         omegas = torch.deg2rad(g_rot.double() * a_step)                      # (J, 3) rad
         deltas = g_sh.double() * s_step                                      # (T, 2) px
         perturb = rotvec_to_matrix(omegas)                                   # (J, 3, 3) float64 CPU

@@ -19,7 +19,8 @@ from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotve
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.global_search import so3_grid
-from cryofastar_core.refine import RefineConfig, _ball_grid, perturbation_grid, refine_poses, shift_grid
+from cryofastar_core.refine import RefineConfig, perturbation_grid, refine_poses, shift_grid
+from cryofastar_core.search_grids import ball_grid
 from cryofastar_core.simulation import simulate_images
 
 BOX, N, APIX = 32, 300, 3.0
@@ -152,7 +153,7 @@ def test_every_refinement_pass_inserts_through_the_one_half_set_routine(dataset,
 
 
 def test_ball_grids_and_neighbours():
-    g, nb = _ball_grid(3, 2.0)
+    g, nb = ball_grid(3, 2.0)
     assert g.shape[0] == 33 and torch.equal(g[0], torch.zeros(3, dtype=torch.int64))
     for j in range(g.shape[0]):
         for a in range(3):

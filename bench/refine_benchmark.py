@@ -35,7 +35,7 @@ from datasets import DatasetSpec, build_dataset  # noqa: E402
 
 from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.io import read_map, read_particles, write_map  # noqa: E402
-from cryofastar_core.physics.fourier import fft3c, ifft3c  # noqa: E402
+from cryofastar_core.physics.shift import shift_volume  # noqa: E402
 from cryofastar_core.job import reconstruct_maps  # noqa: E402
 from cryofastar_core.metrics import align_map_to_truth, align_rotations, apply_alignment, map_resolution, rotation_errors, translation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
@@ -66,11 +66,8 @@ def score(R, s, full, truth_R, truth_s, truth_map, apix) -> dict:
     G, mirrored = np.asarray(rot["G"]), rot["mirrored"]
     res = map_resolution(full, truth_map, apix, 0.5, G=G, mirrored=mirrored)
     t = map_offset(s, truth_R, truth_s)
-    D = full.shape[-1]
-    k = torch.arange(D, dtype=torch.float64) - D // 2
-    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
     moved = align_map_to_truth(torch.as_tensor(full).double(), G, mirrored)
-    back = ifft3c(fft3c(moved) * torch.exp(2j * torch.pi * (kx * t[0] + ky * t[1] + kz * t[2]) / D)).real
+    back = shift_volume(moved, -torch.as_tensor(t))
     res_t = map_resolution(back, truth_map, apix, 0.5, try_mirror=False)
     s_t = np.asarray(s) - (np.transpose(truth_R, (0, 2, 1)) @ t)[:, :2]
     return {"median_rot_deg": round(rot["median_deg"], 2),

@@ -49,11 +49,18 @@ class Registration:
         """Shifts ``(n, 2)`` px of particles with new poses ``R_new`` ``(n, 3, 3)`` and old shifts ``s``: the
         map moved by ``t`` moves each projection by the in-plane part of ``R_new^T t``, which the particle's
         shift (``physics/shift.py``'s sign: the one that centres the particle) takes up."""
-        return s + (R_new.transpose(-1, -2) @ self.t.to(R_new.dtype))[:, :2]
+        return shifts_after_moving_map(R_new, s, self.t)
 
     @property
     def angle_deg(self) -> float:
         return float(rotation_angle_deg(self.G[None], torch.eye(3, dtype=self.G.dtype)[None])[0])
+
+
+def shifts_after_moving_map(R: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """Shifts ``(n, 2)`` px of particles at poses ``R`` ``(n, 3, 3)`` with shifts ``s`` once their map has moved
+    by ``t`` ``(3,)`` px (:func:`~cryofastar_core.physics.shift.shift_volume`): each projection moves by the
+    in-plane part of ``R^T t``, which the particle's shift (the sign that centres it) takes up."""
+    return s + (R.transpose(-1, -2) @ t.to(device=R.device, dtype=R.dtype))[:, :2]
 
 
 def _vertex(minus: float, centre: float, plus: float) -> float:

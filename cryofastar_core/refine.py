@@ -29,6 +29,12 @@ during global passes over all rotations and both hands, since from a blurred sta
 the mirror image; during local iterations within ``register_radius_deg``), and half 2's new poses and
 shifts follow it as they are made, so the next maps share one frame; the frame is shared, nothing else.
 
+**One origin.** The frame's origin is as free as its orientation and drifts over the passes (0.75 px
+from the model's poses at SNR 0.1). With ``centre_origin`` the final maps are moved so that their centre
+of mass sits at the box centre and the shifts follow: the origin the feed-forward shifts (image
+centroids) define. Measured on that run: shift error 0.64 -> 0.29 px, map against the truth 4.83 ->
+3.96 Å at FSC 0.5.
+
 Choices, and why:
 
 * **Candidates.** Rotations ``R @ exp(omega)`` for ``omega`` on a cubic grid of spacing ``step`` inside a
@@ -92,12 +98,14 @@ from torch import Tensor
 from .geometry import rotation_angle_deg, rotvec_to_matrix
 from .global_search import best_on_grid, grid_projections, so3_grid
 from .inference.distributed import Communicator
-from .map_registration import Registration, register_map
+from .map_registration import Registration, register_map, shifts_after_moving_map
 from .matching import FourierBand, PowerSpectrum, candidate_scores
 from .metrics import apply_alignment
+from .physics.centre import volume_centroid
 from .physics.ctf import CTFParams
 from .physics.fourier import fft2c, fourier_crop_volume
 from .physics.projection import prepare_volume
+from .physics.shift import shift_volume
 from .progress import Progress
 from .reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
 from .search_grids import ball_grid
@@ -145,6 +153,7 @@ class RefineConfig:
     register_halves: bool = True
     register_radius_deg: float = 20.0
     register_max_shift_px: float = 3.0
+    centre_origin: bool = True
 
     def validate(self) -> None:
         if self.iterations < 0:
@@ -482,6 +491,15 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         end_pass(bps, None)
         maps = [bp.finalize() for bp in bps]
     full = bps[0].add_(bps[1]).finalize()
+    if cfg.centre_origin and len(history) > 1:
+        # See "One origin" in the module docstring.
+        t = torch.zeros(3, dtype=torch.float64, device=full.device)
+        for _ in range(3):  # the fixed mask sees a little more or less of a moved map: settle
+            t = t - volume_centroid(shift_volume(full, t), mask)
+        maps, full = [shift_volume(m, t) for m in maps], shift_volume(full, t)
+        s_all = shifts_after_moving_map(R_all, s_all, t.cpu())
+        history[-1]["origin_moved_px"] = float(t.norm())
+        log.info("refined map's centre of mass moved to the box centre (%.2f px)", float(t.norm()))
     return RefineResult(rotations=R_all, shifts=s_all, history=history, half1=maps[0], half2=maps[1], full=full)
 
 

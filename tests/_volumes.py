@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 
-def blob_volume(box: int, n_blobs: int = 12, seed: int = 0) -> torch.Tensor:
-    """Asymmetric test density ``(box, box, box)``: Gaussian blobs of random size and weight."""
+def blob_volume(box: int, n_blobs: int = 12, seed: int = 0, centred: bool = False) -> torch.Tensor:
+    """Asymmetric test density ``(box, box, box)``: Gaussian blobs of random size and weight; with ``centred``
+    moved (periodically) so that its centre of mass is at the box centre."""
     g = torch.Generator().manual_seed(seed)
     c = torch.arange(box, dtype=torch.float32) - box // 2
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
@@ -15,4 +16,13 @@ def blob_volume(box: int, n_blobs: int = 12, seed: int = 0) -> torch.Tensor:
         sigma = box * (0.03 + 0.04 * float(torch.rand(1, generator=g)))
         amp = 0.5 + float(torch.rand(1, generator=g))
         vol += amp * torch.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * sigma ** 2))
+    if centred:  # centre of mass at the box centre, as the training volumes and simulated maps are
+        k = torch.arange(box, dtype=torch.float64) - box // 2
+        w = vol.double()
+        com = torch.stack([(w * k[None, None, :]).sum(), (w * k[None, :, None]).sum(), (w * k[:, None, None]).sum()])
+        com = com / w.sum()
+        f = torch.fft.fftfreq(box, dtype=torch.float64)
+        kz, ky, kx = torch.meshgrid(f, f, f, indexing="ij")
+        ramp = torch.exp(2j * torch.pi * (kx * com[0] + ky * com[1] + kz * com[2]))  # out(p) = vol(p + com)
+        vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.fftn(torch.fft.ifftshift(w)) * ramp)).real.float()
     return vol

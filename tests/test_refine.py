@@ -16,9 +16,12 @@ import torch
 from _volumes import blob_volume
 
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotvec_to_matrix
+from cryofastar_core.physics.centre import volume_centroid
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.global_search import so3_grid
+from cryofastar_core.map_registration import shifts_after_moving_map
+from cryofastar_core.reconstruct import soft_sphere_mask
 from cryofastar_core.refine import RefineConfig, perturbation_grid, refine_poses, shift_grid
 from cryofastar_core.search_grids import ball_grid
 from cryofastar_core.simulation import simulate_images
@@ -56,6 +59,17 @@ def _loader(images: torch.Tensor, seen: list[int] | None = None):
     return load
 
 
+def _truth_shifts_centred(dataset) -> torch.Tensor:
+    """The true shifts in the frame refinement ends in (``centre_origin``): the test volume's centre of
+    mass at the box centre, so every shift moves with the volume's offset."""
+    return shifts_after_moving_map(dataset["R"], dataset["s"], -volume_centroid(blob_volume(BOX)))
+
+
+def _centroid_in_mask(vol: torch.Tensor) -> torch.Tensor:
+    D = vol.shape[-1]
+    return volume_centroid(vol, soft_sphere_mask(D, 0.45 * D - 3.0, 3.0))
+
+
 def _mean_fsc(entry: dict) -> float:
     """Mean half-map FSC over shells 1 .. Nyquist - 1 (a summary that moves with every shell)."""
     return float(np.mean(entry["fsc"][1:-1]))
@@ -66,10 +80,10 @@ def test_refinement_recovers_perturbed_poses_and_improves_fsc(dataset):
     cfg = RefineConfig(iterations=3, chunk_size=128, global_step_deg=None)
     res = refine_poses(_loader(dataset["images"], seen), dataset["ctf"], APIX, dataset["R0"].numpy(),
                        dataset["s0"].numpy(), dataset["half"], cfg)
-    R, s = dataset["R"], dataset["s"]
+    R, s = dataset["R"], _truth_shifts_centred(dataset)
     err0 = float(rotation_angle_deg(R, dataset["R0"]).median())
     err1 = float(rotation_angle_deg(R, res.rotations).median())
-    sh0 = float((dataset["s0"] - s).norm(dim=-1).median())
+    sh0 = float((dataset["s0"] - dataset["s"]).norm(dim=-1).median())
     sh1 = float((res.shifts - s).norm(dim=-1).median())
     print(f"median rotation error {err0:.2f} -> {err1:.2f} deg, shift error {sh0:.2f} -> {sh1:.2f} px")
     assert err1 < 0.5 * err0
@@ -96,12 +110,15 @@ def test_refinement_from_exact_poses_does_not_drift(dataset):
     res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, dataset["R"], dataset["s"],
                        torch.as_tensor(dataset["half"]), cfg)
     err = rotation_angle_deg(dataset["R"], res.rotations)
-    sh = (res.shifts - dataset["s"]).norm(dim=-1)
+    sh = (res.shifts - _truth_shifts_centred(dataset)).norm(dim=-1)
     print(f"from exact poses: median rotation error {float(err.median()):.2f} deg, shift {float(sh.median()):.2f} px")
     # The noise floor of one image at SNR 1, box 32 (a particle radius of ~8 px: 1 degree moves its edge
     # by 0.14 px); well under the 5-8 degrees of the perturbed start.
     assert float(err.median()) < 2.5
     assert float(sh.median()) < 0.4
+    # The origin ends at the centre of mass (where the feed-forward centroids put it), maps and shifts alike.
+    assert float(_centroid_in_mask(res.full).norm()) < 0.05
+    assert abs(res.history[-1]["origin_moved_px"] - float(volume_centroid(blob_volume(BOX)).norm())) < 0.3
     first, last = res.history[0], res.history[-1]
     assert _mean_fsc(last) > _mean_fsc(first) - 0.03
 
@@ -344,7 +361,8 @@ def test_half_two_offset_in_3d_is_undone(dataset):
     err = {}
     for shift in (3.0, 0.0):
         res = refine_poses(_loader(dataset["images"]), dataset["ctf"], APIX, dataset["R"], s_mixed, dataset["half"],
-                           RefineConfig(iterations=1, global_step_deg=None, register_max_shift_px=shift),
+                           RefineConfig(iterations=1, global_step_deg=None, register_max_shift_px=shift,
+                                        centre_origin=False),
                            initial_half_maps=(maps.half1, maps.half2))
         err[shift] = float((res.shifts[h == 2] - dataset["s"][h == 2]).norm(dim=-1).median())
         if shift:

@@ -44,3 +44,17 @@ def centroid_shifts(images: Tensor, lowpass: float = 0.05, radius_fraction: floa
         centre = torch.where((mass > 0)[:, None], found, centre)
     # The particle appears at -s in the origin convention (image(p) = centred(p + s)).
     return -centre
+
+
+def volume_centroid(volume: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Centre of mass ``(3,)`` px ``(x, y, z)`` about the box centre ``D // 2`` of a volume's positive
+    density ``(D, D, D)`` (``V[z, y, x]``), weighted by ``mask`` if given; zeros for an empty volume."""
+    d = volume.shape[-1]
+    w = volume.to(torch.float64).clamp_min(0)
+    if mask is not None:
+        w = w * mask.to(w)
+    r = torch.arange(d, device=volume.device, dtype=torch.float64) - d // 2
+    mass = w.sum()
+    if float(mass) <= 0:
+        return torch.zeros(3, dtype=torch.float64, device=volume.device)
+    return torch.stack([(w * r[None, None, :]).sum(), (w * r[None, :, None]).sum(), (w * r[:, None, None]).sum()]) / mass

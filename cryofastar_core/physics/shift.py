@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fourier import fft2c, freq_1d, ifft2c
+from .fourier import fft2c, fft3c, freq_1d, ifft2c, ifft3c
 
 
 def phase_ramp(box: int, shifts: Tensor) -> Tensor:
@@ -33,3 +33,15 @@ def shift_images(images: Tensor, shifts: Tensor) -> Tensor:
     """
     ramp = phase_ramp(images.shape[-1], shifts.to(device=images.device, dtype=images.dtype))
     return ifft2c(fft2c(images) * ramp).real
+
+
+def shift_volume(volume: Tensor, t: Tensor) -> Tensor:
+    """A real volume ``(D, D, D)`` (``V[z, y, x]``) moved by ``t = (tx, ty, tz)`` px: ``out(w) = vol(w - t)``,
+    by Fourier phase ramp (periodic). A particle's shift follows a map moved by ``t`` as
+    :meth:`cryofastar_core.map_registration.Registration.shifts_for` says."""
+    d = volume.shape[-1]
+    t = torch.as_tensor(t, dtype=torch.float64, device=volume.device)
+    k = freq_1d(d, device=volume.device, dtype=torch.float64)
+    phase = -2 * torch.pi * (k[None, None, :] * t[0] + k[None, :, None] * t[1] + k[:, None, None] * t[2])
+    moved = ifft3c(fft3c(volume.to(torch.float64)) * torch.polar(torch.ones_like(phase), phase)).real
+    return moved.to(volume.dtype)

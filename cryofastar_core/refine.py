@@ -479,8 +479,19 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         if on_stage:
             on_stage(entry, R_all, s_all)
 
+    if cfg.centre_origin and len(history) > 1:
+        # See "One origin" in the module docstring. The maps are rebuilt from the moved shifts rather than
+        # moved themselves, so they stay exactly the reconstruction of the poses returned.
+        both = maps[0] + maps[1]
+        t = torch.zeros(3, dtype=torch.float64, device=both.device)
+        for _ in range(3):  # the fixed mask sees a little more or less of a moved map: settle
+            t = t - volume_centroid(shift_volume(both, t), mask)
+        s_all = shifts_after_moving_map(R_all, s_all, t.cpu())
+        history[-1]["origin_moved_px"] = float(t.norm())
+        log.info("refined map's centre of mass moved to the box centre (%.2f px)", float(t.norm()))
+        bps = None
     if bps is None:
-        # No iteration ran and the caller supplied the maps: there is nothing to sum; rebuild the full map.
+        # No iteration ran and the caller supplied the maps, or the origin moved: rebuild the maps.
         bps = [Backprojector(D, device=dev, pad=cfg.pad) for _ in range(2)]
 
         def rebuild() -> None:
@@ -491,15 +502,6 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         end_pass(bps, None)
         maps = [bp.finalize() for bp in bps]
     full = bps[0].add_(bps[1]).finalize()
-    if cfg.centre_origin and len(history) > 1:
-        # See "One origin" in the module docstring.
-        t = torch.zeros(3, dtype=torch.float64, device=full.device)
-        for _ in range(3):  # the fixed mask sees a little more or less of a moved map: settle
-            t = t - volume_centroid(shift_volume(full, t), mask)
-        maps, full = [shift_volume(m, t) for m in maps], shift_volume(full, t)
-        s_all = shifts_after_moving_map(R_all, s_all, t.cpu())
-        history[-1]["origin_moved_px"] = float(t.norm())
-        log.info("refined map's centre of mass moved to the box centre (%.2f px)", float(t.norm()))
     return RefineResult(rotations=R_all, shifts=s_all, history=history, half1=maps[0], half2=maps[1], full=full)
 
 

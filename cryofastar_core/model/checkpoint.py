@@ -18,9 +18,10 @@ from ..errors import WeightsError
 from .config import ModelConfig
 from .factory import build_model
 
-# Patch-model options measured as dead ends and removed (model card, "Removed options"): files that
+# Model options measured as dead ends and removed (model card, "Removed options"): files that
 # used them at their neutral value load; files trained with them on are refused by name.
-REMOVED_OPTIONS = {"head": "linear", "abs_pos": False, "ref_channel": False, "stem": "patch", "decoder": "reference"}
+REMOVED_OPTIONS = {"head": "linear", "abs_pos": False, "ref_channel": False, "stem": "patch", "decoder": "reference",
+                   "peer_attention": False}
 
 FORMAT_TAG = "cryofastar-weights"
 FORMAT_VERSION = 1
@@ -107,28 +108,16 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     return model.to(device).eval()
 
 
-def init_from_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Start ``model`` from the weights file at ``path``; returns the names of tensors it had to leave
-    at their initial values.
-
-    Only modules the model declares neutral at initialisation (``NEUTRAL_AT_INIT``: prefixes of
-    modules whose fresh output changes nothing, e.g. the line model's zero-initialised peer attention)
-    may be missing from the file: a model grown by such a module starts exactly where the file's
-    model ended. Anything else that differs is refused.
-    """
+def init_from_weights(model: nn.Module, path: str | Path) -> None:
+    """Start ``model`` from the weights file at ``path``; a file of another architecture, size or box is
+    refused naming the file and the differing tensors."""
     src = load_weights(path)
     try:
-        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-    except RuntimeError as exc:  # tensors of the same name and another shape
-        raise _error(Path(path), f"does not match the configured model ({str(exc).splitlines()[-1].strip()[:200]})",
+        model.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:300]
+        raise _error(Path(path), f"does not match the configured model ({detail})",
                      "use weights of the same architecture, size and box, or start without them") from None
-    neutral = tuple(getattr(model, "NEUTRAL_AT_INIT", ()))
-    foreign = [k for k in missing if not k.startswith(neutral)] if neutral else list(missing)
-    if foreign or unexpected:
-        names = ", ".join((foreign + list(unexpected))[:4])
-        raise _error(Path(path), f"does not match the configured model (differing tensors: {names} ...)",
-                     "use weights of the same architecture, size and box, or start without them")
-    return list(missing)
 
 
 def _error(path: Path, problem: str, fix: str) -> WeightsError:

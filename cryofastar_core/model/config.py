@@ -34,8 +34,8 @@ class ModelConfig:
     ``xyz_grid_base`` and ``denoise_head`` only concern the patch model. ``ctf_correction``
     (``"none"`` or ``"phase_flip"``) is how images are CTF-corrected before the model sees them, in
     training and inference alike (:func:`cryofastar_core.inference.preprocess.correct_ctf`).
-    ``peer_attention`` and ``similarity_lag`` are line-model options measured in the model card
-    (:class:`~cryofastar_core.model.lines.PeerAttention`, :func:`~cryofastar_core.model.lines.line_similarity`).
+    ``similarity_lag`` is a line-model option measured in the model card
+    (:func:`~cryofastar_core.model.lines.line_similarity`).
     """
 
     box: int
@@ -57,7 +57,6 @@ class ModelConfig:
     line_samples: int = 32
     line_radii: int = 4
     ctf_correction: str = "none"
-    peer_attention: bool = False
     similarity_lag: int = 0
 
     def __post_init__(self) -> None:

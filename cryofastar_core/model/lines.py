@@ -37,8 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cryofastar_core.physics.lines import line_directions, line_transform
 
-from .blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock, SelfAttention
-from .rope import NoRoPE
+from .blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock
 from .config import ModelConfig
 from .fpm import normalize
 from .network import MAX_CONF_LOGIT, ModelOutput
@@ -55,7 +54,7 @@ def line_features(lines: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, spectrum], dim=-1)
 
 
-def line_similarity(lines: torch.Tensor, all_pairs: bool = False, max_lag: int = 0) -> torch.Tensor:
+def line_similarity(lines: torch.Tensor, max_lag: int = 0) -> torch.Tensor:
     """Cosine similarities ``(B, 2, L, V·L)`` between the reference's lines and every line of the
     sample, from ``lines`` ``(B, V, L, S)`` (view 0 the reference): channel 0 on the band-passed
     profiles (a smoothed copy removed, so the overall blob shape every line shares does not
@@ -65,8 +64,7 @@ def line_similarity(lines: torch.Tensor, all_pairs: bool = False, max_lag: int =
     Common lines have similarity 1 in channel 0 (equal marginals); they are what cross-view attention
     has to find, so these scores enter the attention as a learned bias (:class:`MatchBias`) instead of
     being rediscovered from data. Only reference-to-view pairs are needed (auxiliary views meet only
-    through the reference), so the cost is linear in the number of views; ``all_pairs`` returns
-    ``(B, 2, V·L, V·L)`` for :class:`PeerAttention`.
+    through the reference), so the cost is linear in the number of views.
 
     ``max_lag`` > 0: channel 0 is the best similarity over cyclic lags of up to that many samples,
     so common lines still match when their views are shifted (an image shift ``t`` moves line θ by
@@ -79,32 +77,22 @@ def line_similarity(lines: torch.Tensor, all_pairs: bool = False, max_lag: int =
     band = (x - smooth).reshape(b, v * n, s)
     spec = torch.fft.rfft(x.reshape(b, v * n, s), dim=-1).abs()[..., 1:]
     band, spec = (_unit(f - f.mean(-1, keepdim=True)) for f in (band, spec))
-    queries = (lambda f: f) if all_pairs else (lambda f: f[:, :n])
     sim_band = None
     for lag in range(-max_lag, max_lag + 1):
-        c = torch.roll(queries(band), lag, dims=-1) @ band.transpose(-1, -2)
+        c = torch.roll(band[:, :n], lag, dims=-1) @ band.transpose(-1, -2)
         sim_band = c if sim_band is None else torch.maximum(sim_band, c)
-    return torch.stack([sim_band, queries(spec) @ spec.transpose(-1, -2)], dim=1)
+    return torch.stack([sim_band, spec[:, :n] @ spec.transpose(-1, -2)], dim=1)
 
 
 def _unit(feat: torch.Tensor) -> torch.Tensor:
     return feat / feat.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def zscore_rows(sim: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def zscore_rows(sim: torch.Tensor) -> torch.Tensor:
     """Standardise similarities over the keys (last dim): a match stands out by how far it sits
-    above the other candidates, whatever the structure's overall line-to-line similarity.
-
-    ``exclude`` ``(Nq, Nk)`` bool: pairs left out of the statistics and set to 0.
-    """
-    if exclude is None:
-        mean = sim.mean(-1, keepdim=True)
-        return (sim - mean) / sim.std(-1, keepdim=True).clamp_min(1e-6)
-    keep = (~exclude).to(sim.dtype)
-    count = keep.sum(-1, keepdim=True)
-    mean = (sim * keep).sum(-1, keepdim=True) / count
-    std = ((((sim - mean) * keep) ** 2).sum(-1, keepdim=True) / (count - 1)).sqrt().clamp_min(1e-6)
-    return (sim - mean) / std * keep
+    above the other candidates, whatever the structure's overall line-to-line similarity."""
+    mean = sim.mean(-1, keepdim=True)
+    return (sim - mean) / sim.std(-1, keepdim=True).clamp_min(1e-6)
 
 
 class MatchBias(nn.Module):
@@ -153,43 +141,6 @@ class LineEncoder(nn.Module):
         return self.norm(x)
 
 
-class PeerAttention(nn.Module):
-    """Auxiliary lines attend to the lines of the OTHER auxiliary views (own view masked), biased by
-    line similarity: a third view's common lines fix the rotation about a view's common line with the
-    reference, which the reference bottleneck alone passes on only indirectly. The output projection
-    starts at zero, so a fresh model behaves exactly like the decoder without it."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads)
-        self.bias = MatchBias(heads)
-        self.start_neutral()
-
-    def start_neutral(self) -> None:
-        """Zero the output projection: the block then adds nothing to the auxiliary tokens."""
-        nn.init.zeros_(self.attn.proj.weight)
-        nn.init.zeros_(self.attn.proj.bias)
-
-    def forward(self, aux: torch.Tensor, sim: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``aux`` ``(B, V−1, L, d)``; ``sim`` ``(B, 2, N, N)`` standardised, ``N = (V−1)·L``; ``mask``
-        ``(N, N)`` additive (−inf within a view)."""
-        b, n, t, d = aux.shape
-        x = aux.reshape(b, n * t, d)
-        x = x + self.attn(self.norm(x), _NO_ROPE, self.bias(sim) + mask)
-        return x.reshape(b, n, t, d)
-
-
-def _peer_inputs(sim_all: torch.Tensor, views: int, n_lines: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardised auxiliary-to-auxiliary similarities (other views only) and the own-view mask."""
-    t = n_lines
-    sim = sim_all[..., t:, t:]
-    view = torch.arange((views - 1) * t, device=sim.device) // t
-    same = view[:, None] == view[None, :]
-    mask = torch.zeros(same.shape, device=sim.device, dtype=sim.dtype).masked_fill(same, float("-inf"))
-    return zscore_rows(sim, exclude=same), mask
-
-
 class LineDecoder(nn.Module):
     """The reference/auxiliary decoder on lines: View Integration on the reference, View Update on each
     auxiliary view; auxiliary views talk to each other only through the reference. Cross-view attention is
@@ -209,12 +160,10 @@ class LineDecoder(nn.Module):
                                         for _ in range(cfg.dec_depth))
         self.ref_bias = nn.ModuleList(MatchBias(cfg.dec_heads) for _ in range(cfg.dec_depth))
         self.aux_bias = nn.ModuleList(MatchBias(cfg.dec_heads) for _ in range(cfg.dec_depth))
-        self.peers = (nn.ModuleList(PeerAttention(cfg.dec_dim, cfg.dec_heads) for _ in range(cfg.dec_depth))
-                      if cfg.peer_attention else None)
         self.norm = nn.LayerNorm(cfg.dec_dim)
 
     def forward(self, tokens: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-        """``tokens`` ``(B, V, L, enc_dim)``, ``sim`` ``(B, 2, L or V·L, V·L)`` (:func:`line_similarity`)
+        """``tokens`` ``(B, V, L, enc_dim)``, ``sim`` ``(B, 2, L, V·L)`` (:func:`line_similarity`)
         -> ``(B, V, L, dec_dim)``."""
         b, v, t, _ = tokens.shape
         x = self.embed(tokens)
@@ -224,17 +173,12 @@ class LineDecoder(nn.Module):
         rope_aux = rope.tile(v - 1) if v > 1 else None
         sim_ref = zscore_rows(sim[:, :, :t, t:]) if v > 1 else None  # reference queries, auxiliary keys
         sim_aux = zscore_rows(sim[:, :, :t, t:].transpose(-1, -2)) if v > 1 else None
-        peers = self.peers is not None and v > 2
-        if peers:
-            sim_peer, peer_mask = _peer_inputs(sim, v, t)
         for i, (ref_block, aux_block) in enumerate(zip(self.ref_blocks, self.aux_blocks)):
             context = aux.reshape(b, (v - 1) * t, -1) if v > 1 else None
             bias = self.ref_bias[i](sim_ref) if v > 1 else None
             ref = _run(ref_block, self.cfg, self.training, ref, context, rope, rope_aux, bias)
             if v > 1:
                 aux = _run(aux_block, self.cfg, self.training, aux, ref, rope, rope_aux, self.aux_bias[i](sim_aux))
-            if peers:
-                aux = _run(self.peers[i], self.cfg, self.training, aux, sim_peer, peer_mask)
         return self.norm(torch.cat([ref[:, None], aux], dim=1))
 
 
@@ -266,10 +210,6 @@ class LineCryoFastAR(nn.Module):
     """Line encoder shared by all views, the reference/auxiliary decoder with line-matching attention
     bias, one head for the reference and one shared by the auxiliary views."""
 
-    # Modules whose fresh initialisation leaves the output unchanged (``init_from_weights``): weights
-    # trained without peer attention start a model with it exactly where they ended.
-    NEUTRAL_AT_INIT = ("decoder.peers.",)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.arch != "lines":
@@ -289,8 +229,6 @@ class LineCryoFastAR(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.decoder.ref_embedding, std=0.02)
         nn.init.trunc_normal_(self.decoder.aux_embedding, std=0.02)
-        for peer in self.decoder.peers or ():  # the loop above re-drew their zeroed projections
-            peer.start_neutral()
 
     def lines(self, images: torch.Tensor) -> torch.Tensor:
         """The model's view of ``images`` ``(..., D, D)``: lines ``(..., L, S)``."""
@@ -310,7 +248,7 @@ class LineCryoFastAR(nn.Module):
         if (n, s) != (cfg.n_lines, cfg.line_samples):
             raise ValueError(f"lines must be (B, V, {cfg.n_lines}, {cfg.line_samples}), got {tuple(lines.shape)}")
         tokens = self.encoder(lines.reshape(b * v, n, s)).reshape(b, v, n, cfg.enc_dim)
-        x = self.decoder(tokens, line_similarity(lines, all_pairs=cfg.peer_attention, max_lag=cfg.similarity_lag))
+        x = self.decoder(tokens, line_similarity(lines, max_lag=cfg.similarity_lag))
         with torch.autocast(device_type=lines.device.type, enabled=False):
             x = x.float()
             grid = polar_grid(cfg.n_lines, cfg.line_radii, device=x.device)
@@ -327,9 +265,6 @@ class LineCryoFastAR(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-_NO_ROPE = NoRoPE()
 
 
 def _run(block: nn.Module, cfg: ModelConfig, training: bool, *args):

@@ -141,10 +141,7 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed)  # identical initialisation on every rank
         model = build_model(mcfg)
         if self.cfg.init_weights:
-            fresh = init_from_weights(model, self.cfg.init_weights)
-            if fresh:
-                log.info("%d tensors are new to %s and start neutral (%s ...)", len(fresh), self.cfg.init_weights,
-                         fresh[0])
+            init_from_weights(model, self.cfg.init_weights)
         return model.to(self.dev)
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

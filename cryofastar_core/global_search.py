@@ -20,10 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-from .geometry import relion_euler_to_matrix
-from .physics.ctf import CTFParams, ctf_at_frequencies
-from .physics.projection import VolumeFT, project_ft
-from .matching import FourierBand
+from cryofastar_core.geometry import relion_euler_to_matrix
+from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
+from cryofastar_core.physics.projection import VolumeFT, project_ft
+from cryofastar_core.matching import FourierBand
 
 
 def so3_grid(step_deg: float) -> Tensor:

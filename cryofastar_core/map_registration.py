@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .geometry import FLIP_Z, rotation_angle_deg, rotvec_to_matrix
-from .global_search import so3_grid
-from .physics.projection import prepare_volume, sample_ft
-from .search_grids import ball_grid
+from cryofastar_core.geometry import FLIP_Z, rotation_angle_deg, rotvec_to_matrix
+from cryofastar_core.global_search import so3_grid
+from cryofastar_core.physics.projection import prepare_volume, sample_ft
+from cryofastar_core.search_grids import ball_grid
 
 
 @dataclass

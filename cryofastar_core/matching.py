@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .physics.ctf import CTFParams, ctf_at_frequencies
-from .physics.projection import project_ft
+from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
+from cryofastar_core.physics.projection import project_ft
 
 
 class FourierBand:

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .geometry import random_rotations, rotations_at_angle
-from .physics.ctf import CTFParams
-from .physics.fourier import fft2c, fourier_crop_volume
-from .physics.projection import prepare_volume
-from .reconstruct import fsc, resolution_at, soft_sphere_mask
-from .matching import FourierBand, PowerSpectrum, candidate_scores
+from cryofastar_core.geometry import random_rotations, rotations_at_angle
+from cryofastar_core.physics.ctf import CTFParams
+from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
+from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.reconstruct import fsc, resolution_at, soft_sphere_mask
+from cryofastar_core.matching import FourierBand, PowerSpectrum, candidate_scores
 
 VERDICTS = ("ok", "doubtful", "failed")
 

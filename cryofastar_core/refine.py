@@ -96,20 +96,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .geometry import rotation_angle_deg, rotvec_to_matrix
-from .global_search import best_on_grid, grid_projections, so3_grid
-from .inference.distributed import Communicator
-from .map_registration import Registration, register_map, shifts_after_moving_map
-from .matching import FourierBand, PowerSpectrum, candidate_scores
-from .metrics import apply_alignment
-from .physics.centre import volume_centroid
-from .physics.ctf import CTFParams
-from .physics.fourier import fft2c, fourier_crop_volume
-from .physics.projection import prepare_volume
-from .physics.shift import shift_volume
-from .progress import Progress
-from .reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
-from .search_grids import ball_grid
+from cryofastar_core.geometry import rotation_angle_deg, rotvec_to_matrix
+from cryofastar_core.global_search import best_on_grid, grid_projections, so3_grid
+from cryofastar_core.inference.distributed import Communicator
+from cryofastar_core.map_registration import Registration, register_map, shifts_after_moving_map
+from cryofastar_core.matching import FourierBand, PowerSpectrum, candidate_scores
+from cryofastar_core.metrics import apply_alignment
+from cryofastar_core.physics.centre import volume_centroid
+from cryofastar_core.physics.ctf import CTFParams
+from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
+from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.physics.shift import shift_volume
+from cryofastar_core.progress import Progress
+from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
+from cryofastar_core.search_grids import ball_grid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

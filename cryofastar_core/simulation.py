@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .physics.ctf import CTFParams, compute_ctf
-from .physics.fourier import ifft2c
-from .physics.noise import add_noise
-from .physics.projection import VolumeFT, project_ft
-from .physics.shift import phase_ramp
+from cryofastar_core.physics.ctf import CTFParams, compute_ctf
+from cryofastar_core.physics.fourier import ifft2c
+from cryofastar_core.physics.noise import add_noise
+from cryofastar_core.physics.projection import VolumeFT, project_ft
+from cryofastar_core.physics.shift import phase_ramp
 
 
 def simulate_images(vft: VolumeFT, rotations: Tensor, shifts: Tensor | None = None, ctf: CTFParams | None = None,

@@ -1,12 +1,12 @@
 """The CryoFastAR network, its FPM targets, pose recovery (Kabsch), loss and weights files."""
-from .checkpoint import load_weights, save_weights
-from .config import MODEL_SIZES, ModelConfig, model_config
-from .factory import MODELS, build_model
-from .fpm import denormalize, fpm_targets, mirror_fpm, normalize, planar_grid
-from .kabsch import KabschResult, kabsch
-from .loss import LossConfig, fpm_loss
-from .lines import LineCryoFastAR
-from .network import CryoFastAR, ModelOutput
+from cryofastar_core.model.checkpoint import load_weights, save_weights
+from cryofastar_core.model.config import MODEL_SIZES, ModelConfig, model_config
+from cryofastar_core.model.factory import MODELS, build_model
+from cryofastar_core.model.fpm import denormalize, fpm_targets, mirror_fpm, normalize, planar_grid
+from cryofastar_core.model.kabsch import KabschResult, kabsch
+from cryofastar_core.model.loss import LossConfig, fpm_loss
+from cryofastar_core.model.lines import LineCryoFastAR
+from cryofastar_core.model.network import CryoFastAR, ModelOutput
 
 __all__ = [
     "CryoFastAR", "KabschResult", "LineCryoFastAR", "MODELS", "build_model", "LossConfig", "MODEL_SIZES", "ModelConfig", "ModelOutput",

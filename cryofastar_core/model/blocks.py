@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import NoRoPE, RoPE2D
+from cryofastar_core.model.rope import NoRoPE, RoPE2D
 
 
 class Mlp(nn.Module):

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
-from ..errors import WeightsError
-from .config import ModelConfig
-from .factory import build_model
+from cryofastar_core import __version__
+from cryofastar_core.errors import WeightsError
+from cryofastar_core.model.config import ModelConfig
+from cryofastar_core.model.factory import build_model
 
 # Model options measured as dead ends and removed (model card, "Removed options"): files that
 # used them at their neutral value load; files trained with them on are refused by name.

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import AuxiliaryBlock, ReferenceBlock
-from .config import ModelConfig
-from .rope import RoPE2D
+from cryofastar_core.model.blocks import AuxiliaryBlock, ReferenceBlock
+from cryofastar_core.model.config import ModelConfig
+from cryofastar_core.model.rope import RoPE2D
 
 
 class Decoder(nn.Module):

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import EncoderBlock
-from .config import ModelConfig
-from .rope import RoPE2D
+from cryofastar_core.model.blocks import EncoderBlock
+from cryofastar_core.model.config import ModelConfig
+from cryofastar_core.model.rope import RoPE2D
 
 
 class Encoder(nn.Module):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import ModelConfig
-from .lines import LineCryoFastAR
-from .network import CryoFastAR
+from cryofastar_core.model.config import ModelConfig
+from cryofastar_core.model.lines import LineCryoFastAR
+from cryofastar_core.model.network import CryoFastAR
 
 MODELS: dict[str, type[nn.Module]] = {"patch": CryoFastAR, "lines": LineCryoFastAR}
 

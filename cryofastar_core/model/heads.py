@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import LayerNorm2d
+from cryofastar_core.model.blocks import LayerNorm2d
 
 
 class FPMHead(nn.Module):

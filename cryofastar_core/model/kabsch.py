@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fpm import planar_grid
+from cryofastar_core.model.fpm import planar_grid
 
 
 @dataclass

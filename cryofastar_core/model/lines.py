@@ -37,11 +37,11 @@ from torch.utils.checkpoint import checkpoint
 
 from cryofastar_core.physics.lines import line_directions, line_transform
 
-from .blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock
-from .config import ModelConfig
-from .fpm import normalize
-from .network import MAX_CONF_LOGIT, ModelOutput
-from .rope import PeriodicRoPE1D
+from cryofastar_core.model.blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock
+from cryofastar_core.model.config import ModelConfig
+from cryofastar_core.model.fpm import normalize
+from cryofastar_core.model.network import MAX_CONF_LOGIT, ModelOutput
+from cryofastar_core.model.rope import PeriodicRoPE1D
 
 
 def line_features(lines: torch.Tensor) -> torch.Tensor:

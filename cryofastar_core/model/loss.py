@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .fpm import mirror_fpm
-from .network import ModelOutput
+from cryofastar_core.model.fpm import mirror_fpm
+from cryofastar_core.model.network import ModelOutput
 
 
 @dataclass

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .decoder import Decoder
-from .encoder import Encoder
-from .fpm import normalize, planar_grid
-from .heads import FPMHead
+from cryofastar_core.model.config import ModelConfig
+from cryofastar_core.model.decoder import Decoder
+from cryofastar_core.model.encoder import Encoder
+from cryofastar_core.model.fpm import normalize, planar_grid
+from cryofastar_core.model.heads import FPMHead
 
 MAX_CONF_LOGIT = 20.0  # C = 1 + exp(logit) stays finite in fp32 and its log well conditioned
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fourier import fft2c, freq_grid_2d, ifft2c
+from cryofastar_core.physics.fourier import fft2c, freq_grid_2d, ifft2c
 
 
 def centroid_shifts(images: Tensor, lowpass: float = 0.05, radius_fraction: float = 0.4,

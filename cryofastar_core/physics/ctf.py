@@ -117,7 +117,7 @@ def phase_flip(images: torch.Tensor, params: CTFParams, apix: torch.Tensor | flo
     Undoes the CTF's contrast reversals without amplifying noise (the amplitudes keep the CTF's
     envelope); at low SNR the standard first step before comparing particles of different defocus.
     """
-    from .fourier import fft2c, ifft2c
+    from cryofastar_core.physics.fourier import fft2c, ifft2c
 
     box = images.shape[-1]
     apix = torch.as_tensor(apix, dtype=torch.float64, device=images.device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .fourier import fft3c, freq_1d, ifft2c, pad_centred
+from cryofastar_core.physics.fourier import fft3c, freq_1d, ifft2c, pad_centred
 
 
 @dataclass

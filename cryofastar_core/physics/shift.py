@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fourier import fft2c, fft3c, freq_1d, ifft2c, ifft3c
+from cryofastar_core.physics.fourier import fft2c, fft3c, freq_1d, ifft2c, ifft3c
 
 
 def phase_ramp(box: int, shifts: Tensor) -> Tensor:

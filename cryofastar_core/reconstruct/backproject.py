@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..physics.ctf import CTFParams, ctf_at_frequencies
-from ..physics.projection import gridding_kernel
-from .half_sets import random_half_sets
+from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
+from cryofastar_core.physics.projection import gridding_kernel
+from cryofastar_core.reconstruct.half_sets import random_half_sets
 
 DEFAULT_RELATIVE_WIENER = 1e-3
 

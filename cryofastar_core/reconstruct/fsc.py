@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..physics.fourier import fft3c, radial_index_grid
+from cryofastar_core.physics.fourier import fft3c, radial_index_grid
 
 
 def fsc(vol1: Tensor, vol2: Tensor) -> tuple[Tensor, Tensor]:

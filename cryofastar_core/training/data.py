@@ -30,7 +30,7 @@ from cryofastar_core.physics.normalize import normalize_images
 from cryofastar_core.physics.projection import VolumeFT, prepare_volume
 from cryofastar_core.simulation import simulate_images
 
-from .config import StageConfig
+from cryofastar_core.training.config import StageConfig
 
 TRAIN_STREAM = 0
 VALIDATION_STREAM = 1

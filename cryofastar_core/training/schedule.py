@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import StageConfig
+from cryofastar_core.training.config import StageConfig
 
 
 @dataclass(frozen=True)

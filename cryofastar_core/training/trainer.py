@@ -35,9 +35,9 @@ from cryofastar_core.errors import InputError
 from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.io.atomic_write import atomic_output
 
-from .config import StageConfig, TrainConfig
-from .data import VALIDATION_STREAM, BatchSimulator, TrainingBatch, VolumeFTCache, VolumeSource
-from .schedule import learning_rate, max_tilt_at, snr_at, stage_at, views_at
+from cryofastar_core.training.config import StageConfig, TrainConfig
+from cryofastar_core.training.data import VALIDATION_STREAM, BatchSimulator, TrainingBatch, VolumeFTCache, VolumeSource
+from cryofastar_core.training.schedule import learning_rate, max_tilt_at, snr_at, stage_at, views_at
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def default_volume_factory(cfg: TrainConfig) -> VolumeFactory:
     """Volumes from :class:`cryofastar_core.training.volumes.VolumeLibrary` (``split`` and ``n_pseudo`` per stage)."""
 
     def make(stage: StageConfig, split: str) -> VolumeSource:
-        from .volumes import VolumeLibrary
+        from cryofastar_core.training.volumes import VolumeLibrary
 
         return VolumeLibrary(box=cfg.box, split=split, cache_dir=cfg.cache_dir, n_pseudo=stage.n_pseudo, seed=cfg.seed)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 
 log = logging.getLogger(__name__)

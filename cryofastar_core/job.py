@@ -7,7 +7,7 @@ poses feed-forward (reference selection, anchors, chunks, hand check) or resume 
 optionally drop the least confident particles (``select``); optionally refine locally (``refine``);
 reconstruct half maps with CTF correction (``reconstruct``; reused from refinement when it ran); judge the
 poses (``quality``); write every output (``write``). Progress goes to the caller's ``progress`` callback
-only (:mod:`cryofastar_core.progress`).
+only (:mod:`cryofastar_core.runtime.progress`).
 
 Outputs are written into a hidden staging folder inside ``out_dir`` and moved into place together at
 the end, ``report.json`` last, so a killed run leaves nothing that looks finished. The pose estimate
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from cryofastar_core import __version__
-from cryofastar_core.errors import InputError
-from cryofastar_core.inference.distributed import Communicator, dist_env, rank_device
+from cryofastar_core.runtime.errors import InputError
+from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import CONFIDENCE_LABEL, ParticleSet, read_particles, write_map, write_particles_cs, write_particles_star
@@ -39,7 +39,7 @@ from cryofastar_core.io.atomic_write import atomic_output, staged_output_dir
 from cryofastar_core.job_options import JobOption, option, options_of
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
-from cryofastar_core.progress import Progress
+from cryofastar_core.runtime.progress import Progress
 from cryofastar_core.quality import PoseQuality, assess_poses
 from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, fsc_tsv, half_sets, insert_half_sets,
                                          resolution_at)
@@ -228,12 +228,12 @@ class _Poses:
 
 def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
     """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress
-    (:mod:`cryofastar_core.progress`; the front end chooses how it is shown).
+    (:mod:`cryofastar_core.runtime.progress`; the front end chooses how it is shown).
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group, or an explicit ``comm``) every
     rank calls this with the same ``cfg``: the pose chunks, refinement (if asked) and the reconstruction are
     shared out, rank 0 alone decides about resuming and writes, and every rank returns rank 0's report.
-    An error on any rank is raised on every rank (:mod:`cryofastar_core.inference.distributed`).
+    An error on any rank is raised on every rank (:mod:`cryofastar_core.runtime.communicator`).
     """
     cfg.validate()
     ctx = _context(cfg, progress, comm)

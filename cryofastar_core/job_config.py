@@ -6,16 +6,16 @@ as declared; ``o`` is accepted for ``out_dir`` (as ``--o``) and dashes for under
 (``keep-fraction``). Relative paths in the file are relative to the file's folder, so a step file works
 from any working directory. Command-line flags override the file, which overrides the defaults.
 Unknown keys and values of the wrong type are :class:`InputError` naming the file and the key (the
-reading and typing rules are :mod:`cryofastar_core.yaml_config`'s, shared with training configs).
+reading and typing rules are :mod:`cryofastar_core.runtime.yaml_config`'s, shared with training configs).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job import JOB_OPTIONS, JobConfig
-from cryofastar_core.yaml_config import coerce_settings, read_yaml_mapping
+from cryofastar_core.runtime.yaml_config import coerce_settings, read_yaml_mapping
 
 ALIASES = {"o": "out_dir", "out": "out_dir"}
 REQUIRED = ("particles", "out_dir")

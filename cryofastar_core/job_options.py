@@ -14,7 +14,7 @@ Each front end derives its words from the one list and nothing else:
 - YAML step files: keys, the field names (``job_config.py``).
 
 The engine checks the declared bounds and choices in :meth:`JobConfig.validate` (:meth:`JobOption.problem`)
-and raises :class:`~cryofastar_core.errors.InputError` naming the field; each front end renames the field
+and raises :class:`~cryofastar_core.runtime.errors.InputError` naming the field; each front end renames the field
 into its users' words (``InputError.renamed``).
 """
 from __future__ import annotations

@@ -98,7 +98,7 @@ from torch import Tensor
 
 from cryofastar_core.geometry import rotation_angle_deg, rotvec_to_matrix
 from cryofastar_core.global_search import best_on_grid, grid_projections, so3_grid
-from cryofastar_core.inference.distributed import Communicator
+from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.map_registration import Registration, register_map, shifts_after_moving_map
 from cryofastar_core.matching import FourierBand, PowerSpectrum, candidate_scores
 from cryofastar_core.metrics import apply_alignment
@@ -107,7 +107,7 @@ from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.physics.shift import shift_volume
-from cryofastar_core.progress import Progress
+from cryofastar_core.runtime.progress import Progress
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
 from cryofastar_core.search_grids import ball_grid
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io.atomic_write import staged_output_dir
-from cryofastar_core.progress import Progress
+from cryofastar_core.runtime.progress import Progress
 
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def stack_names(n: int, stack_size: int) -> list[str]:
 
 def simulate(cfg: SimulateConfig, progress: Progress | None = None) -> Path:
     """Run the simulation; returns the path of the written ``particles.star``. ``progress("simulate", done,
-    n)`` is called after each chunk of images (:mod:`cryofastar_core.progress`)."""
+    n)`` is called after each chunk of images (:mod:`cryofastar_core.runtime.progress`)."""
     from cryofastar_core.io import new_star, write_map, write_stack
     from cryofastar_core.physics.ctf import CTFParams
     from cryofastar_core.physics.projection import prepare_volume

@@ -21,8 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from cryofastar_core.errors import CryoFastARError, InputError
-from cryofastar_core.exit_codes import Terminated, exit_code, sigterm_raises
+from cryofastar_core.runtime.errors import CryoFastARError, InputError
+from cryofastar_core.runtime.exit_codes import Terminated, exit_code, sigterm_raises
 from plugin.connector import IMAGES, ConnectorConfig, default_out_dir, job_option_names, run_connector
 from plugin.credentials import Credentials, install_secret_filter, load_credentials, redact, remove_secret_filter
 from plugin.offline import run_offline

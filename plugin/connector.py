@@ -29,7 +29,7 @@ import numpy as np
 from cryosparc.dataset import Dataset
 
 from cryofastar_core import __version__
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io import read_map
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.paths import strip_cryosparc_prefix
@@ -214,7 +214,7 @@ class _JobLog:
         self.server.log(self.project, self.job, redact(text, self.secrets), level=level, name=name)
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        """The CryoSPARC front end's renderer of the engine's progress (:class:`cryofastar_core.progress.Progress`)."""
+        """The CryoSPARC front end's renderer of the engine's progress (:class:`cryofastar_core.runtime.progress.Progress`)."""
         # At most one update per few seconds or 10 %, and always the last one, to spare the API.
         now = time.monotonic()
         pct = int(100 * done / max(total, 1))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 REDACTED = "<redacted>"
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job import Report, run
-from cryofastar_core.progress import Progress
+from cryofastar_core.runtime.progress import Progress
 from plugin.connector import engine_config
 
 
 def run_offline(cs_path: str | Path, out_dir: str | Path, project_dir: str | Path | None = None,
                 progress: Progress | None = None, **job_options: Any) -> Report:
     """Run the engine on a ``.cs`` file; ``job_options`` are :class:`cryofastar_core.job.JobConfig` fields;
-    ``progress`` is the engine's progress callback (:mod:`cryofastar_core.progress`; None: not shown)."""
+    ``progress`` is the engine's progress callback (:mod:`cryofastar_core.runtime.progress`; None: not shown)."""
     cs_path = Path(cs_path)
     if cs_path.suffix.lower() != ".cs":
         raise InputError(cs_path, None, "not a .cs file", "give a CryoSPARC particle .cs (or use `cryofastar run` for STAR)")

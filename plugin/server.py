@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cryofastar_core.errors import CryoFastARError
+from cryofastar_core.runtime.errors import CryoFastARError
 from plugin.credentials import Credentials, redact
 
 SUPPORTED_MAJOR = 5

@@ -20,8 +20,8 @@ import time
 import traceback
 from pathlib import Path
 
-from cryofastar_core.errors import CryoFastARError, InputError
-from cryofastar_core.exit_codes import INTERNAL_ERROR, INTERRUPTED, OK, Terminated, exit_code, sigterm_raises
+from cryofastar_core.runtime.errors import CryoFastARError, InputError
+from cryofastar_core.runtime.exit_codes import INTERNAL_ERROR, INTERRUPTED, OK, Terminated, exit_code, sigterm_raises
 from relion_external.markers import JobAborted, JobMarkers
 from relion_external.nodes import detect_relion_version, job_output_nodes, write_output_nodes
 from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, gui_names, job_settings,
@@ -32,7 +32,7 @@ EXIT_ABORTED = INTERRUPTED  # RELION ignores exit codes; queue systems and shell
 
 
 class ProgressReporter:
-    """The RELION front end's renderer of the engine's progress (:class:`cryofastar_core.progress.Progress`):
+    """The RELION front end's renderer of the engine's progress (:class:`cryofastar_core.runtime.progress.Progress`):
     a line in ``run.out`` every ``interval`` seconds per stage (and at each stage's end), and a poll for
     RELION's abort request at every call."""
 

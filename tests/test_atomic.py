@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.physics.atomic import (apix_for_extent, atomic_model_to_map, fit_apix, max_pairwise_distance,
                                             read_model, structure_extent, structure_radius)
 

@@ -11,7 +11,7 @@ import starfile
 import cryofastar_core.io as cio
 from cryofastar_core.cli.main import main
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 
 def _outputs(folder):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cryofastar_core.geometry import rotation_angle_deg
-from cryofastar_core.inference.distributed import Communicator, PeerFailure
+from cryofastar_core.runtime.communicator import Communicator, PeerFailure
 from cryofastar_core.io import read_particles
 from cryofastar_core.job import JobConfig, run
 from cryofastar_core.simulate_particles import SimulateConfig, simulate

@@ -1,7 +1,7 @@
 """One SIGTERM handler and one exception -> exit-code mapping for the three entry points (issue 15).
 
 ``cryofastar``, ``cryofastar-relion`` and ``cryofastar-cryosparc`` each print in their own way, but the codes
-(README "Exit codes") and what SIGTERM does come from :mod:`cryofastar_core.exit_codes`. The entry-point
+(README "Exit codes") and what SIGTERM does come from :mod:`cryofastar_core.runtime.exit_codes`. The entry-point
 tests run each ``main`` in this process with the job replaced by one that ends the way under test.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 import cryofastar_core.cli.run as cli_run
 import plugin.cli as plugin_cli
 import relion_external.main as relion_main
-from cryofastar_core import exit_codes
+from cryofastar_core.runtime import exit_codes
 from cryofastar_core.cli.main import main as cryofastar_main
-from cryofastar_core.errors import InputError, WeightsError
-from cryofastar_core.exit_codes import Terminated, exit_code, sigterm_raises
+from cryofastar_core.runtime.errors import InputError, WeightsError
+from cryofastar_core.runtime.exit_codes import Terminated, exit_code, sigterm_raises
 from plugin.server import ServerError
 from relion_external.markers import FAILURE
 

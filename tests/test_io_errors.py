@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from cryosparc.dataset import Dataset
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io import read_particles
 from _io_fixtures import make_stack, write_text
 

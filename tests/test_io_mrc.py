@@ -8,7 +8,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io import atomic_output, new_star, read_map, read_particles, write_map, write_stack
 from _io_fixtures import make_stack
 

@@ -11,7 +11,7 @@ import pytest
 import starfile
 from scipy.spatial.transform import Rotation
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io import CONFIDENCE_LABEL, new_star, read_particles, write_particles_star, write_stack
 from _io_fixtures import relion30_star, relion31_project
 

@@ -13,7 +13,7 @@ import yaml
 
 from cryofastar_core.cli.main import build_parser
 from cryofastar_core.cli.run import CLI_NAMES, add_job_arguments, command_line_settings
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job import JOB_OPTIONS, JobConfig
 from cryofastar_core.job_config import STEP_KEYS, build_job_config
 from plugin.connector import engine_config, job_option_names

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from cryofastar_core.errors import WeightsError
+from cryofastar_core.runtime.errors import WeightsError
 from cryofastar_core.model import CryoFastAR, load_weights, model_config, save_weights
 
 

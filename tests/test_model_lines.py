@@ -128,7 +128,7 @@ def test_line_weights_round_trip(tmp_path):
 
 
 def test_weights_of_another_model_are_refused_naming_the_file(tmp_path):
-    from cryofastar_core.errors import WeightsError
+    from cryofastar_core.runtime.errors import WeightsError
     from cryofastar_core.model.checkpoint import init_from_weights
 
     save_weights(build_model(tiny_lines_config()), tmp_path / "w.pt")

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 import cryosparc
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from plugin import cli, run_in_cryosparc
 from plugin.credentials import Credentials, SecretFilter, load_credentials, read_credentials_file, redact
 from plugin.server import CryoSPARCServer, ServerError, check_tools_version

@@ -281,7 +281,7 @@ def test_half_two_is_brought_into_half_one_frame(dataset):
 def _refine_on_rank(rank: int, world: int, port: int, data: dict, cfg: RefineConfig, results) -> None:
     import os
 
-    from cryofastar_core.inference.distributed import Communicator
+    from cryofastar_core.runtime.communicator import Communicator
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import starfile
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from relion_external.main import ProgressReporter, relion_version, run_external_job
 from relion_external.markers import ABORT_NOW, ABORTED, FAILURE, SUCCESS, JobAborted, JobMarkers
 from relion_external.nodes import (NODES_FILE, OutputNode, detect_relion_version, job_output_nodes,
@@ -339,7 +339,7 @@ def test_each_edge_names_an_option_in_its_users_words(tmp_path, monkeypatch, cap
     """The engine validates in JobConfig's field names; the command line says --flags, RELION its GUI
     labels (the device as 'gpu', which is what a RELION user sets)."""
     from cryofastar_core.cli.main import main
-    from cryofastar_core.errors import InputError
+    from cryofastar_core.runtime.errors import InputError
     from cryofastar_core.job import JobConfig
 
     with pytest.raises(InputError) as e:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cryofastar_core.cli.main import main
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job_config import build_job_config, read_step_file
 from cryofastar_core.simulate_particles import SimulateConfig, simulate
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cryofastar_core"
 LAUNCH_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "CRYOFASTAR_DIST_TIMEOUT_S"}
@@ -43,8 +43,8 @@ def test_only_one_module_reads_the_launch_and_joins_a_process_group():
             return (node.module or "").startswith("torch") and any(a.name == "init_process_group" for a in node.names)
         return False
 
-    assert set(_uses(launch_variable)) == {"cryofastar_core/distributed.py"}, _uses(launch_variable)
-    assert set(_uses(torch_init)) == {"cryofastar_core/distributed.py"}, _uses(torch_init)
+    assert set(_uses(launch_variable)) == {"cryofastar_core/runtime/distributed.py"}, _uses(launch_variable)
+    assert set(_uses(torch_init)) == {"cryofastar_core/runtime/distributed.py"}, _uses(torch_init)
 
 
 def test_only_one_module_reads_yaml_settings():
@@ -52,12 +52,12 @@ def test_only_one_module_reads_yaml_settings():
         return (isinstance(node, ast.Attribute) and node.attr in YAML_READERS and isinstance(node.value, ast.Name)
                 and node.value.id == "yaml")
 
-    assert set(_uses(yaml_read)) == {"cryofastar_core/yaml_config.py"}, _uses(yaml_read)
+    assert set(_uses(yaml_read)) == {"cryofastar_core/runtime/yaml_config.py"}, _uses(yaml_read)
 
 
 def test_training_and_the_job_share_the_launch_types():
-    from cryofastar_core import distributed
-    from cryofastar_core.inference import distributed as job_distributed
+    from cryofastar_core.runtime import distributed
+    from cryofastar_core.runtime import communicator as job_distributed
     from cryofastar_core.training import trainer
 
     assert trainer.DistInfo is distributed.DistEnv is job_distributed.DistEnv
@@ -65,7 +65,7 @@ def test_training_and_the_job_share_the_launch_types():
 
 
 def test_launch_environment(monkeypatch):
-    from cryofastar_core.distributed import DEFAULT_TIMEOUT_S, DistEnv, dist_env, dist_timeout, rank_device
+    from cryofastar_core.runtime.distributed import DEFAULT_TIMEOUT_S, DistEnv, dist_env, dist_timeout, rank_device
 
     for var in LAUNCH_VARIABLES:
         monkeypatch.delenv(var, raising=False)
@@ -125,7 +125,7 @@ def _engine_sources() -> list[tuple[str, ast.AST]]:
 
 def test_the_engine_reports_progress_only_through_the_callback():
     """No tqdm (nor the terminal renderer) in the engine: progress is the caller's ``progress(stage, done,
-    total)`` (cryofastar_core.progress), and each front end chooses how to show it."""
+    total)`` (cryofastar_core.runtime.progress), and each front end chooses how to show it."""
     found: dict[str, list[int]] = {}
     for name, tree in _engine_sources():
         for node in ast.walk(tree):
@@ -134,7 +134,7 @@ def test_the_engine_reports_progress_only_through_the_callback():
             if any(m == "tqdm" or m.startswith("tqdm.") or m.startswith("cryofastar_core.cli") for m in modules):
                 found.setdefault(name, []).append(node.lineno)
     assert not found, found
-    assert "cryofastar_core/progress.py" in dict(_engine_sources())
+    assert "cryofastar_core/runtime/progress.py" in dict(_engine_sources())
 
 
 def _backprojector_inserts(tree: ast.AST) -> list[tuple[str, int]]:

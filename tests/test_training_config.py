@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.training.config import TrainConfig, load_train_config, train_config_from_dict
 from cryofastar_core.training.schedule import learning_rate, snr_at, stage_at, stage_start, views_at
 

@@ -174,7 +174,7 @@ def test_tilt_curriculum_keeps_views_near_the_reference():
 
 
 def test_max_tilt_is_validated_and_ramped():
-    from cryofastar_core.errors import InputError
+    from cryofastar_core.runtime.errors import InputError
     from cryofastar_core.training.schedule import max_tilt_at
 
     st = stage(max_tilt_start=10.0, max_tilt_end=90.0)

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cryofastar_core.cli import train as train_cli
-from cryofastar_core.errors import InputError, WeightsError
+from cryofastar_core.runtime.errors import InputError, WeightsError
 from cryofastar_core.model import load_weights
 from cryofastar_core.training.config import train_config_from_dict
 from cryofastar_core.training.trainer import CHECKPOINT_FORMAT, train

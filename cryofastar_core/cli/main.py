@@ -3,7 +3,7 @@
 Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int``. Errors meant for users (``CryoFastARError``) become one message on
 stderr and a non-zero exit code, never a traceback; the codes and SIGTERM handling are
-:mod:`cryofastar_core.exit_codes`'s.
+:mod:`cryofastar_core.runtime.exit_codes`'s.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import logging
 import sys
 
 from cryofastar_core import __version__
-from cryofastar_core.errors import CryoFastARError
-from cryofastar_core.exit_codes import Terminated, exit_code, sigterm_raises
+from cryofastar_core.runtime.errors import CryoFastARError
+from cryofastar_core.runtime.exit_codes import Terminated, exit_code, sigterm_raises
 
 # Order is the order shown in --help. A module listed here must exist.
 SUBCOMMANDS = ["demo", "run", "simulate", "reconstruct", "train", "eval"]

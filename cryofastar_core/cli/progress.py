@@ -1,10 +1,10 @@
 """Progress bars on a terminal: the command line's renderer of the engine's progress callback
-(:class:`cryofastar_core.progress.Progress`). Not a subcommand."""
+(:class:`cryofastar_core.runtime.progress.Progress`). Not a subcommand."""
 from __future__ import annotations
 
 import sys
 
-from cryofastar_core.progress import Progress
+from cryofastar_core.runtime.progress import Progress
 
 
 class TqdmProgress:

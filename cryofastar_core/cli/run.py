@@ -72,7 +72,7 @@ def command_line_settings(args: argparse.Namespace) -> dict:
 
 def _main(args: argparse.Namespace) -> int:
     from cryofastar_core.cli.progress import terminal_progress
-    from cryofastar_core.inference.distributed import dist_env, init_from_env, shutdown
+    from cryofastar_core.runtime.communicator import dist_env, init_from_env, shutdown
     from cryofastar_core.job_config import build_job_config
 
     env = dist_env()

@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from cryofastar_core.errors import CryoFastARError, InputError
-from cryofastar_core.exit_codes import exit_code
+from cryofastar_core.runtime.errors import CryoFastARError, InputError
+from cryofastar_core.runtime.exit_codes import exit_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryofastar_core.distributed import dist_env
+    from cryofastar_core.runtime.distributed import dist_env
     from cryofastar_core.training.config import continue_from, load_train_config
     from cryofastar_core.training.trainer import train
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
-from cryofastar_core.inference.distributed import Communicator
+from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.model.fpm import denormalize
 from cryofastar_core.model.kabsch import kabsch
 from cryofastar_core.physics.centre import centroid_shifts
-from cryofastar_core.progress import Progress
+from cryofastar_core.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 

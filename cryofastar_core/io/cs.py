@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from cryosparc.dataset import Dataset
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io import poses
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.particle_set import ParticleSet, as_indices, check_stacks

@@ -9,7 +9,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io.atomic_write import atomic_output
 
 # MRC modes we can turn into float32 images: 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.

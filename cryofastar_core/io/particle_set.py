@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io.mrc import StackReader, read_stack_header
 from cryofastar_core.physics.ctf import CTFParams
 

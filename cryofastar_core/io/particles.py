@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io.cs import read_cs_particles
 from cryofastar_core.io.particle_set import CTF_FIELDS, ParticleSet, as_indices, check_stacks
 from cryofastar_core.io.star import read_star_particles

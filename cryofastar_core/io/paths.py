@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 
 def strip_cryosparc_prefix(name: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io import poses
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.cs import dataset_to_relion31

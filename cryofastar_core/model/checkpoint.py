@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cryofastar_core import __version__
-from cryofastar_core.errors import WeightsError
+from cryofastar_core.runtime.errors import WeightsError
 from cryofastar_core.model.config import ModelConfig
 from cryofastar_core.model.factory import build_model
 

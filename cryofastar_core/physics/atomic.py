@@ -22,7 +22,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 # Residue names of solvent and ions written by MD packages that gemmi's water test does not know.
 _SOLVENT = {"HOH", "WAT", "DOD", "H2O", "SOL", "TIP", "TIP3", "TIP4", "TIP5", "SPC", "T3P", "T4P",

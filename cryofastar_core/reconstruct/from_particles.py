@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ One YAML file describes a whole run::
 
 A file may also hold a single stage as ``stage: {...}`` instead of ``stages: [...]``.
 Validation happens once, here: unknown keys, wrong types and bad values raise
-:class:`~cryofastar_core.errors.InputError` naming the file and the key (reading and typing follow
-:mod:`cryofastar_core.yaml_config`, shared with ``cryofastar run`` step files).
+:class:`~cryofastar_core.runtime.errors.InputError` naming the file and the key (reading and typing follow
+:mod:`cryofastar_core.runtime.yaml_config`, shared with ``cryofastar run`` step files).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from cryofastar_core.errors import InputError
-from cryofastar_core.yaml_config import build_dataclass, read_yaml_mapping, require_mapping
+from cryofastar_core.runtime.errors import InputError
+from cryofastar_core.runtime.yaml_config import build_dataclass, read_yaml_mapping, require_mapping
 
 
 @dataclass

@@ -12,7 +12,7 @@ Run folder (only rank 0 writes)::
 Distributed: under ``torchrun`` each rank simulates its share of the GLOBAL batch (``batch_size /
 world_size`` samples, seeded per global sample index), so the data and the averaged gradients do not
 depend on the number of ranks. The launch is read, the rank's GPU picked and the process group joined
-(gloo on CPU, NCCL on CUDA, one timeout) by :mod:`cryofastar_core.distributed`, as for ``cryofastar run``.
+(gloo on CPU, NCCL on CUDA, one timeout) by :mod:`cryofastar_core.runtime.distributed`, as for ``cryofastar run``.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import torch
 import yaml
 from torch import nn
 
-from cryofastar_core.distributed import DistEnv, init_process_group, rank_device, shutdown
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.distributed import DistEnv, init_process_group, rank_device, shutdown
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.io.atomic_write import atomic_output
 
@@ -54,7 +54,7 @@ VolumeFactory = Callable[[StageConfig, str], VolumeSource]
 
 
 # Where this process sits in a distributed run: the one type, read from torchrun's environment by
-# cryofastar_core.distributed.dist_env (this name is kept for callers of train(dist=...)).
+# cryofastar_core.runtime.distributed.dist_env (this name is kept for callers of train(dist=...)).
 DistInfo = DistEnv
 
 

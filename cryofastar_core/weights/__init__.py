@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryofastar_core.errors import WeightsError
+from cryofastar_core.runtime.errors import WeightsError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
 DEFAULT = "default"

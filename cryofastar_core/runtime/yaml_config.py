@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 
 def read_yaml_mapping(path: str | Path, what: str = "settings file") -> dict[str, Any]:

@@ -10,7 +10,7 @@ The single-process case is the same object with ``world_size == 1``, where every
 local call, so the job's code is one path.
 
 Reading torchrun's environment, picking the rank's device and joining the process group (gloo on CPU,
-NCCL on GPU with one GPU per ``LOCAL_RANK``, one timeout) live in :mod:`cryofastar_core.distributed`,
+NCCL on GPU with one GPU per ``LOCAL_RANK``, one timeout) live in :mod:`cryofastar_core.runtime.distributed`,
 shared with training; their names are re-exported here for the job's callers.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from cryofastar_core.distributed import (DEFAULT_TIMEOUT_S, DistEnv, dist_env, init_process_group, rank_device,
+from cryofastar_core.runtime.distributed import (DEFAULT_TIMEOUT_S, DistEnv, dist_env, init_process_group, rank_device,
                                          shutdown)
-from cryofastar_core.errors import CryoFastARError
-from cryofastar_core.exit_codes import exit_code
+from cryofastar_core.runtime.errors import CryoFastARError
+from cryofastar_core.runtime.exit_codes import exit_code
 
 log = logging.getLogger(__name__)
 

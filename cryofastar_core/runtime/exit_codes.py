@@ -7,14 +7,14 @@ and exit markers, a CryoSPARC job log):
 
 ====  =====================================================================================
 0     success (or nothing to do)
-2     bad input (:class:`~cryofastar_core.errors.InputError`)
-3     unusable weights (:class:`~cryofastar_core.errors.WeightsError`)
+2     bad input (:class:`~cryofastar_core.runtime.errors.InputError`)
+3     unusable weights (:class:`~cryofastar_core.runtime.errors.WeightsError`)
 130   interrupted (Ctrl-C, ``KeyboardInterrupt``)
 143   terminated (SIGTERM: ``scancel``, a queue's time limit), i.e. 128 + SIGTERM
 1     unexpected internal error (a bug: any other exception)
 ====  =====================================================================================
 
-Any other :class:`~cryofastar_core.errors.CryoFastARError` exits with its class's ``exit_code`` (the
+Any other :class:`~cryofastar_core.runtime.errors.CryoFastARError` exits with its class's ``exit_code`` (the
 CryoSPARC adapter's server errors use 4).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import contextlib
 import signal
 from typing import Iterator
 
-from cryofastar_core.errors import CryoFastARError, InputError, WeightsError
+from cryofastar_core.runtime.errors import CryoFastARError, InputError, WeightsError
 
 OK = 0
 INTERNAL_ERROR = 1

@@ -1,7 +1,7 @@
 """Where this process sits in a ``torchrun`` launch, and joining its process group: the one place for both.
 
 Training (:mod:`cryofastar_core.training.trainer`, ``cryofastar train``) and the main job
-(:mod:`cryofastar_core.inference.distributed`, ``cryofastar run``) both come here, so they read the
+(:mod:`cryofastar_core.runtime.communicator`, ``cryofastar run``) both come here, so they read the
 launch the same way and join the same kind of group:
 
 - ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by ``torchrun``; absent: one process) are read by
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cryofastar_core.errors import InputError
+from cryofastar_core.runtime.errors import InputError
 
 # Ranks wait for each other at stage boundaries (the job) and while rank 0 validates, checkpoints or
 # writes (training, the job); the process-group timeout must cover the longest such wait.

@@ -37,7 +37,7 @@ from cryofastar_core.job import JobConfig, assess_quality, reconstruct_maps, run
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.metrics import apply_alignment, rotation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
-from cryofastar_core.refine import RefineConfig, refine_poses  # noqa: E402
+from cryofastar_core.refine.driver import RefineConfig, refine_poses  # noqa: E402
 
 PERTURBATIONS = (5.0, 15.0, 30.0, 60.0)
 REFINED_FROM = (5.0, 30.0)

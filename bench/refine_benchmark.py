@@ -39,7 +39,7 @@ from cryofastar_core.physics.shift import shift_volume  # noqa: E402
 from cryofastar_core.job import reconstruct_maps  # noqa: E402
 from cryofastar_core.metrics import align_map_to_truth, align_rotations, apply_alignment, map_resolution, rotation_errors, translation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
-from cryofastar_core.refine import RefineConfig, refine_poses  # noqa: E402
+from cryofastar_core.refine.driver import RefineConfig, refine_poses  # noqa: E402
 
 
 def perturbed(R: np.ndarray, s: np.ndarray, deg: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -372,7 +372,7 @@ def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
 def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     """Stage refine: every rank refines its own block of the kept particles, and every rank comes out with
     the same refined poses and refinement's last ``(full, half1, half2)`` maps (each pass's accumulators and
-    poses are summed over the ranks inside :func:`cryofastar_core.refine.refine_poses`)."""
+    poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`)."""
     with ctx.timer.stage("refine"):
         poses.rotations, poses.shifts, poses.refinement, maps = _refine(
             ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, inputs.apix, ctx.device,
@@ -585,7 +585,7 @@ def _refine(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shift
             keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None,
             comm: Communicator | None = None
             ) -> tuple[np.ndarray, np.ndarray, list[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    from cryofastar_core.refine import RefineConfig, refine_poses
+    from cryofastar_core.refine.driver import RefineConfig, refine_poses
 
     idx = np.flatnonzero(keep)
 

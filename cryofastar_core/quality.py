@@ -6,7 +6,7 @@ collapsed pose set cannot fake, each computed on at most ``max_particles`` parti
 
 * **Significance against random poses.** Each particle of half set ``h`` is scored against the map
   of the *other* half (independent of the particle itself), by refinement's CTF-aware matched filter
-  (:func:`cryofastar_core.matching.candidate_scores`), at its own pose and at ``random_poses``
+  (:func:`cryofastar_core.refine.matching.candidate_scores`), at its own pose and at ``random_poses``
   Haar-random ones (same shift). ``significance`` is the fraction of particles whose own pose beats
   every random one, rescaled so that chance is 0 and every particle beating every random pose is 1.
   Random poses give a map whose projections all look alike: significance near 0.
@@ -40,7 +40,7 @@ from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.reconstruct import fsc, resolution_at, soft_sphere_mask
-from cryofastar_core.matching import FourierBand, PowerSpectrum, candidate_scores
+from cryofastar_core.refine.matching import FourierBand, PowerSpectrum, candidate_scores
 
 VERDICTS = ("ok", "doubtful", "failed")
 

@@ -15,8 +15,8 @@ archive="${CRYOFASTAR_RELION_SOURCES:-$here/../shared/relion}/relion-$version.ta
 cache="${CRYOFASTAR_RELION_CACHE:-$HOME/.cache/cryofastar/relion}"
 prefix="$cache/relion-$version"
 jobs="${CRYOFASTAR_BUILD_JOBS:-$(nproc)}"
-targets="relion_pipeliner relion_refine relion_refine_mpi relion_reconstruct relion_project \
-relion_star_handler relion_image_handler relion_external_reconstruct"
+# RELION's CMake names each program's target without the relion_ prefix.
+targets="pipeliner refine refine_mpi reconstruct project star_handler image_handler external_reconstruct"
 
 if [[ -f "$prefix/BUILD_OK" ]]; then
   echo "$prefix/bin"
@@ -45,7 +45,7 @@ cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGUI=OFF -DFETCH_WE
 # shellcheck disable=SC2086
 make -C "$work/build" -j"$jobs" $targets >"$work/make.log" 2>&1 || { tail -40 "$work/make.log" >&2; exit 1; }
 mkdir -p "$prefix/bin"
-for t in $targets; do cp "$work/build/bin/$t" "$prefix/bin/"; done
+for t in $targets; do cp "$work/build/bin/relion_$t" "$prefix/bin/"; done
 echo "$version built in $(( $(date +%s) - start )) s with $jobs jobs" > "$prefix/BUILD_OK"
 rm -rf "$work"
 echo "$prefix/bin"

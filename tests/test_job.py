@@ -216,7 +216,7 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     report = run(_cfg(sim_star, out, tiny_weights, refine_iters=1))
     # The starting poses, the global passes (until the assignment settles), then one local iteration;
     # each stage says how long it took and how far it moved the poses.
-    from cryofastar_core.refine import RefineConfig
+    from cryofastar_core.refine.driver import RefineConfig
 
     stages = [h["stage"] for h in report.refinement]
     assert stages[0] == "start" and stages[-1] == "local", stages

@@ -1,4 +1,4 @@
-"""Registering one map onto another (``cryofastar_core.map_registration``): known rotations come back, the
+"""Registering one map onto another (``cryofastar_core.refine.map_registration``): known rotations come back, the
 identity stays the identity (the sampling does not favour grid nodes), the hand is found by the coarse
 search, and noisy maps with FSC shell weights still register to a fraction of a degree."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from _volumes import blob_volume
 
 from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle
-from cryofastar_core.map_registration import register_map
+from cryofastar_core.refine.map_registration import register_map
 from cryofastar_core.metrics import apply_alignment, flip_hand, rotate_volume
 from cryofastar_core.physics.shift import shift_volume
 from cryofastar_core.reconstruct import fsc

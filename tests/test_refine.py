@@ -1,4 +1,4 @@
-"""Local refinement (``cryofastar_core.refine``) on simulated, noisy, CTF-modulated particles.
+"""Local refinement (``cryofastar_core.refine.driver``) on simulated, noisy, CTF-modulated particles.
 
 The data: a small asymmetric map of Gaussian blobs, projected with the project's own physics
 (``simulation.simulate_images``: Fourier slice, RELION CTF, phase-ramp shift, white noise at SNR 1).
@@ -19,11 +19,11 @@ from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotve
 from cryofastar_core.physics.centre import volume_centroid
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.global_search import so3_grid
-from cryofastar_core.map_registration import shifts_after_moving_map
+from cryofastar_core.refine.global_pass import so3_grid
+from cryofastar_core.refine.map_registration import shifts_after_moving_map
 from cryofastar_core.reconstruct import soft_sphere_mask
-from cryofastar_core.refine import RefineConfig, perturbation_grid, refine_poses, shift_grid
-from cryofastar_core.search_grids import ball_grid
+from cryofastar_core.refine.driver import RefineConfig, perturbation_grid, refine_poses, shift_grid
+from cryofastar_core.refine.grids import ball_grid
 from cryofastar_core.simulation import simulate_images
 
 BOX, N, APIX = 32, 300, 3.0

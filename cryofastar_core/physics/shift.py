@@ -38,7 +38,7 @@ def shift_images(images: Tensor, shifts: Tensor) -> Tensor:
 def shift_volume(volume: Tensor, t: Tensor) -> Tensor:
     """A real volume ``(D, D, D)`` (``V[z, y, x]``) moved by ``t = (tx, ty, tz)`` px: ``out(w) = vol(w - t)``,
     by Fourier phase ramp (periodic). A particle's shift follows a map moved by ``t`` as
-    :meth:`cryofastar_core.map_registration.Registration.shifts_for` says."""
+    :meth:`cryofastar_core.refine.map_registration.Registration.shifts_for` says."""
     d = volume.shape[-1]
     t = torch.as_tensor(t, dtype=torch.float64, device=volume.device)
     k = freq_1d(d, device=volume.device, dtype=torch.float64)

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from cryofastar_core.geometry import FLIP_Z, rotation_angle_deg, rotvec_to_matrix
-from cryofastar_core.global_search import so3_grid
+from cryofastar_core.refine.global_pass import so3_grid
 from cryofastar_core.physics.projection import prepare_volume, sample_ft
-from cryofastar_core.search_grids import ball_grid
+from cryofastar_core.refine.grids import ball_grid
 
 
 @dataclass
@@ -82,7 +82,7 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
     ``shell_weights[shell]`` if given (e.g. the shells' signal-to-noise ratio from the half maps' FSC,
     ``FSC / (1 - FSC)``, so noisy shells of noisy maps do not pull the angle). The search:
     rotations within ``radius_deg`` of the identity (steps of a quarter of it), or, with
-    ``coarse_step_deg``, every rotation of :func:`cryofastar_core.global_search.so3_grid` at that step plus
+    ``coarse_step_deg``, every rotation of :func:`cryofastar_core.refine.global_pass.so3_grid` at that step plus
     the identity; then three balls of finer rotations about the best. Both hands with ``allow_mirror``.
     The identity is always a candidate, so a registration never scores below leaving the map alone.
     With ``max_shift_px`` > 0, a translation within that box is fitted after the rotation (a grid of

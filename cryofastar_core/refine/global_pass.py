@@ -9,7 +9,7 @@ The grid is the same for every particle (absolute orientations, not offsets from
 projected once per pass, ``J`` projections of ``P`` band samples, and every particle's scores are one
 real matrix product: with ``A = c w X e^{-2 pi i k.delta}`` per particle and shift offset (``c`` its CTF,
 ``w`` the noise weight, ``X`` its transform with its current shift undone) and ``B`` the projections,
-``Re(A B^H) = A_r B_r^T + A_i B_i^T`` is the numerator of :func:`cryofastar_core.matching.candidate_scores`
+``Re(A B^H) = A_r B_r^T + A_i B_i^T`` is the numerator of :func:`cryofastar_core.refine.matching.candidate_scores`
 for every pair at once, and ``(c^2 w) |B|^2^T`` its norm. Cost per particle: ``T J P`` multiply-adds
 (about 29 x 4,400 x 150 = 2e7 at 15 degrees, box 64), no projection.
 """
@@ -23,7 +23,7 @@ from torch import Tensor
 from cryofastar_core.geometry import relion_euler_to_matrix
 from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
 from cryofastar_core.physics.projection import VolumeFT, project_ft
-from cryofastar_core.matching import FourierBand
+from cryofastar_core.refine.matching import FourierBand
 
 
 def so3_grid(step_deg: float) -> Tensor:

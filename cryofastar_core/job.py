@@ -40,7 +40,7 @@ from cryofastar_core.job_options import JobOption, option, options_of
 from cryofastar_core.model import load_weights
 from cryofastar_core.model.checkpoint import read_weights_file
 from cryofastar_core.runtime.progress import Progress
-from cryofastar_core.quality import PoseQuality, assess_poses
+from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses
 from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, fsc_tsv, half_sets, insert_half_sets,
                                          resolution_at)
 from cryofastar_core.weights import resolve_weights
@@ -143,7 +143,7 @@ class Report:
     status: str = "complete"
     processes: int = 1  # ranks of a distributed (torchrun) run
     pose_warning: str = ""  # what the weights' held-out accuracy says of these poses (pose_trust_note)
-    quality: dict = field(default_factory=dict)  # the data-only verdict (cryofastar_core.quality.PoseQuality)
+    quality: dict = field(default_factory=dict)  # the data-only verdict (cryofastar_core.evaluation.verdict.PoseQuality)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
@@ -568,7 +568,7 @@ def reconstruct_maps(particles: ParticleSet, rotations: np.ndarray, shifts: np.n
 def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                    keep: np.ndarray, half_maps: tuple[torch.Tensor, torch.Tensor], device: torch.device,
                    ) -> PoseQuality:
-    """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.quality`)."""
+    """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.evaluation.verdict`)."""
     idx = np.flatnonzero(keep)
     log.info("judging the poses of up to %d particles against the half maps", min(len(idx), 2000))
 
@@ -608,7 +608,7 @@ def _write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shi
                    keep: np.ndarray, confidence: np.ndarray, est: dict, full: torch.Tensor, half1: torch.Tensor,
                    half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float,
                    quality: PoseQuality) -> list[str]:
-    from cryofastar_core.plots import confidence_histogram, fsc_plot, viewing_direction_plot
+    from cryofastar_core.evaluation.plots import confidence_histogram, fsc_plot, viewing_direction_plot
 
     with staged_output_dir(out) as stage:
         # The per-particle confidence (0-1) under a label RELION 3.1 knows, so RELION programs keep it.

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import make_asymmetric_map
-from cryofastar_core import evaluation as eval_lib
+from cryofastar_core.evaluation import against_truth as eval_lib
 from cryofastar_core.cli import eval as eval_cli
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.geometry import mirror_rotations, random_rotations, rotvec_to_matrix
 from cryofastar_core.io import new_star, write_map, write_stack
-from cryofastar_core.metrics import map_resolution, resample_volume
+from cryofastar_core.evaluation.metrics import map_resolution, resample_volume
 
 N, BOX, APIX = 24, 8, 2.0
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import cryofastar_core.io as cio
-import cryofastar_core.plots as plots
+import cryofastar_core.evaluation.plots as plots
 from cryofastar_core.cli.main import main
 from cryofastar_core.reconstruct.from_particles import ReconstructConfig, reconstruct_particles as reconstruct
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 from cryofastar_core.reconstruct import fsc
 
 OUTPUTS = ["fsc.png", "fsc.tsv", "half1.mrc", "half2.mrc", "map.mrc"]

@@ -10,7 +10,7 @@ import starfile
 
 import cryofastar_core.io as cio
 from cryofastar_core.cli.main import main
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 from cryofastar_core.runtime.errors import InputError
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from cryofastar_core.io import read_particles
 from cryofastar_core.io.cs import write_particles_cs
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "deploy" / "slurm"

@@ -21,7 +21,7 @@ from cryofastar_core.geometry import rotation_angle_deg
 from cryofastar_core.runtime.communicator import Communicator, PeerFailure
 from cryofastar_core.io import read_particles
 from cryofastar_core.job import JobConfig, run
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = 32

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 from cryofastar_core.io import CONFIDENCE_LABEL, read_particles
 from cryofastar_core.job import JobConfig, run
 

@@ -8,7 +8,7 @@ from _volumes import blob_volume
 
 from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle
 from cryofastar_core.refine.map_registration import register_map
-from cryofastar_core.metrics import apply_alignment, flip_hand, rotate_volume
+from cryofastar_core.evaluation.metrics import apply_alignment, flip_hand, rotate_volume
 from cryofastar_core.physics.shift import shift_volume
 from cryofastar_core.reconstruct import fsc
 

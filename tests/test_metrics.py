@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_asymmetric_map
 from cryofastar_core.geometry import mirror_rotations, random_rotations, rotvec_to_matrix
-from cryofastar_core.metrics import (align_map_to_truth, align_rotations, map_resolution, resample_volume,
+from cryofastar_core.evaluation.metrics import (align_map_to_truth, align_rotations, map_resolution, resample_volume,
                                      rotate_volume, rotation_errors, translation_errors)
 from cryofastar_core.physics.projection import project
 

@@ -11,7 +11,7 @@ from cryofastar_core.model import CryoFastAR, LossConfig, denormalize, fpm_loss,
 from cryofastar_core.model.fpm import relative_rotations
 from cryofastar_core.physics.normalize import normalize_images
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 from conftest import make_asymmetric_map
 

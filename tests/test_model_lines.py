@@ -10,10 +10,10 @@ from cryofastar_core.model import (LineCryoFastAR, LossConfig, build_model, deno
                                    kabsch, load_weights, model_config, save_weights)
 from cryofastar_core.model.fpm import relative_rotations
 from cryofastar_core.model.lines import polar_grid
-from cryofastar_core.physics.lines import line_transform
+from cryofastar_core.physics.line_transform import line_transform
 from cryofastar_core.physics.normalize import normalize_images
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 from conftest import make_asymmetric_map
 

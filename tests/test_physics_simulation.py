@@ -8,7 +8,7 @@ from cryofastar_core.physics.ctf import CTFParams, compute_ctf
 from cryofastar_core.physics.fourier import fft2c, ifft2c
 from cryofastar_core.physics.projection import prepare_volume, project
 from cryofastar_core.physics.shift import shift_images
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 from tests.conftest import make_asymmetric_map
 
 

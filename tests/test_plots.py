@@ -7,7 +7,7 @@ import torch
 from matplotlib import image as mpimg
 from matplotlib.transforms import Affine2D
 
-from cryofastar_core import plots
+from cryofastar_core.evaluation import plots
 from cryofastar_core.geometry import relion_euler_to_matrix, random_rotations
 
 

@@ -1,4 +1,4 @@
-"""The pose-quality verdict on pose sets whose quality is known (cryofastar_core/quality.py)."""
+"""The pose-quality verdict on pose sets whose quality is known (cryofastar_core/evaluation/verdict.py)."""
 from __future__ import annotations
 
 
@@ -9,9 +9,9 @@ import torch
 from cryofastar_core.geometry import random_rotations, rotations_at_angle
 from cryofastar_core.job import Report
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.quality import QualityConfig, assess_poses, viewing_coverage
+from cryofastar_core.evaluation.verdict import QualityConfig, assess_poses, viewing_coverage
 from cryofastar_core.reconstruct import random_half_sets, reconstruct_half_maps
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 N = 600
 

@@ -11,7 +11,7 @@ from cryofastar_core.physics.fourier import fft3c, ifft3c, radial_index_grid
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, insert_half_sets, random_half_sets,
                                          reconstruct, reconstruct_half_maps, soft_sphere_mask)
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 N, D = 2000, 32
 

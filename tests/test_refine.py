@@ -24,7 +24,7 @@ from cryofastar_core.refine.map_registration import shifts_after_moving_map
 from cryofastar_core.reconstruct import soft_sphere_mask
 from cryofastar_core.refine.driver import RefineConfig, perturbation_grid, refine_poses, shift_grid
 from cryofastar_core.refine.grids import ball_grid
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 BOX, N, APIX = 32, 300, 3.0
 

@@ -153,7 +153,7 @@ def test_high_defocus_reconstruction_like_relion(tmp_path, tiny_map_file, relion
     threshold.
     """
     from cryofastar_core.reconstruct.from_particles import ReconstructConfig, reconstruct_particles as reconstruct
-    from cryofastar_core.simulate_particles import SimulateConfig, simulate
+    from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
     star = simulate(SimulateConfig(out_dir=tmp_path / "sim", n=1000, box=BOX, snr=float("inf"), seed=2,
                                    map_path=tiny_map_file, ctf=True, max_shift=2.0, defocus_min=25000.0,

@@ -13,7 +13,7 @@ import yaml
 from cryofastar_core.cli.main import main
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job_config import build_job_config, read_step_file
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = 32

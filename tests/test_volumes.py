@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryofastar_core.metrics import resample_volume
+from cryofastar_core.evaluation.metrics import resample_volume
 from cryofastar_core.training import volumes as V
 from cryofastar_core.training.volumes import VolumeLibrary, VolumeSpec, build_volume, list_structures
 

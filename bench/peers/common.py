@@ -142,7 +142,7 @@ def evaluate_poses(dataset_dir: Path, poses: Poses, threads: int = 1) -> dict:
     """
     import torch
 
-    from cryofastar_core import metrics
+    from cryofastar_core.evaluation import metrics
     from cryofastar_core.io import read_map, read_particles
     from cryofastar_core.reconstruct import ParticleChunk, fsc, reconstruct_half_maps, resolution_at
 

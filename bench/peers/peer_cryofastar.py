@@ -40,7 +40,7 @@ def resolve_weights(weights: str, work_root: Path, box: int) -> tuple[str, str]:
 
 def run(dataset_dir: Path, work_dir: Path, threads: int, timeout: float, *, weights: str, refine_iters: int = 0,
         views: int = 128, candidates: int = 64, box: int = 64) -> MethodRun:
-    from cryofastar_core.evaluation import match_particles
+    from cryofastar_core.evaluation.against_truth import match_particles
     from cryofastar_core.io import read_particles
 
     work_dir.mkdir(parents=True, exist_ok=True)

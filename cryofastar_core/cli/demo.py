@@ -9,10 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-from cryofastar_core.evaluation import evaluate, format_report
+from cryofastar_core.evaluation.against_truth import evaluate, format_report
 from cryofastar_core.cli.progress import terminal_progress
 from cryofastar_core.cli.run import add_job_arguments, job_config
-from cryofastar_core.simulate_particles import SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 from cryofastar_core.job import run
 
 DEMO_MAP = Path(__file__).resolve().parent.parent / "data" / "demo_3enl_box64.mrc"

@@ -1,13 +1,13 @@
 """``cryofastar simulate``: a synthetic particle set with known poses (see
-:mod:`cryofastar_core.simulate_particles`)."""
+:mod:`cryofastar_core.simulation.particle_sets`)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from cryofastar_core import simulate_particles
+from cryofastar_core.simulation import particle_sets as simulate_particles
 from cryofastar_core.cli.progress import terminal_progress
-from cryofastar_core.simulate_particles import TRUTH_NAME, SimulateConfig, simulate
+from cryofastar_core.simulation.particle_sets import TRUTH_NAME, SimulateConfig, simulate
 
 
 def register(subparsers) -> None:

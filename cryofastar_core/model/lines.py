@@ -1,7 +1,7 @@
 """The line model: each view's 1D projections as its tokens, and a polar FPM.
 
 Why lines: line ``θ`` of a view is the molecule's 1D marginal
-along the 3D direction ``R u_θ`` (:mod:`cryofastar_core.physics.lines`), so attention between the
+along the 3D direction ``R u_θ`` (:mod:`cryofastar_core.physics.line_transform`), so attention between the
 lines of two views is common-line matching, and an in-plane rotation of a view by one line step is a
 cyclic shift of its tokens. Patch tokens must learn that geometry from data; on our compute they
 did not (model card).
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cryofastar_core.physics.lines import line_directions, line_transform
+from cryofastar_core.physics.line_transform import line_directions, line_transform
 
 from cryofastar_core.model.blocks import AuxiliaryBlock, EncoderBlock, Mlp, ReferenceBlock
 from cryofastar_core.model.config import ModelConfig

@@ -56,7 +56,7 @@ def reconstruct_particles(cfg: ReconstructConfig) -> ReconstructResult:
     """Run the reconstruction described by ``cfg`` and write its outputs; see the module docstring."""
     from cryofastar_core.io.atomic_write import staged_output_dir
     from cryofastar_core.io import read_particles, write_map
-    from cryofastar_core.plots import fsc_plot
+    from cryofastar_core.evaluation.plots import fsc_plot
     from cryofastar_core.reconstruct import ParticleChunk, fsc, fsc_tsv, half_sets, reconstruct_half_maps, resolution_at
 
     t0 = time.perf_counter()

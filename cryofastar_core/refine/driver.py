@@ -101,7 +101,7 @@ from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, s
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.refine.map_registration import Registration, register_map, shifts_after_moving_map
 from cryofastar_core.refine.matching import FourierBand, PowerSpectrum, candidate_scores
-from cryofastar_core.metrics import apply_alignment
+from cryofastar_core.evaluation.metrics import apply_alignment
 from cryofastar_core.physics.centre import volume_centroid
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume

@@ -34,7 +34,7 @@ from cryofastar_core.refine.grids import ball_grid
 class Registration:
     """``moving`` is in ``fixed``'s frame after ``out(w) = moving(G^T (w - t))`` (``mirrored``:
     ``moving(F G^T (w - t))``, ``F`` the z-mirror; ``t`` ``(3,)`` px as ``(x, y, z)``); poses ``R`` of
-    particles behind ``moving`` become ``G R`` (``G F R F``), as :func:`cryofastar_core.metrics.apply_alignment`,
+    particles behind ``moving`` become ``G R`` (``G F R F``), as :func:`cryofastar_core.evaluation.metrics.apply_alignment`,
     and their shifts ``s + (R'^T t)[:2]`` with ``R'`` the new pose (:meth:`shifts_for`).
     ``correlation``: of the registered maps; ``identity_correlation``: before; ``angle_deg``: the rotation
     angle of ``G``."""

@@ -28,7 +28,7 @@ from cryofastar_core.geometry import random_rotations, rotations_within_tilt
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.normalize import normalize_images
 from cryofastar_core.physics.projection import VolumeFT, prepare_volume
-from cryofastar_core.simulation import simulate_images
+from cryofastar_core.simulation.images import simulate_images
 
 from cryofastar_core.training.config import StageConfig
 

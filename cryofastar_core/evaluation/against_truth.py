@@ -10,7 +10,6 @@ FSC resolution against the truth map is reported (0.5 and 0.143 thresholds).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ def match_particles(pred, truth) -> tuple[np.ndarray, np.ndarray]:
 def evaluate(pred_path: Path, truth_path: Path, map_path: Path | None = None, truth_map_path: Path | None = None,
              allow_mirror: bool = True, project_dir: Path | None = None) -> dict:
     """All metrics as a JSON-ready dict (see module docstring)."""
-    from cryofastar_core import metrics
+    from cryofastar_core.evaluation import metrics
     from cryofastar_core.io.mrc import read_map
     from cryofastar_core.io.particles import read_particles
 
@@ -100,22 +99,10 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite_or_none(x):
+def finite_or_none(x):
     """Strict JSON: infinite resolutions (FSC never above threshold) become null."""
     if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
+        return {k: finite_or_none(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_finite_or_none(v) for v in x]
+        return [finite_or_none(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from cryofastar_core.io.atomic_write import atomic_output
-
-    result = evaluate(args.pred, args.truth, args.map, args.truth_map, allow_mirror=not args.no_mirror,
-                      project_dir=args.project_dir)
-    print(format_report(result))
-    if args.json is not None:
-        with atomic_output(args.json) as tmp:
-            tmp.write_text(json.dumps(_finite_or_none(result), indent=2))
-    return 0

@@ -169,7 +169,7 @@ def simulate(cfg: SimulateConfig, progress: Progress | None = None) -> Path:
     from cryofastar_core.physics.ctf import CTFParams
     from cryofastar_core.physics.projection import prepare_volume
     from cryofastar_core.reconstruct import random_half_sets
-    from cryofastar_core.simulation import simulate_images
+    from cryofastar_core.simulation.images import simulate_images
 
     _validate(cfg)
     out_dir = Path(cfg.out_dir)

@@ -36,7 +36,7 @@ from datasets import DatasetSpec, build_dataset  # noqa: E402
 from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.io import read_map, read_particles, write_map  # noqa: E402
 from cryofastar_core.physics.shift import shift_volume  # noqa: E402
-from cryofastar_core.job import reconstruct_maps  # noqa: E402
+from cryofastar_core.job.maps import reconstruct_maps  # noqa: E402
 from cryofastar_core.evaluation.metrics import align_map_to_truth, align_rotations, apply_alignment, map_resolution, rotation_errors, translation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
 from cryofastar_core.refine.driver import RefineConfig, refine_poses  # noqa: E402

@@ -51,7 +51,7 @@ IMAGES = ("auto", "mounted", "stream")
 
 def job_option_names() -> list[str]:
     """The user job options, keyword arguments in the engine's field names: one per declared job option
-    (cryofastar_core.job_options). The connector sets particles, out_dir and project_dir itself."""
+    (cryofastar_core.job.options). The connector sets particles, out_dir and project_dir itself."""
     return [opt.name for opt in JOB_OPTIONS]
 
 

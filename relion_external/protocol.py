@@ -137,7 +137,7 @@ _PARSERS: dict[type, Callable[[str, str], object]] = {int: _parse_int, float: _p
                                                        str: _parse_text}
 
 # User parameters (GUI label -> JobConfig field and parser): one per declared job option
-# (cryofastar_core.job_options), labelled with its field name; yes/no options read Yes/No/true/false.
+# (cryofastar_core.job.options), labelled with its field name; yes/no options read Yes/No/true/false.
 # Labels are typed without dashes in the GUI.
 PARAMS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     opt.name: (opt.name, _parse_choice if opt.choices else _PARSERS[opt.type]) for opt in JOB_OPTIONS}

@@ -229,7 +229,7 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     # The written maps are refinement's last reconstruction, reused rather than rebuilt: they must equal a
     # fresh CTF-corrected reconstruction of the written particles at their refined poses and half sets.
     from cryofastar_core.io import read_map
-    from cryofastar_core.job import reconstruct_maps
+    from cryofastar_core.job.maps import reconstruct_maps
 
     written = read_particles(out / "particles.star", sim_star.parent)
     keep = np.ones(len(written), dtype=bool)
@@ -242,7 +242,7 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
 
 
 def test_pose_warning_quotes_the_recorded_accuracy():
-    from cryofastar_core.job import pose_trust_note
+    from cryofastar_core.job.report import pose_trust_note
 
     note = pose_trust_note({"heldout": {"median_rot_deg": 64.2, "setting": "clean, 16 views"}})
     assert note.startswith("FEED-FORWARD POSES NOT YET RELIABLE") and "64 deg (clean, 16 views)" in note

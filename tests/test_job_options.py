@@ -1,4 +1,4 @@
-"""The job's options are declared once (cryofastar_core.job_options, on JobConfig): every one is settable,
+"""The job's options are declared once (cryofastar_core.job.options, on JobConfig): every one is settable,
 with the same default, from the command line, RELION's External job, the CryoSPARC connector and a YAML
 step file; RELION's README lists every RELION parameter; the engine checks the declared bounds."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cryofastar_core.cli.main import build_parser
 from cryofastar_core.cli.run import CLI_NAMES, add_job_arguments, command_line_settings
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job import JOB_OPTIONS, JobConfig
-from cryofastar_core.job_config import STEP_KEYS, build_job_config
+from cryofastar_core.job.step_file import STEP_KEYS, build_job_config
 from plugin.connector import engine_config, job_option_names
 from relion_external.protocol import ADAPTER_PARAMS, PARAMS, job_settings, parse_external_args
 

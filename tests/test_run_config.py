@@ -12,7 +12,7 @@ import yaml
 
 from cryofastar_core.cli.main import main
 from cryofastar_core.runtime.errors import InputError
-from cryofastar_core.job_config import build_job_config, read_step_file
+from cryofastar_core.job.step_file import build_job_config, read_step_file
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -91,7 +91,7 @@ def test_launch_environment(monkeypatch):
 
 
 def test_one_yaml_reader_for_step_files_and_training_configs(tmp_path):
-    from cryofastar_core.job_config import read_step_file
+    from cryofastar_core.job.step_file import read_step_file
     from cryofastar_core.training.config import load_train_config
 
     step = tmp_path / "step.yaml"

@@ -33,7 +33,7 @@ JOB_OPTIONS = tuple(opt.name for opt in _OPTIONS)
 
 def add_job_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """The job's options, shared by ``run``, ``demo`` and ``cryofastar-cryosparc``, one flag per declared
-    option (cryofastar_core.job_options): ``--chunks-per-batch`` for ``chunks_per_batch``, and
+    option (cryofastar_core.job.options): ``--chunks-per-batch`` for ``chunks_per_batch``, and
     ``--name/--no-name`` for a yes/no option. The help shows the defaults really used: the declared ones,
     or the caller's ``defaults`` (field name -> value) where given."""
     for opt in _OPTIONS:
@@ -73,7 +73,7 @@ def command_line_settings(args: argparse.Namespace) -> dict:
 def _main(args: argparse.Namespace) -> int:
     from cryofastar_core.cli.progress import terminal_progress
     from cryofastar_core.runtime.communicator import dist_env, init_from_env, shutdown
-    from cryofastar_core.job_config import build_job_config
+    from cryofastar_core.job.step_file import build_job_config
 
     env = dist_env()
     cfg = build_job_config(args.config, command_line_settings(args))

@@ -10,7 +10,6 @@ FSC resolution against the truth map is reported (0.5 and 0.143 thresholds).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path

@@ -1,7 +1,7 @@
 """A whole ``cryofastar run`` in one YAML file (an unattended pipeline step).
 
 Keys are the :class:`cryofastar_core.job.JobConfig` field names: ``particles``, ``out_dir``, ``project_dir``
-and one per declared job option (``weights``, ``views``, ..., :mod:`cryofastar_core.job_options`), typed
+and one per declared job option (``weights``, ``views``, ..., :mod:`cryofastar_core.job.options`), typed
 as declared; ``o`` is accepted for ``out_dir`` (as ``--o``) and dashes for underscores
 (``keep-fraction``). Relative paths in the file are relative to the file's folder, so a step file works
 from any working directory. Command-line flags override the file, which overrides the defaults.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cryofastar_core.runtime.errors import InputError
-from cryofastar_core.job import JOB_OPTIONS, JobConfig
+from cryofastar_core.job.config import JOB_OPTIONS, JobConfig
 from cryofastar_core.runtime.yaml_config import coerce_settings, read_yaml_mapping
 
 ALIASES = {"o": "out_dir", "out": "out_dir"}

@@ -1,0 +1,85 @@
+"""Every setting of one run: JobConfig, and the user options every front end derives its flags from."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cryofastar_core.job.options import JobOption, option, options_of
+from cryofastar_core.runtime.errors import InputError
+
+
+@dataclass
+class JobConfig:
+    """Every setting of one run; validated by :meth:`validate` before any work."""
+
+    # The fields declared with option() are the user options: the one declaration every front end
+    # derives its flags, GUI parameters, job options and step-file keys from (cryofastar_core.job.options;
+    # the list is JOB_OPTIONS below). Help is one line of plain text for a facility user; the default is
+    # appended where it is shown. particles, out_dir and project_dir are set by each front end its own way.
+    particles: Path
+    out_dir: Path
+    weights: str = option("default", "shipped weights name or a weights file")
+    project_dir: Path | None = None
+    box: int | None = option(None, "model box; must match the weights", default_text="the weights' box")
+    views: int = option(128, "images per forward pass: reference + anchors + new particles", minimum=4,
+                        fix="use at least 4 views per pass (128 recommended)")
+    candidates: int = option(64, "particles tried as the reference, the best kept", minimum=1, fix="use e.g. 64")
+    anchors: int = option(8, "particles repeated in every pass to tie the passes together", minimum=1,
+                          fix="use 1 to views - 2 anchors")  # and at most views - 2: validate()
+    chunks_per_batch: int = option(4, "passes run together; more is faster and uses more memory", minimum=1,
+                                   fix="use e.g. 4")
+    weighting: str = option("confidence", "how each view's pose is fitted to the network's output: confidence "
+                            "(each pixel weighted by its confidence) or uniform", choices=("confidence", "uniform"))
+    # On by default: the feed-forward poses alone are tens of degrees off, refined they reach 5 deg at
+    # SNR 1 (bench/README.md, "Refinement from wherever the model lands").
+    refine_iters: int = option(3, "refinement iterations after the feed-forward poses and the global passes "
+                               "(0: feed-forward poses only)", minimum=0,
+                               fix="use 0 (off) or a small number such as 3")
+    refine_global: bool = option(True, "when refining, first assign every particle globally (15 deg grid) against "
+                                 "the feed-forward map, so poses tens of degrees off can still be refined")
+    keep_fraction: float | None = option(None, "keep only this fraction of the most confident particles, e.g. 0.8",
+                                         default_text="keep all", minimum=0, maximum=1, open_min=True,
+                                         fix="use e.g. 0.8 to keep 80 %")
+    min_confidence: float | None = option(None, "drop particles whose confidence (0-1, the STAR column "
+                                          "rlnMaxValueProbDistribution) is below this", default_text="keep all",
+                                          minimum=0, maximum=1, open_max=True,
+                                          fix="confidences are on a 0-1 scale: use e.g. 0.5")
+    device: str = option("auto", "auto (a GPU if present), cpu, cuda, or cuda:N for GPU number N",
+                         choices=("auto", "cpu", "cuda", "cuda:N"))
+    seed: int = option(0, "random seed for the reference candidates and the passes")
+    threads: int | None = option(None, "CPU threads", default_text="what torch chooses", minimum=1,
+                                 fix="use the number of cores to use")
+    read_chunk: int = option(512, "particles read from disk at a time while reconstructing; fewer use less memory",
+                             minimum=1, fix="use e.g. 512")
+
+    def validate(self) -> None:
+        """Raises InputError naming the JobConfig field; adapters translate it (``InputError.renamed``).
+
+        The declared bounds and choices of every option (:data:`JOB_OPTIONS`), then what depends on
+        another option or on this machine."""
+        for opt in JOB_OPTIONS:
+            wrong = opt.problem(getattr(self, opt.name))
+            if wrong is not None:
+                raise InputError(None, opt.name, *wrong)
+        if not self.anchors <= self.views - 2:
+            raise InputError(None, "anchors", f"{self.anchors} does not fit in {self.views} views",
+                             "use 1 to views - 2 anchors")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(None, "device", "CUDA was asked for but no GPU is visible", "use auto or cpu")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+# The job's user options, in declaration order (cryofastar_core.job.options).
+JOB_OPTIONS: tuple[JobOption, ...] = options_of(JobConfig)
+
+
+def settings_of(cfg: JobConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+

@@ -1,0 +1,342 @@
+"""The main job: from a particle stack to poses and a map, as one library call.
+
+``run(JobConfig) -> Report`` is what ``cryofastar run``, the RELION External adapter and the CryoSPARC
+connector all call. It is a sequence of stages, one function each, each timed under its name in
+``report.json``: read and validate the particles (``read``); load the weights (``load_weights``); estimate
+poses feed-forward (reference selection, anchors, chunks, hand check) or resume them (``poses``);
+optionally drop the least confident particles (``select``); optionally refine locally (``refine``);
+reconstruct half maps with CTF correction (``reconstruct``; reused from refinement when it ran); judge the
+poses (``quality``); write every output (``write``). Progress goes to the caller's ``progress`` callback
+only (:mod:`cryofastar_core.runtime.progress`).
+
+Outputs are written into a hidden staging folder inside ``out_dir`` and moved into place together at
+the end, ``report.json`` last, so a killed run leaves nothing that looks finished. The pose estimate
+is also kept in ``out_dir/.cryofastar/`` with a fingerprint of the inputs and settings, so a rerun on
+the same ``out_dir`` resumes after inference, and a rerun on complete output does nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryofastar_core import __version__
+from cryofastar_core.evaluation.verdict import PoseQuality
+from cryofastar_core.io import ParticleSet, read_particles
+from cryofastar_core.io.atomic_write import atomic_output
+from cryofastar_core.job.config import JobConfig, settings_of
+from cryofastar_core.job.maps import accumulate_shard, finalize_halves, with_fsc
+from cryofastar_core.job.outputs import refuse_overwriting_inputs, write_outputs
+from cryofastar_core.job.poses import assess_quality, estimate_feed_forward, kept_by_confidence, refine_kept
+from cryofastar_core.job.report import REPORT, Report, pose_trust_note
+from cryofastar_core.job.resume import decide_resume, poses_file, run_fingerprint, save_poses, weights_identity
+from cryofastar_core.model import load_weights
+from cryofastar_core.reconstruct import half_sets
+from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
+from cryofastar_core.runtime.errors import InputError
+from cryofastar_core.runtime.progress import Progress
+from cryofastar_core.weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+
+
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str) -> "_Stage":
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: _Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+        log.info("stage: %s", self.name)
+
+    def __exit__(self, *exc) -> None:
+        self.timer.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+
+
+@dataclass
+class _Context:
+    """What every stage of one run reads: the settings, the processes, the device, the clock."""
+
+    cfg: JobConfig
+    comm: Communicator
+    device: torch.device
+    progress: Progress | None  # None on every rank but 0: only rank 0 reports progress
+    t_start: float
+    timer: _Timer = field(default_factory=_Timer)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+@dataclass
+class _Inputs:
+    """The checked particles and weights; ``model`` is dropped once the poses exist."""
+
+    particles: ParticleSet
+    apix: float
+    model: torch.nn.Module | None
+    model_box: int
+    weights_info: dict
+    fingerprint: str = ""
+
+
+@dataclass
+class _Poses:
+    """Every particle's pose (estimated or resumed, then maybe refined), which ones are kept, their half sets."""
+
+    est: dict
+    resumed: bool
+    rotations: np.ndarray
+    shifts: np.ndarray
+    confidence: np.ndarray
+    keep: np.ndarray | None = None
+    half: np.ndarray | None = None
+    refinement: list[dict] = field(default_factory=list)
+
+
+def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
+    """Run the whole job; see the module docstring. ``progress(stage, done, total)`` reports progress
+    (:mod:`cryofastar_core.runtime.progress`; the front end chooses how it is shown).
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group, or an explicit ``comm``) every
+    rank calls this with the same ``cfg``: the pose chunks, refinement (if asked) and the reconstruction are
+    shared out, rank 0 alone decides about resuming and writes, and every rank returns rank 0's report.
+    An error on any rank is raised on every rank (:mod:`cryofastar_core.runtime.communicator`).
+    """
+    cfg.validate()
+    ctx = _context(cfg, progress, comm)
+    inputs = ctx.comm.check(lambda: _read_inputs(ctx))
+    inputs.fingerprint = _agreed_fingerprint(ctx, inputs)
+    poses = _poses(ctx, inputs)
+    if isinstance(poses, Report):
+        return poses  # the output folder already holds this run, complete
+    inputs.model = None
+    _select_particles(ctx, inputs, poses)
+    refined_maps = _refine_shared(ctx, inputs, poses) if cfg.refine_iters > 0 else None
+    maps = _reconstruct(ctx, inputs, poses, refined_maps)
+    return ctx.comm.on_main(lambda: _judge_and_write(ctx, inputs, poses, maps))
+
+
+def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | None) -> _Context:
+    t_start = time.perf_counter()
+    comm = comm or Communicator.from_process_group()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.torch_device()
+    if comm.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device(rank_device("cuda", dist_env()))
+    return _Context(cfg, comm, device, progress if comm.is_main else None, t_start)
+
+
+def _read_inputs(ctx: _Context) -> _Inputs:
+    """Stages read and load_weights (on every rank)."""
+    particles, apix = _read_particles(ctx)
+    model, model_box, weights_info = _load_weights(ctx)
+    return _Inputs(particles, apix, model, model_box, weights_info)
+
+
+def _read_particles(ctx: _Context) -> tuple[ParticleSet, float]:
+    """Stage read: the particles, refused if they would be overwritten, are too few or differ in pixel size."""
+    cfg = ctx.cfg
+    with ctx.timer.stage("read"):
+        particles = read_particles(cfg.particles, cfg.project_dir)
+        refuse_overwriting_inputs(particles, ctx.out)
+        if len(particles) < cfg.views:
+            raise InputError(cfg.particles, None, f"{len(particles)} particles is fewer than --views {cfg.views}",
+                             f"use --views {max(4, len(particles))} or more particles")
+        apix_all = np.asarray(particles.apix, dtype=np.float64)
+        if not np.allclose(apix_all, apix_all[0], rtol=1e-4):
+            raise InputError(cfg.particles, "rlnImagePixelSize", "particles have different pixel sizes",
+                             "run one optics group (pixel size) at a time")
+    return particles, float(apix_all[0])
+
+
+def _load_weights(ctx: _Context) -> tuple[torch.nn.Module, int, dict]:
+    """Stage load_weights: the model, its box (checked against ``box``) and the weights' identity."""
+    cfg = ctx.cfg
+    with ctx.timer.stage("load_weights"):
+        weights_path = resolve_weights(cfg.weights)
+        model = load_weights(weights_path, device=ctx.device)
+        model_box = int(model.cfg.box)
+        if cfg.box is not None and cfg.box != model_box:
+            raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
+                             f"use --box {model_box} or weights trained at box {cfg.box}")
+        weights_info = weights_identity(weights_path)
+    return model, model_box, weights_info
+
+
+def _agreed_fingerprint(ctx: _Context, inputs: _Inputs) -> str:
+    """The fingerprint of inputs, weights and settings; every rank of a distributed run must see the same."""
+    fingerprint = run_fingerprint(ctx.cfg, inputs.particles, inputs.weights_info)
+    if ctx.comm.distributed and len(set(ctx.comm.gather(lambda: fingerprint))) > 1:
+        raise InputError(ctx.cfg.particles, None, "the processes of this distributed run see different inputs, "
+                         "weights or settings", "put particles, weights and --o on a file system that every node "
+                         "shares, and start every process with the same options")
+    return fingerprint
+
+
+def _poses(ctx: _Context, inputs: _Inputs) -> _Poses | Report:
+    """Stage poses: the complete run's report if ``out_dir`` already holds one, else the poses, resumed from
+    an interrupted run's saved estimate or estimated (on every rank) and saved for a resume."""
+    with ctx.timer.stage("poses"):
+        decision, payload = ctx.comm.on_main(lambda: decide_resume(ctx.out, inputs.fingerprint))
+        if decision == "done":
+            log.info("%s already holds a complete run with these inputs and settings: nothing to do", ctx.out)
+            return payload
+        if decision == "resume":
+            est = payload
+            log.info("resuming: feed-forward poses from an earlier run of this job")
+        else:
+            est = estimate_feed_forward(ctx.cfg, inputs.particles, inputs.model, inputs.model_box, ctx.device, ctx.progress,
+                            ctx.comm)
+            ctx.timer.timings["poses_reference_scoring"] = round(float(est["reference_scoring_s"]), 3)
+            ctx.comm.on_main(lambda: save_poses(poses_file(ctx.out), inputs.fingerprint, est))
+    return _Poses(est, decision == "resume", est["rotations"], est["shifts"], est["confidence"])
+
+
+
+
+
+
+        # np.savez appends .npz to names without it; the temp name keeps the suffix.
+
+
+def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
+    """Stage select: which particles are kept (``poses.keep``) and every particle's half set (``poses.half``)."""
+    with ctx.timer.stage("select"):
+        confidence = poses.confidence
+        keep = poses.keep = kept_by_confidence(ctx.cfg, confidence)
+        q10, q50, q90 = np.quantile(confidence, [0.1, 0.5, 0.9])
+        log.info("keeping %d of %d particles (confidence 0-1: median %.3f, 10-90%% %.3f-%.3f)", int(keep.sum()),
+                 len(keep), q50, q10, q90)
+        poses.half = half_sets(inputs.particles.half_set, len(inputs.particles), str(ctx.cfg.particles))
+
+
+def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
+    """Stage refine: every rank refines its own block of the kept particles, and every rank comes out with
+    the same refined poses and refinement's last ``(full, half1, half2)`` maps (each pass's accumulators and
+    poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`)."""
+    with ctx.timer.stage("refine"):
+        poses.rotations, poses.shifts, poses.refinement, maps = refine_kept(
+            ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, inputs.apix, ctx.device,
+            ctx.progress, ctx.comm)
+    return maps
+
+
+def _reconstruct(ctx: _Context, inputs: _Inputs, poses: _Poses, refined_maps: tuple | None) -> tuple | None:
+    """Stage reconstruct: rank 0's ``(full, half1, half2, freq, curve, resolution)`` (None on the other ranks).
+
+    ``refined_maps``: refinement's last maps, the same on every rank (see :func:`_refine_shared`), or None
+    without refinement."""
+    apix = inputs.apix
+    with ctx.timer.stage("reconstruct"):
+        if refined_maps is not None:
+            # Refinement's last pass already inserted every kept particle at its final pose into half-set
+            # accumulators like the ones below: reuse those maps instead of reading the particles again.
+            return ctx.comm.on_main(lambda: with_fsc(refined_maps, apix), share=False)
+        halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, apix,
+                                   ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
+        return ctx.comm.on_main(lambda: with_fsc(finalize_halves(halves), apix), share=False)
+
+
+def _judge_and_write(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> Report:
+    """Stages quality and write (rank 0): the verdict, the outputs, report.json, then the closing log lines."""
+    quality = _judge_poses(ctx, inputs, poses, maps)
+    report = _write_run(ctx, inputs, poses, maps, quality)
+    _log_verdict(report, quality)
+    return report
+
+
+def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> PoseQuality:
+    """Stage quality: the data-only verdict on the kept particles' poses against the half maps."""
+    _, half1, half2, *_ = maps
+    with ctx.timer.stage("quality"):
+        return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, (half1, half2),
+                              ctx.device)
+
+
+def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality) -> Report:
+    """Stage write: every output moved into place together, then report.json (with the fingerprint) last."""
+    full, half1, half2, freq, curve, res = maps
+    with ctx.timer.stage("write"):
+        outputs = write_outputs(ctx.out, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+                                 poses.confidence, poses.est, full, half1, half2, freq, curve, inputs.apix, quality)
+    ctx.timer.timings["total"] = round(time.perf_counter() - ctx.t_start, 3)
+    est, particles, weights_info = poses.est, inputs.particles, inputs.weights_info
+    report = Report(
+        version=__version__, settings=settings_of(ctx.cfg), weights=weights_info, n_particles=len(particles),
+        n_kept=int(poses.keep.sum()), reference=int(est["reference"]), flipped_chunks=int(est["flipped_chunks"]),
+        n_chunks=int(est["n_chunks"]), apix=inputs.apix, box=int(particles.box), model_box=inputs.model_box,
+        resolution_0143=None if quality.verdict == "failed" else float(res), timings_s=ctx.timer.timings,
+        refinement=poses.refinement, outputs=outputs + [REPORT], resumed_from_poses=poses.resumed,
+        processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"], refined=ctx.cfg.refine_iters > 0),
+        quality=quality.to_dict())
+    payload = json.loads(report.to_json())
+    payload["fingerprint"] = inputs.fingerprint
+    with atomic_output(ctx.out / REPORT) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    return report
+
+
+def _log_verdict(report: Report, quality: PoseQuality) -> None:
+    """The run's last log lines: the pose warning, the resolution (or why none), the pose-quality verdict."""
+    log.warning("%s", report.pose_warning)
+    log.info("%s", report.resolution_text)
+    for line in [*report.verdict_lines, *(f"  - {r}" for r in quality.reasons[1:])]:
+        (log.warning if quality.verdict != "ok" else log.info)("%s", line)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+

@@ -31,7 +31,7 @@ PROG = "cryofastar-cryosparc"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cryofastar_core.cli.run import add_job_arguments
+    from cryofastar_core.cli.job_flags import add_job_arguments
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, *, connect: Callable[[Credentials], obje
             flt = install_secret_filter(secrets)
             return _server(args, creds, connect)
         except CryoFastARError as exc:
-            from cryofastar_core.cli.run import CLI_NAMES
+            from cryofastar_core.cli.job_flags import CLI_NAMES
 
             exc = exc.renamed(CLI_NAMES)
             print(f"{PROG}: error: {redact(str(exc), secrets)}", file=sys.stderr)

@@ -39,7 +39,7 @@ def imported_modules(name: str, root: Path = PACKAGE_ROOT) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     own_package = name if is_package else name.rpartition(".")[0]
     targets: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _import_nodes(tree):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -66,6 +66,25 @@ def imported_modules(name: str, root: Path = PACKAGE_ROOT) -> set[str]:
             out.add(parent)
     out.discard(name)
     return out
+
+
+def _is_script_entry(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``: it runs after every import has finished, so no import in it can
+    take part in an import-order cycle."""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__" and any(isinstance(c, ast.Constant) and c.value == "__main__"
+                                                    for c in test.comparators))
+
+
+def _import_nodes(tree: ast.Module):
+    """Every import statement of a module, at any depth, except inside its script entry."""
+    todo = [n for n in tree.body if not _is_script_entry(n)]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        todo.extend(ast.iter_child_nodes(node))
 
 
 def import_graph(start: list[str], root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cryofastar_core.cli.main import build_parser
-from cryofastar_core.cli.run import CLI_NAMES, add_job_arguments, command_line_settings
+from cryofastar_core.cli.job_flags import CLI_NAMES, add_job_arguments, command_line_settings
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.job import JOB_OPTIONS, JobConfig
 from cryofastar_core.job.step_file import STEP_KEYS, build_job_config

@@ -113,7 +113,7 @@ def test_precedence_defaults_file_flags(sim_star, tmp_path):
     assert cfg.candidates == 64 and cfg.device == "auto"  # defaults
     # A bad value given as a flag is reported against the option (in the engine's name, which the
     # command line shows as its flag), not the file.
-    from cryofastar_core.cli.run import CLI_NAMES
+    from cryofastar_core.cli.job_flags import CLI_NAMES
 
     with pytest.raises(InputError) as err:
         build_job_config(step, {"views": 2})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryofastar_core.evaluation.against_truth import evaluate, format_report
 from cryofastar_core.cli.progress import terminal_progress
-from cryofastar_core.cli.run import add_job_arguments, job_config
+from cryofastar_core.cli.job_flags import add_job_arguments, job_config
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 from cryofastar_core.job import run
 

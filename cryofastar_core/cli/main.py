@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except CryoFastARError as exc:
-            from cryofastar_core.cli.run import CLI_NAMES
+            from cryofastar_core.cli.job_flags import CLI_NAMES
 
             exc = exc.renamed(CLI_NAMES)
             print(f"cryofastar {args.command}: error: {exc}", file=sys.stderr)

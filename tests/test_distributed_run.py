@@ -85,7 +85,13 @@ def test_two_ranks_equal_one_process_and_resume(sim_star, tiny_weights, tmp_path
     assert rep["processes"] == 2 and rep["n_particles"] == 200
     assert rep["reference"] == single.reference and rep["n_chunks"] == single.n_chunks
     assert rep["flipped_chunks"] == single.flipped_chunks
-    assert rep["resolution_0143"] == pytest.approx(single.resolution_0143, rel=1e-3)
+    # The same half maps give the same FSC curve and the same verdict. Not resolution_0143: on these tiny
+    # untrained weights the verdict may be "failed" (then no resolution is claimed, null), and whether it
+    # is depends on the install's numerics; the test is about the two runs agreeing.
+    fsc_one, fsc_two = (np.loadtxt(d / "fsc.tsv", skiprows=1) for d in (one, two))
+    np.testing.assert_allclose(fsc_two, fsc_one, atol=1e-3)
+    assert rep["quality"]["verdict"] == single.quality["verdict"]
+    assert (rep["resolution_0143"] is None) == (single.resolution_0143 is None)
     # Rank 0 alone wrote: one summary line on stdout, no staging left behind.
     assert proc.stdout.count("particles kept") == 1
     assert not list(two.glob(".cryofastar-staging-*"))

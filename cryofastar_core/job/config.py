@@ -33,8 +33,8 @@ class JobConfig:
                                    fix="use e.g. 4")
     weighting: str = option("confidence", "how each view's pose is fitted to the network's output: confidence "
                             "(each pixel weighted by its confidence) or uniform", choices=("confidence", "uniform"))
-    # On by default: the feed-forward poses alone are tens of degrees off, refined they reach 5 deg at
-    # SNR 1 (bench/README.md, "Refinement from wherever the model lands").
+    # On by default: the feed-forward poses alone are tens of degrees off and refinement brings them to a
+    # few degrees (bench/refine_benchmark.py; the results under bench/results/).
     refine_iters: int = option(3, "refinement iterations after the feed-forward poses and the global passes "
                                "(0: feed-forward poses only)", minimum=0,
                                fix="use 0 (off) or a small number such as 3")

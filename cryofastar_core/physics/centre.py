@@ -7,9 +7,8 @@ reference. Low-passing and a mask that follows the estimate keep the noise outsi
 pulling it; only positive density counts (protein is positive after the contrast sign and, with a CTF,
 phase flipping, which keeps the low frequencies' sign).
 
-Measured on the model ladder's draws (box 64, shifts within ±3 px, 8 samples per cell; a shift of 0
-would be off by 2.4 px): 0.04 px on clean images, 0.40–0.43 px at SNR 1 with CTF (phase-flipped),
-1.2–1.35 px at SNR 0.1; the line model's own shift output was off by 0.8, 2.4 and 2.5 px.
+How close it comes, against the line model's own shift output, is measured on the model ladder
+(``bench/model_accuracy.py`` reports both; tests/test_physics_centre.py checks the convention).
 """
 from __future__ import annotations
 

@@ -14,36 +14,11 @@ inserted; Friedel symmetry gives the other half at ``finalize``. ``finalize`` di
 half spectrum (one ``irfftn``), crops to ``D^3`` and divides by the real-space transform of the trilinear
 kernel (``sinc^2`` per axis, the gridding correction).
 
-Tried and measured, not used: Pipe-Menon iterative preweighting of the weights (RELION's default, 10
-iterations, Kaiser-Bessel blob r = 1.9 pad, alpha 15): worse FSC against the truth than the plain
-division at every tested size (box 32: 200-2000 particles; box 64: 60-1000 particles; e.g. box 32,
-2.5-3 um defocus, 1000 particles, shell 12: 0.985 vs 0.996) and ~0.6 s per iteration at box 128. The old
-real-space 2x padding of the images: 4x more samples to scatter, and the high-defocus failure above.
-
-Measured (noiseless data, FSC against the true map; 1 CPU thread on a 2-core machine shared with other
-jobs, load 3-4, so times are noisy):
-
-box 32, 3 A/px, ``cryofastar simulate`` + ``relion_reconstruct --ctf`` vs ours (shells 12 / 15 / 16 of 16):
-
-| defocus    | particles | relion_reconstruct    | ours                  |
-|------------|-----------|-----------------------|-----------------------|
-| 0.5-1.2 um | 2000      | 0.999 / 0.994 / 0.955 | 0.999 / 0.997 / 0.984 |
-| 2.5-3.0 um | 1000      | 0.990 / 0.969 / 0.935 | 0.995 / 0.981 / 0.966 |
-| 4.0-5.0 um | 1000      | 0.996 / 0.987 / 0.951 | 0.997 / 0.991 / 0.978 |
-
-``bench/bench_physics.py`` ``bench_vs_relion`` (``relion_project --ctf`` particles, 0.8-1.8 um, shifts up
-to 3 px; ours = read STAR + images, insert, finalize; FSC vs truth, min over shells 1..0.9 Nyquist / Nyquist;
-two runs at different load):
-
-| box | particles | relion_reconstruct | ours            | speed-up    | FSC RELION    | FSC ours      |
-|-----|-----------|--------------------|-----------------|-------------|---------------|---------------|
-| 64  | 1000      | 3.72 s / 2.68 s    | 0.84 s / 0.75 s | 4.4x / 3.6x | 0.999 / 0.929 | 0.998 / 0.851 |
-| 128 | 2000      | 18.9 s / 15.1 s    | 10.8 s / 5.6 s  | 1.8x / 2.7x | 0.999 / 0.926 | 0.999 / 0.836 |
-
-(Insertion 0.9 ms/image at box 64, 2.5-4.8 ms/image at box 128; finalize 0.09 s / 1.0-1.3 s.) The
-Nyquist shell of ``relion_project`` data comes out lower for us; ``relion_reconstruct`` soft-masks the
-map's corners; a soft sphere mask (radius D/2 - 3, 3 px edge) on our map lifts
-that shell from 0.851 to 0.897 at box 64 (no mask is applied here). On our simulator's data ours is the higher one (first table).
+Tried and not used: Pipe-Menon iterative preweighting of the weights (RELION's default), worse FSC
+against the truth than the plain division at every tested size, and slower; real-space 2x padding of the
+images. Accuracy and speed against ``relion_reconstruct``: ``bench/bench_physics.py`` (results in
+``bench/results/2026-11-24-backprojection.md``); tests/test_reconstruct_backproject.py and
+tests/test_relion_conventions.py hold the agreement with RELION.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Known-answer tests of :func:`cryofastar_core.inference.estimator.estimate_poses` (issue 15).
 
 The model is replaced by :class:`TruthModel`, which keeps the real model's output contract
-(:class:`~cryofastar_core.model.network.ModelOutput`: normalised polar FPMs ``(B, V, L, K, 3)`` on the line
+(:class:`~cryofastar_core.model.output.ModelOutput`: normalised polar FPMs ``(B, V, L, K, 3)`` on the line
 model's ``polar_grid``, confidences ``>= 1``) and returns the exact answer, computed from known rotations
 and shifts with the project's own :func:`~cryofastar_core.model.fpm.fpm_targets`. Each image carries
 its particle's index in a corner pixel, so the model knows which particles a pass holds, and a round
@@ -28,7 +28,7 @@ from cryofastar_core.inference.estimator import (EstimatorConfig, ViewPrediction
                                                  predict_views)
 from cryofastar_core.model.fpm import denormalize, fpm_targets, mirror_fpm, normalize
 from cryofastar_core.model.lines import polar_grid
-from cryofastar_core.model.network import ModelOutput
+from cryofastar_core.model.output import ModelOutput
 
 N = 40  # particles
 BOX = 32  # model box (pixels); shifts are returned in these pixels

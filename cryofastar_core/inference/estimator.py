@@ -19,7 +19,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,6 +115,11 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     forward pass holds exactly the images it would hold in one process), the results are gathered, and
     every rank returns the same complete estimate. ``progress`` then counts this rank's share times the
     number of ranks (an estimate of the whole).
+
+    The steps are the module docstring's: :func:`choose_reference`, :func:`pick_anchors`,
+    :func:`plan_chunks`, then :func:`predict_chunks` (with the hand check) on this rank's batches and
+    :func:`gather_chunks` across ranks. One generator (``cfg.seed``) draws, in this order, the
+    candidate/auxiliary split and the order of the remaining particles.
     """
     comm = comm or Communicator()
     if n_particles < cfg.views:
@@ -126,31 +131,113 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     aux = order[len(candidates): len(candidates) + n_aux]
     device = next(model.parameters()).device
 
-    # 1. Reference selection: each candidate with the same auxiliary set; candidate batches shared out.
-    cand_batches = [candidates[s: s + cfg.chunks_per_batch] for s in range(0, len(candidates), cfg.chunks_per_batch)]
+    choice = choose_reference(model, load, candidates, aux, cfg, comm, device)
+    anchors, anchor_rot = pick_anchors(choice.first, aux, cfg.anchors)
+    table = PoseTable.empty(n_particles)
+    table.keep_first_pass(choice.reference, aux, choice.first)
+    chunks = plan_chunks(rng, n_particles, choice.reference, aux, cfg)
+    result = PoseEstimate(table.rotations, table.shifts, table.confidence, table.residual, choice.reference, anchors,
+                          choice.scores.cpu().numpy(), n_chunks=len(chunks), reference_scoring_s=choice.seconds)
+    run = ChunkRun(chunks, np.concatenate([[choice.reference], anchors]), anchor_rot, int(table.done.sum()))
+    my_batches = chunk_batches(chunks, cfg.chunks_per_batch)[comm.rank:: comm.world_size]
 
-    def score_my_candidates() -> list[tuple[int, ViewPrediction]]:
-        mine = range(comm.rank, len(cand_batches), comm.world_size)
-        if not mine:
-            return []
-        aux_images = load(aux)
-        out = []
-        # Scoring takes seconds to minutes before the first particle is done: say how far it is.
-        log.info("scoring %d reference candidates, each one pass over %d views", len(candidates), cfg.views)
-        every = max(1, len(mine) // 4)
-        for k, b in enumerate(mine, start=1):
-            if k % every == 0 and k < len(mine):
-                log.info("reference candidates: %d of %d batches scored", k, len(mine))
-            idx = cand_batches[b]
-            ref_images = load(idx)
-            batch = torch.cat([ref_images[:, None], aux_images[None].expand(len(idx), -1, -1, -1)], dim=1)
-            pred = predict_views(model, batch, cfg.weighting)
-            out.append((b, _to_device(pred, "cpu") if comm.distributed else pred))
-        return out
+    def tick() -> None:
+        report_progress(progress, table, run.n_first, comm.world_size)
 
+    def run_mine() -> None:
+        tick()
+        predict_chunks(model, load, my_batches, run, table, cfg, tick)
+
+    if not comm.distributed:
+        run_mine()
+    else:
+        gather_chunks(comm, run_mine, run, table)
+        if progress:
+            progress("poses", int(table.done.sum()), n_particles)
+    assert table.done.all(), "every particle must receive a pose"
+    result.flipped_chunks = run.flipped
+    result.chunk_drift_deg = [run.drift[c] for c in sorted(run.drift)]
+    if result.flipped_chunks:
+        log.info("hand check: %d of %d chunks flipped to agree with the anchors", result.flipped_chunks, result.n_chunks)
+    return result
+
+
+# --- state shared by the steps --------------------------------------------------------------------
+@dataclass
+class PoseTable:
+    """Every particle's result so far, filled in pass by pass; ``done`` marks who has one."""
+
+    rotations: np.ndarray  # (N, 3, 3)
+    shifts: np.ndarray  # (N, 2)
+    confidence: np.ndarray  # (N,) confidence_score
+    residual: np.ndarray  # (N,)
+    done: np.ndarray  # (N,) bool
+
+    @classmethod
+    def empty(cls, n_particles: int) -> "PoseTable":
+        return cls(np.zeros((n_particles, 3, 3)), np.zeros((n_particles, 2)), np.zeros(n_particles),
+                   np.zeros(n_particles), np.zeros(n_particles, dtype=bool))
+
+    def keep(self, idx: np.ndarray, pred: ViewPrediction, sel: slice | np.ndarray) -> None:
+        """Store views ``sel`` of ``pred`` (per-view tensors ``(V, ...)``) as particles ``idx``."""
+        self.rotations[idx] = pred.rotation[sel].double().cpu().numpy()
+        self.shifts[idx] = pred.shift[sel].double().cpu().numpy()
+        self.confidence[idx] = confidence_score(pred.confidence[sel])
+        self.residual[idx] = pred.residual[sel].double().cpu().numpy()
+        self.done[idx] = True
+
+    def keep_first_pass(self, reference: int, aux: np.ndarray, first: ViewPrediction) -> None:
+        """The reference (identity: the frame is the reference's, by definition) and the auxiliary
+        particles ``aux`` ``(V-1,)`` from the winning pass ``first`` (views ``(V, ...)``)."""
+        self.keep(np.array([reference]), first, slice(0, 1))
+        self.rotations[reference] = np.eye(3)
+        self.keep(aux, first, slice(1, None))
+
+    def share(self) -> dict:
+        """The particles done here, as plain arrays for :meth:`Communicator.gather`."""
+        idx = np.flatnonzero(self.done)
+        return {"idx": idx, "rotations": self.rotations[idx], "shifts": self.shifts[idx],
+                "confidence": self.confidence[idx], "residual": self.residual[idx]}
+
+    def merge(self, share: dict) -> None:
+        """Take another rank's :meth:`share`."""
+        idx = share["idx"]
+        self.rotations[idx], self.shifts[idx] = share["rotations"], share["shifts"]
+        self.confidence[idx], self.residual[idx] = share["confidence"], share["residual"]
+        self.done[idx] = True
+
+
+@dataclass
+class ReferenceChoice:
+    """Step 1's outcome: the reference particle, its pass and every candidate's score."""
+
+    reference: int
+    first: ViewPrediction  # the winning pass: per view (V, ...), view 0 the reference
+    scores: torch.Tensor  # (K,) one per candidate
+    seconds: float  # wall time of the scoring
+
+
+@dataclass
+class ChunkRun:
+    """The chunk passes: the chunks (particle indices, new particles only), the particles every pass
+    starts with (``fixed``: reference then anchors), the anchors' first-pass rotations ``(A, 3, 3)``
+    and, per chunk number, the hand check's drift (degrees) and the number of chunks flipped."""
+
+    chunks: list[np.ndarray]
+    fixed: np.ndarray
+    anchor_rot: torch.Tensor
+    n_first: int  # particles posed by the first pass, before any chunk
+    drift: dict[int, float] = field(default_factory=dict)
+    flipped: int = 0
+
+
+# --- 1. reference selection -----------------------------------------------------------------------
+def choose_reference(model: torch.nn.Module, load: LoadFn, candidates: np.ndarray, aux: np.ndarray,
+                     cfg: EstimatorConfig, comm: Communicator, device: torch.device) -> ReferenceChoice:
+    """Score each candidate ``(K,)`` as the reference of a pass with the same auxiliary particles ``aux``
+    ``(V-1,)``; the best has high mean confidence and a low median auxiliary Kabsch residual."""
     t_scoring = time.perf_counter()
-    scored = sorted((item for part in comm.gather(score_my_candidates) for item in part), key=lambda t: t[0])
-    cand_pred = [p if not comm.distributed else _to_device(p, device) for _, p in scored]
+    cand_pred = score_candidates(model, load, candidates, aux, cfg, comm, device)
     conf = torch.cat([p.confidence for p in cand_pred])  # (K, V)
     resid = torch.cat([p.residual for p in cand_pred])
     scores = _standardise(conf.mean(1)) - _standardise(resid[:, 1:].median(1).values)
@@ -161,113 +248,139 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     scoring_s = time.perf_counter() - t_scoring
     log.info("reference particle %d chosen from %d candidates (mean confidence %.3f, %.1f s)", ref, len(candidates),
              float(confidence_score(conf[best]).mean()), scoring_s)
+    return ReferenceChoice(ref, first, scores, scoring_s)
 
-    # 2. Anchors: the most reliable auxiliary views of the winning pass.
+
+def score_candidates(model: torch.nn.Module, load: LoadFn, candidates: np.ndarray, aux: np.ndarray,
+                     cfg: EstimatorConfig, comm: Communicator, device: torch.device) -> list[ViewPrediction]:
+    """One forward pass per candidate, ``cfg.chunks_per_batch`` candidates a batch, the batches dealt
+    out to the ranks; every rank gets all predictions (each ``(b, V, ...)``) in batch order."""
+    cand_batches = [candidates[s: s + cfg.chunks_per_batch] for s in range(0, len(candidates), cfg.chunks_per_batch)]
+
+    def mine() -> list[tuple[int, ViewPrediction]]:
+        return score_candidate_batches(model, load, cand_batches, aux, cfg, comm)
+
+    scored = sorted((item for part in comm.gather(mine) for item in part), key=lambda t: t[0])
+    return [p if not comm.distributed else _to_device(p, device) for _, p in scored]
+
+
+def score_candidate_batches(model: torch.nn.Module, load: LoadFn, cand_batches: list[np.ndarray], aux: np.ndarray,
+                            cfg: EstimatorConfig, comm: Communicator) -> list[tuple[int, ViewPrediction]]:
+    """This rank's share of ``cand_batches``: ``(batch number, prediction)`` pairs (on the CPU when
+    distributed, for the gather)."""
+    mine = range(comm.rank, len(cand_batches), comm.world_size)
+    if not mine:
+        return []
+    aux_images = load(aux)
+    out = []
+    # Scoring takes seconds to minutes before the first particle is done: say how far it is.
+    log.info("scoring %d reference candidates, each one pass over %d views",
+             sum(len(c) for c in cand_batches), cfg.views)
+    every = max(1, len(mine) // 4)
+    for k, b in enumerate(mine, start=1):
+        if k % every == 0 and k < len(mine):
+            log.info("reference candidates: %d of %d batches scored", k, len(mine))
+        idx = cand_batches[b]
+        ref_images = load(idx)
+        batch = torch.cat([ref_images[:, None], aux_images[None].expand(len(idx), -1, -1, -1)], dim=1)
+        pred = predict_views(model, batch, cfg.weighting)
+        out.append((b, _to_device(pred, "cpu") if comm.distributed else pred))
+    return out
+
+
+# --- 2. anchors -----------------------------------------------------------------------------------
+def pick_anchors(first: ViewPrediction, aux: np.ndarray, n_anchors: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The ``n_anchors`` most reliable auxiliary views of the winning pass ``first`` (views ``(V, ...)``,
+    ``aux`` ``(V-1,)``): their particle indices ``(A,)`` and rotations ``(A, 3, 3)``, the frame every
+    chunk is checked against."""
     reliability = _standardise(first.confidence[1:]) - _standardise(first.residual[1:])
-    top = torch.argsort(reliability, descending=True)[: cfg.anchors].cpu().numpy()
-    anchors = aux[top]
-    anchor_rot = first.rotation[1:][top]  # (A, 3, 3), the frame every chunk is checked against
+    top = torch.argsort(reliability, descending=True)[: n_anchors].cpu().numpy()
+    return aux[top], first.rotation[1:][top]
 
-    rotations = np.zeros((n_particles, 3, 3))
-    shifts = np.zeros((n_particles, 2))
-    confidence = np.zeros(n_particles)
-    residual = np.zeros(n_particles)
-    done = np.zeros(n_particles, dtype=bool)
 
-    def keep(idx: np.ndarray, pred: ViewPrediction, sel: slice | np.ndarray) -> None:
-        rotations[idx] = pred.rotation[sel].double().cpu().numpy()
-        shifts[idx] = pred.shift[sel].double().cpu().numpy()
-        confidence[idx] = confidence_score(pred.confidence[sel])
-        residual[idx] = pred.residual[sel].double().cpu().numpy()
-        done[idx] = True
-
-    keep(np.array([ref]), first, slice(0, 1))
-    rotations[ref] = np.eye(3)  # the frame is the reference's, by definition
-    keep(aux, first, slice(1, None))
-    n_first = int(done.sum())
-
-    # 3. Chunks of new particles: everything not yet in the first pass.
-    rest = np.setdiff1d(np.arange(n_particles), np.concatenate([[ref], aux]), assume_unique=False)
+# --- 3. chunks and the hand check -----------------------------------------------------------------
+def plan_chunks(rng: np.random.Generator, n_particles: int, reference: int, aux: np.ndarray,
+                cfg: EstimatorConfig) -> list[np.ndarray]:
+    """Every particle not in the first pass, in ``rng``'s order, cut into chunks of
+    ``views - 1 - anchors`` (the last one may be shorter)."""
+    rest = np.setdiff1d(np.arange(n_particles), np.concatenate([[reference], aux]), assume_unique=False)
     rest = rng.permutation(rest)
     per_chunk = cfg.views - 1 - cfg.anchors
-    chunks = [rest[i: i + per_chunk] for i in range(0, len(rest), per_chunk)]
-    result = PoseEstimate(rotations, shifts, confidence, residual, ref, anchors, scores.cpu().numpy(), n_chunks=len(chunks),
-                          reference_scoring_s=scoring_s)
+    return [rest[i: i + per_chunk] for i in range(0, len(rest), per_chunk)]
 
-    def batches() -> Iterator[list[int]]:
-        """Chunk numbers per forward batch (chunks of equal size only)."""
-        group: list[int] = []
-        for c in range(len(chunks)):
-            if group and len(chunks[c]) != len(chunks[group[0]]):
-                yield group
-                group = []
-            group.append(c)
-            if len(group) == cfg.chunks_per_batch:
-                yield group
-                group = []
-        if group:
-            yield group
 
-    my_batches = list(batches())[comm.rank:: comm.world_size]
-    drift: dict[int, float] = {}
-    flipped = [0]
+def chunk_batches(chunks: list[np.ndarray], per_batch: int) -> list[list[int]]:
+    """Chunk numbers per forward batch: up to ``per_batch`` consecutive chunks of equal size."""
+    out: list[list[int]] = []
+    group: list[int] = []
+    for c in range(len(chunks)):
+        if group and len(chunks[c]) != len(chunks[group[0]]):
+            out.append(group)
+            group = []
+        group.append(c)
+        if len(group) == per_batch:
+            out.append(group)
+            group = []
+    if group:
+        out.append(group)
+    return out
 
-    def tick() -> None:
-        if progress:
-            mine = int(done.sum()) - n_first
-            progress("poses", min(n_particles, n_first + mine * comm.world_size), n_particles)
 
-    def run_my_chunks() -> None:
-        if not my_batches:
-            return
-        fixed = load(np.concatenate([[ref], anchors]))  # (1 + A, d, d), the same in every chunk
-        # Read and preprocess the next batch while the model runs on this one.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            it = iter(my_batches)
+def predict_chunks(model: torch.nn.Module, load: LoadFn, batches: list[list[int]], run: ChunkRun, table: PoseTable,
+                   cfg: EstimatorConfig, after_batch: Callable[[], None]) -> None:
+    """Forward ``batches`` (chunk numbers) as ``[reference] + anchors + new particles`` and keep the new
+    particles' poses in ``table``, hand-checked; ``after_batch()`` after each batch."""
+    if not batches:
+        return
+    fixed = load(run.fixed)  # (1 + A, d, d), the same in every chunk
+    # Read and preprocess the next batch while the model runs on this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it = iter(batches)
+        nxt = next(it, None)
+        pending = pool.submit(load, np.concatenate([run.chunks[c] for c in nxt])) if nxt is not None else None
+        while nxt is not None:
+            group, new_images = nxt, pending.result()
             nxt = next(it, None)
-            pending = pool.submit(load, np.concatenate([chunks[c] for c in nxt])) if nxt is not None else None
-            while nxt is not None:
-                group, new_images = nxt, pending.result()
-                nxt = next(it, None)
-                pending = pool.submit(load, np.concatenate([chunks[c] for c in nxt])) if nxt is not None else None
-                new_images = new_images.reshape(len(group), len(chunks[group[0]]), *new_images.shape[-2:])
-                batch = torch.cat([fixed[None].expand(len(group), -1, -1, -1), new_images], dim=1)
-                pred = predict_views(model, batch, cfg.weighting)
-                for b, c in enumerate(group):
-                    p = ViewPrediction(pred.rotation[b], pred.shift[b], pred.confidence[b], pred.residual[b])
-                    p, was_flipped, drift[c] = _align_hand(p, anchor_rot, cfg.anchors)
-                    flipped[0] += int(was_flipped)
-                    keep(chunks[c], p, slice(1 + cfg.anchors, None))
-                tick()
+            pending = pool.submit(load, np.concatenate([run.chunks[c] for c in nxt])) if nxt is not None else None
+            predict_chunk_group(model, fixed, new_images, group, run, table, cfg)
+            after_batch()
 
-    if not comm.distributed:
-        tick()
-        run_my_chunks()
-    else:
-        def my_share() -> dict:
-            tick()
-            run_my_chunks()
-            idx = np.flatnonzero(done)
-            return {"idx": idx, "rotations": rotations[idx], "shifts": shifts[idx], "confidence": confidence[idx],
-                    "residual": residual[idx], "flipped": flipped[0], "drift": drift}
 
-        shares = comm.gather(my_share)
-        drift, flipped[0] = {}, 0
-        for share in shares:
-            idx = share["idx"]
-            rotations[idx], shifts[idx] = share["rotations"], share["shifts"]
-            confidence[idx], residual[idx] = share["confidence"], share["residual"]
-            done[idx] = True
-            flipped[0] += share["flipped"]
-            drift.update(share["drift"])
-        if progress:
-            progress("poses", int(done.sum()), n_particles)
-    assert done.all(), "every particle must receive a pose"
-    result.flipped_chunks = flipped[0]
-    result.chunk_drift_deg = [drift[c] for c in sorted(drift)]
-    if result.flipped_chunks:
-        log.info("hand check: %d of %d chunks flipped to agree with the anchors", result.flipped_chunks, result.n_chunks)
-    return result
+def predict_chunk_group(model: torch.nn.Module, fixed: torch.Tensor, new_images: torch.Tensor, group: list[int],
+                        run: ChunkRun, table: PoseTable, cfg: EstimatorConfig) -> None:
+    """One forward pass over the chunks ``group`` (equal sizes ``n``): ``fixed`` ``(1 + A, d, d)``,
+    ``new_images`` ``(len(group) · n, d, d)``; each chunk is flipped to the anchors' hand if needed."""
+    new_images = new_images.reshape(len(group), len(run.chunks[group[0]]), *new_images.shape[-2:])
+    batch = torch.cat([fixed[None].expand(len(group), -1, -1, -1), new_images], dim=1)
+    pred = predict_views(model, batch, cfg.weighting)
+    for b, c in enumerate(group):
+        p = ViewPrediction(pred.rotation[b], pred.shift[b], pred.confidence[b], pred.residual[b])
+        p, was_flipped, run.drift[c] = _align_hand(p, run.anchor_rot, cfg.anchors)
+        run.flipped += int(was_flipped)
+        table.keep(run.chunks[c], p, slice(1 + cfg.anchors, None))
+
+
+def gather_chunks(comm: Communicator, run_mine: Callable[[], None], run: ChunkRun, table: PoseTable) -> None:
+    """Run this rank's chunks (``run_mine``), then take every rank's poses, flips and drifts, so every
+    rank holds the whole result."""
+    def my_share() -> dict:
+        run_mine()
+        return {**table.share(), "flipped": run.flipped, "drift": run.drift}
+
+    shares = comm.gather(my_share)
+    run.drift, run.flipped = {}, 0
+    for share in shares:
+        table.merge(share)
+        run.flipped += share["flipped"]
+        run.drift.update(share["drift"])
+
+
+def report_progress(progress: Progress | None, table: PoseTable, n_first: int, world_size: int) -> None:
+    """``progress("poses", ...)``: the first pass plus this rank's chunk particles times the ranks."""
+    if progress:
+        n_particles = len(table.done)
+        mine = int(table.done.sum()) - n_first
+        progress("poses", min(n_particles, n_first + mine * world_size), n_particles)
 
 
 def _to_device(pred: ViewPrediction, device: torch.device | str) -> ViewPrediction:

@@ -1,13 +1,16 @@
-"""Transformer building blocks: attention with 2D RoPE, MLP, encoder and decoder blocks.
+"""Transformer building blocks: attention with 2D RoPE, MLP, encoder and decoder blocks, and
+:func:`run_block`, the one place that decides whether a block runs under activation checkpointing.
 
 All blocks are pre-LayerNorm with residual connections. Attention uses
-``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available).
+``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available). Both model
+variants (:mod:`cryofastar_core.model.patch`, :mod:`cryofastar_core.model.lines`) build on these.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cryofastar_core.model.rope import NoRoPE, RoPE2D
 
@@ -150,3 +153,13 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args):
+    """``block(*args)``, under activation checkpointing when ``checkpointing`` is on and gradients
+    are being recorded (pass ``cfg.checkpointing and module.training``). Checkpointing saves memory
+    only: non-reentrant :func:`torch.utils.checkpoint.checkpoint` recomputes the same values in the
+    backward pass (RNG state preserved), so outputs and gradients do not change."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

@@ -18,7 +18,8 @@ TOKENS_PER_SIDE = 8  # T = 64 tokens per view at every box size: the patch side 
 
 @dataclass
 class ModelConfig:
-    """Architecture of :class:`~cryofastar_core.model.network.CryoFastAR`.
+    """Architecture of :class:`~cryofastar_core.model.patch.network.CryoFastAR` and
+    :class:`~cryofastar_core.model.lines.network.LineCryoFastAR`.
 
     ``box`` is the image side D in pixels, ``patch`` the ViT patch side p (``box % patch == 0``).
     ``xyz_grid_base``: the xyz heads predict a residual added to the planar grid ``ū/2 + 1/2``
@@ -27,15 +28,15 @@ class ModelConfig:
     ``checkpointing``: activation checkpointing of every transformer block during training.
 
     ``arch`` chooses the model class (:func:`cryofastar_core.model.factory.build_model`): ``"patch"``
-    (patch tokens, :class:`~cryofastar_core.model.network.CryoFastAR`) or ``"lines"``
+    (patch tokens, :class:`~cryofastar_core.model.patch.network.CryoFastAR`) or ``"lines"``
     (each view's 1D projections as tokens and a polar FPM,
-    :class:`~cryofastar_core.model.lines.LineCryoFastAR`). Line models use ``n_lines`` angles,
+    :class:`~cryofastar_core.model.lines.network.LineCryoFastAR`). Line models use ``n_lines`` angles,
     ``line_samples`` samples per line and ``line_radii`` FPM points per line. ``patch``,
     ``xyz_grid_base`` and ``denoise_head`` only concern the patch model. ``ctf_correction``
     (``"none"`` or ``"phase_flip"``) is how images are CTF-corrected before the model sees them, in
     training and inference alike (:func:`cryofastar_core.inference.preprocess.correct_ctf`).
     ``similarity_lag`` is a line-model option measured in the model card
-    (:func:`~cryofastar_core.model.lines.line_similarity`).
+    (:func:`~cryofastar_core.model.lines.decoder.line_similarity`).
     """
 
     box: int

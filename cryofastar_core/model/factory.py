@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from cryofastar_core.model.config import ModelConfig
-from cryofastar_core.model.lines import LineCryoFastAR
-from cryofastar_core.model.network import CryoFastAR
+from cryofastar_core.model.lines.network import LineCryoFastAR
+from cryofastar_core.model.patch.network import CryoFastAR
 
 MODELS: dict[str, type[nn.Module]] = {"patch": CryoFastAR, "lines": LineCryoFastAR}
 

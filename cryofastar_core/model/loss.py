@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cryofastar_core.model.fpm import mirror_fpm
-from cryofastar_core.model.network import ModelOutput
+from cryofastar_core.model.output import ModelOutput
 
 
 @dataclass

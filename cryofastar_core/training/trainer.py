@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import yaml
@@ -38,6 +38,9 @@ from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.training.config import StageConfig, TrainConfig
 from cryofastar_core.training.data import VALIDATION_STREAM, BatchSimulator, TrainingBatch, VolumeFTCache, VolumeSource
 from cryofastar_core.training.schedule import learning_rate, max_tilt_at, snr_at, stage_at, views_at
+
+if TYPE_CHECKING:
+    from cryofastar_core.model.loss import LossConfig
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,25 @@ class _Trainer:
 
     # --- main loop ----------------------------------------------------------------------------------
     def run(self, resume: bool, max_steps: int | None) -> TrainResult:
-        cfg, dist = self.cfg, self.dist
+        """Set up (or resume), then train step by step; after a step, on their schedules (:meth:`_due`),
+        log with validation and write a checkpoint. Exports the weights at the end."""
+        model, optimizer, step = self._start(resume)
+        ddp_model = self._parallel(model)
+        loop = self._begin_loop(model, step, max_steps)
+        while loop.step < loop.end:
+            info = self._train_step(model, ddp_model, optimizer, loop)
+            do_ckpt, do_val, do_log = self._due(loop.step, loop.end)
+            if do_log:
+                self._log_step(model, loop, info, do_val)
+            if do_ckpt:
+                self._checkpoint(model, optimizer, loop.step)
+            if do_log:
+                loop.interval = _Interval()  # after validation and checkpoint I/O, so views/s counts training only
+        return self._finish(model, loop)
+
+    def _start(self, resume: bool) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+        """Check the configuration, prepare the run folder, build the model and optimiser and, with
+        ``resume``, load the checkpoint (model, optimiser, RNG). Returns the step to start from."""
         self._check_config()
         if self.is_main:
             self._prepare_out_dir(resume)
@@ -182,12 +203,21 @@ class _Trainer:
             step = self._load_checkpoint(model, optimizer)
         if self.is_main:
             self._init_metrics(step, resume)
-        ddp_model = model
-        if dist.world_size > 1:
-            ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
-        from cryofastar_core.model import LossConfig, fpm_loss
+        return model, optimizer, step
 
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped in DDP when there are several ranks (the wrapper runs the training forward)."""
+        if self.dist.world_size > 1:
+            return nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        return model
+
+    def _begin_loop(self, model: nn.Module, step: int, max_steps: int | None) -> "_Loop":
+        """The loop's state from ``step`` to ``max_steps`` (capped at the schedule's end); TF32 on CUDA;
+        ``model`` in training mode."""
+        from cryofastar_core.model import LossConfig
+
+        cfg, dist = self.cfg, self.dist
         loss_cfg = LossConfig(**cfg.loss)
         total = cfg.total_steps
         end = total if max_steps is None else max(0, min(total, max_steps))
@@ -200,78 +230,96 @@ class _Trainer:
             log.info("training %s (%.2f M parameters) on %s x%d, steps %d -> %d of %d, run folder %s",
                      cfg.model.size, n_params / 1e6, self.dev, dist.world_size, step, end, total, self.out)
         model.train()
-        interval = _Interval()
-        last_loss = None
-        t_start = time.perf_counter()
-        views_per_s = None
-        first_step_of_process = True
-        while step < end:
-            pos = stage_at(cfg.stages, step)
-            stage = pos.stage
-            lr = learning_rate(stage, pos.local_step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            views = views_at(stage, cfg.seed, step)
-            snr = snr_at(stage, pos.local_step)
-            per_rank = stage.batch_size // dist.world_size
-            sim = BatchSimulator(self._source(stage, stage.split), cfg.box, self.dev)
-            batch = sim.make_batch(stage, seed=cfg.seed, step=step, first_sample=dist.rank * per_rank,
-                                   n_samples=per_rank, views=views, snr=snr,
-                                   max_tilt_deg=max_tilt_at(stage, pos.local_step),
-                                   ctf_correction=self._ctf_correction)
-            counter = _flop_counter() if first_step_of_process else None
-            with counter if counter is not None else _nullcontext():
-                with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out = ddp_model(batch.images)
-                loss, terms = fpm_loss(out, batch.targets(out.grid), batch.clean, loss_cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if counter is not None:
-                self._flops_per_view = counter.get_total_flops() / max(1, per_rank * views)
-            first_step_of_process = False
-            clip = cfg.optimizer.grad_clip
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
-            optimizer.step()
-            step += 1
-            interval.add({k: v for k, v in terms.items() if v.ndim == 0}, grad_norm.detach(),
-                         views * stage.batch_size)
+        return _Loop(step=step, end=end, total=total, use_bf16=use_bf16, loss_cfg=loss_cfg, interval=_Interval(),
+                     t_start=time.perf_counter())
 
-            at_end = step == end
-            do_ckpt = step % cfg.checkpoint_every == 0 or at_end
-            val_every = cfg.val_every or cfg.checkpoint_every
-            do_val = step % val_every == 0 or at_end
-            do_log = step % cfg.log_every == 0 or do_ckpt or do_val
-            if do_log:
-                means, gnorm, views_per_s = self._reduce_interval(interval)
-                last_loss = means.get("loss")
-                val = self._validate(model, stage, pos.index, use_bf16) if do_val and self.is_main else {}
-                if self.is_main:
-                    row = dict(step=step, stage=stage.name, views=views, snr="" if snr is None else _num(snr),
-                               ctf=int(stage.ctf), lr=_num(lr), **{k: _num(v) for k, v in means.items()},
-                               grad_norm=_num(gnorm), views_per_s=_num(views_per_s),
-                               tflops=_num(self._tflops(views_per_s)) if self._flops_per_view else "",
-                               elapsed_s=_num(time.perf_counter() - t_start), **val)
-                    self._write_row(row)
-                    log.info("step %d/%d [%s] V=%d snr=%s lr=%.2e loss=%.4f %s%.0f views/s%s%s", step, total,
-                             stage.name, views, "clean" if snr is None else f"{snr:.3g}", lr, last_loss,
-                             " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss") + " ",
-                             views_per_s, self._throughput_note(views_per_s),
-                             f" val_rot_err={val['val_rot_err_deg']:.2f} deg spread={val['val_spread']:.3f}" if val else "")
-            if do_ckpt:
-                if self.is_main:
-                    self._save_checkpoint(model, optimizer, step)
-                    self._plot()
-                self._barrier()
-            if do_log:
-                interval = _Interval()  # after validation and checkpoint I/O, so views/s counts training only
+    def _train_step(self, model: nn.Module, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
+                    loop: "_Loop") -> "_StepInfo":
+        """One optimiser step on this rank's share of the global batch of step ``loop.step`` (then
+        advanced by one). The first step of the process also counts the FLOPs per view."""
+        from cryofastar_core.model import fpm_loss
+
+        cfg, dist, step = self.cfg, self.dist, loop.step
+        pos = stage_at(cfg.stages, step)
+        stage = pos.stage
+        lr = learning_rate(stage, pos.local_step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        views = views_at(stage, cfg.seed, step)
+        snr = snr_at(stage, pos.local_step)
+        per_rank = stage.batch_size // dist.world_size
+        sim = BatchSimulator(self._source(stage, stage.split), cfg.box, self.dev)
+        batch = sim.make_batch(stage, seed=cfg.seed, step=step, first_sample=dist.rank * per_rank,
+                               n_samples=per_rank, views=views, snr=snr,
+                               max_tilt_deg=max_tilt_at(stage, pos.local_step),
+                               ctf_correction=self._ctf_correction)
+        counter = _flop_counter() if loop.first_step_of_process else None
+        with counter if counter is not None else _nullcontext():
+            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=loop.use_bf16):
+                out = ddp_model(batch.images)
+            loss, terms = fpm_loss(out, batch.targets(out.grid), batch.clean, loop.loss_cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if counter is not None:
+            self._flops_per_view = counter.get_total_flops() / max(1, per_rank * views)
+        loop.first_step_of_process = False
+        clip = cfg.optimizer.grad_clip
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
+        optimizer.step()
+        loop.step += 1
+        loop.interval.add({k: v for k, v in terms.items() if v.ndim == 0}, grad_norm.detach(),
+                          views * stage.batch_size)
+        return _StepInfo(stage=stage, stage_index=pos.index, lr=lr, views=views, snr=snr)
+
+    def _due(self, step: int, end: int) -> tuple[bool, bool, bool]:
+        """Whether a checkpoint, a validation and a log line are due after ``step`` steps: all at the
+        last step; a log line whenever either of the others runs."""
+        at_end = step == end
+        do_ckpt = step % self.cfg.checkpoint_every == 0 or at_end
+        val_every = self.cfg.val_every or self.cfg.checkpoint_every
+        do_val = step % val_every == 0 or at_end
+        do_log = step % self.cfg.log_every == 0 or do_ckpt or do_val
+        return do_ckpt, do_val, do_log
+
+    def _log_step(self, model: nn.Module, loop: "_Loop", info: "_StepInfo", do_val: bool) -> None:
+        """Average the interval's loss terms over the ranks and, on rank 0, validate (``do_val``) and
+        write the metrics row and the log line."""
+        means, gnorm, loop.views_per_s = self._reduce_interval(loop.interval)
+        loop.last_loss = means.get("loss")
+        val = self._validate(model, info.stage, info.stage_index, loop.use_bf16) if do_val and self.is_main else {}
+        if not self.is_main:
+            return
+        views_per_s, snr = loop.views_per_s, info.snr
+        row = dict(step=loop.step, stage=info.stage.name, views=info.views, snr="" if snr is None else _num(snr),
+                   ctf=int(info.stage.ctf), lr=_num(info.lr), **{k: _num(v) for k, v in means.items()},
+                   grad_norm=_num(gnorm), views_per_s=_num(views_per_s),
+                   tflops=_num(self._tflops(views_per_s)) if self._flops_per_view else "",
+                   elapsed_s=_num(time.perf_counter() - loop.t_start), **val)
+        self._write_row(row)
+        log.info("step %d/%d [%s] V=%d snr=%s lr=%.2e loss=%.4f %s%.0f views/s%s%s", loop.step, loop.total,
+                 info.stage.name, info.views, "clean" if snr is None else f"{snr:.3g}", info.lr, loop.last_loss,
+                 " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss") + " ",
+                 views_per_s, self._throughput_note(views_per_s),
+                 f" val_rot_err={val['val_rot_err_deg']:.2f} deg spread={val['val_spread']:.3f}" if val else "")
+
+    def _checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Rank 0 writes checkpoint.pt and redraws loss.png; every rank waits for it."""
+        if self.is_main:
+            self._save_checkpoint(model, optimizer, step)
+            self._plot()
+        self._barrier()
+
+    def _finish(self, model: nn.Module, loop: "_Loop") -> TrainResult:
+        """Rank 0 exports weights.pt and summary.json and closes TensorBoard; every rank waits for it."""
         weights_path = None
         if self.is_main:
-            weights_path = self._export(model, step, total)
-            self._write_summary(step, total, views_per_s)
+            weights_path = self._export(model, loop.step, loop.total)
+            self._write_summary(loop.step, loop.total, loop.views_per_s)
             if self._tb is not None:
                 self._tb.close()
         self._barrier()
-        return TrainResult(step, total, last_loss, weights_path, views_per_s,
+        views_per_s = loop.views_per_s
+        return TrainResult(loop.step, loop.total, loop.last_loss, weights_path, views_per_s,
                            self._tflops(views_per_s) if views_per_s and self._flops_per_view else None)
 
     # --- distributed helpers ------------------------------------------------------------------------
@@ -581,6 +629,33 @@ class _Interval:
         self.grad_norm = self.grad_norm.to(grad_norm.device) + grad_norm.double()
         self.n += 1
         self.views += views
+
+
+@dataclass
+class _Loop:
+    """The training loop's running state (one per call to :meth:`_Trainer.run`)."""
+
+    step: int  # global steps done
+    end: int  # stop here (``max_steps`` or the schedule's end)
+    total: int  # the schedule's length
+    use_bf16: bool
+    loss_cfg: LossConfig
+    interval: _Interval  # loss terms since the last log line
+    t_start: float
+    last_loss: float | None = None
+    views_per_s: float | None = None
+    first_step_of_process: bool = True  # FLOPs are counted on this step only
+
+
+@dataclass
+class _StepInfo:
+    """What the log line needs from the step just trained."""
+
+    stage: StageConfig
+    stage_index: int
+    lr: float
+    views: int
+    snr: float | None
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, dev: torch.device) -> None:

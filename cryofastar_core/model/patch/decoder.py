@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from cryofastar_core.model.blocks import AuxiliaryBlock, ReferenceBlock
+from cryofastar_core.model.blocks import AuxiliaryBlock, ReferenceBlock, run_block
 from cryofastar_core.model.config import ModelConfig
 from cryofastar_core.model.rope import RoPE2D
 
 
 class Decoder(nn.Module):
+    """``dec_depth`` pairs of View Integration (:class:`ReferenceBlock`) and View Update
+    (:class:`AuxiliaryBlock`) layers with 2D RoPE, then one LayerNorm per branch."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -43,14 +45,10 @@ class Decoder(nn.Module):
         rope = RoPE2D(self.cfg.dec_dim // self.cfg.dec_heads, self.cfg.grid, self.cfg.grid,
                       self.cfg.rope_base, device=x.device)
         rope_aux = rope.tile(v - 1) if v > 1 else None
-        use_ckpt = self.cfg.checkpointing and self.training and torch.is_grad_enabled()
+        use_ckpt = self.cfg.checkpointing and self.training
         for ref_block, aux_block in zip(self.ref_blocks, self.aux_blocks):
             context = aux.reshape(b, (v - 1) * t, -1) if v > 1 else None
-            ref = self._run(ref_block, use_ckpt, ref, context, rope, rope_aux)
+            ref = run_block(ref_block, use_ckpt, ref, context, rope, rope_aux)
             if v > 1:
-                aux = self._run(aux_block, use_ckpt, aux, ref, rope, rope_aux)
+                aux = run_block(aux_block, use_ckpt, aux, ref, rope, rope_aux)
         return self.ref_norm(ref), self.aux_norm(aux)
-
-    @staticmethod
-    def _run(block: nn.Module, use_ckpt: bool, *args):
-        return checkpoint(block, *args, use_reentrant=False) if use_ckpt else block(*args)

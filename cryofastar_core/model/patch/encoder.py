@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from cryofastar_core.model.blocks import EncoderBlock
+from cryofastar_core.model.blocks import EncoderBlock, run_block
 from cryofastar_core.model.config import ModelConfig
 from cryofastar_core.model.rope import RoPE2D
 
@@ -27,8 +26,5 @@ class Encoder(nn.Module):
         rope = RoPE2D(self.cfg.enc_dim // self.cfg.enc_heads, self.cfg.grid, self.cfg.grid,
                       self.cfg.rope_base, device=x.device)
         for block in self.blocks:
-            if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
+            x = run_block(block, self.cfg.checkpointing and self.training, x, rope)
         return self.norm(x)

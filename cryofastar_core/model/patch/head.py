@@ -14,7 +14,7 @@ class FPMHead(nn.Module):
 
     Output per pixel: 3 FPM coordinates and a confidence logit; with ``denoise`` also a denoised
     real-space image from a second linear. The final linears start at zero, so the head's first
-    output is exactly its base (see :class:`~cryofastar_core.model.network.CryoFastAR`).
+    output is exactly its base (see :class:`~cryofastar_core.model.patch.network.CryoFastAR`).
     """
 
     def __init__(self, dim: int, neck: int, patch: int, denoise: bool):

@@ -1,37 +1,21 @@
 """CryoFastAR: images of one particle set -> FPMs of every view in the reference view's frame."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from cryofastar_core.model.config import ModelConfig
-from cryofastar_core.model.decoder import Decoder
-from cryofastar_core.model.encoder import Encoder
 from cryofastar_core.model.fpm import normalize, planar_grid
-from cryofastar_core.model.heads import FPMHead
-
-MAX_CONF_LOGIT = 20.0  # C = 1 + exp(logit) stays finite in fp32 and its log well conditioned
-
-
-@dataclass
-class ModelOutput:
-    """``xyz`` ``(B, V, P1, P2, 3)`` normalised FPM ``X̃`` at the in-plane points ``grid``
-    ``(P1, P2, 3)`` (the dense ``D × D`` planar grid of a patch model, the polar ``L × K`` grid of a
-    line model; ``None`` means the planar grid); ``conf`` ``(B, V, P1, P2)`` = 1 + exp(logit) ≥ 1;
-    ``denoised`` ``(B, V, D, D)`` or ``None`` without a denoise head. View 0 is the reference."""
-
-    xyz: torch.Tensor
-    conf: torch.Tensor
-    denoised: torch.Tensor | None
-    grid: torch.Tensor | None = None
+from cryofastar_core.model.output import MAX_CONF_LOGIT, ModelOutput
+from cryofastar_core.model.patch.decoder import Decoder
+from cryofastar_core.model.patch.encoder import Encoder
+from cryofastar_core.model.patch.head import FPMHead
 
 
 class CryoFastAR(nn.Module):
     """The patch-token model: shared ViT encoder, reference/auxiliary decoder, one dense head
     per branch. Kept as the baseline of the model card's A/B; the shipped model is
-    :class:`~cryofastar_core.model.lines.LineCryoFastAR`."""
+    :class:`~cryofastar_core.model.lines.network.LineCryoFastAR`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -21,7 +21,7 @@ collapsed pose set cannot fake, each computed on at most ``max_particles`` parti
   collapsed pose set scores well on significance (every image resembles the mean image) but not here.
 * The half-map FSC at 0.143 is reported as a consistency figure only, never as evidence.
 
-Thresholds come from the calibration in ``bench/README.md`` (``bench/quality_calibration.py``):
+Thresholds come from the calibration of ``bench/quality_calibration.py`` (``bench/results/2026-12-05-quality-calibration.md``):
 simulated sets of known accuracy (ground truth, ground truth rotated by 5-60 degrees, random,
 collapsed, the shipped weights' poses). ``ok`` means usable as the start of a local refinement.
 """
@@ -57,7 +57,7 @@ class QualityConfig:
     coverage_bins: int = 100
     seed: int = 0
     batch_points: int = 1 << 20
-    # Verdict thresholds (bench/README.md, "Pose-quality calibration").
+    # Verdict thresholds (bench/results/2026-12-05-quality-calibration.md).
     fail_significance: float = 0.10
     fail_sharpness: float = 0.15
     fail_coverage: float = 0.35

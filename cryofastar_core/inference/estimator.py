@@ -11,7 +11,7 @@
 Rotations returned are internal rotations (image -> map frame) of a map whose frame is the reference
 particle's (the reference gets the identity); shifts are in model-box pixels, each image's own centroid
 (:func:`~cryofastar_core.physics.centre.centroid_shifts`: the map's origin at the molecule's centre of
-mass), which the model card measured far closer than the line model's shift output.
+mass), which the model ladder measures far closer (bench/model_accuracy.py) than the line model's shift output.
 """
 from __future__ import annotations
 

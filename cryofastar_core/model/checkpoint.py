@@ -18,7 +18,7 @@ from cryofastar_core.runtime.errors import WeightsError
 from cryofastar_core.model.config import ModelConfig
 from cryofastar_core.model.factory import build_model
 
-# Model options measured as dead ends and removed (model card, "Removed options"): files that
+# Model options measured as dead ends and removed (model card, "Weights files the loader refuses"; docs/model-history.md): files that
 # used them at their neutral value load; files trained with them on are refused by name.
 REMOVED_OPTIONS = {"head": "linear", "abs_pos": False, "ref_channel": False, "stem": "patch", "decoder": "reference",
                    "peer_attention": False}

@@ -35,7 +35,7 @@ class ModelConfig:
     ``xyz_grid_base`` and ``denoise_head`` only concern the patch model. ``ctf_correction``
     (``"none"`` or ``"phase_flip"``) is how images are CTF-corrected before the model sees them, in
     training and inference alike (:func:`cryofastar_core.inference.preprocess.correct_ctf`).
-    ``similarity_lag`` is a line-model option measured in the model card
+    ``similarity_lag`` is a line-model option measured in docs/model-history.md
     (:func:`~cryofastar_core.model.lines.decoder.line_similarity`).
     """
 

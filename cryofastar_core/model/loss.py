@@ -26,7 +26,7 @@ class LossConfig:
     enters the FPM terms (the denoise term always uses every view)."""
 
     alpha: float = 0.1
-    grid_weight: float = 0.0  # 10 stalled learning (model card, tests/test_model_learns.py); 0 disables
+    grid_weight: float = 0.0  # 10 stalled learning (docs/model-history.md, tests/test_model_learns.py); 0 disables
     denoise_weight: float = 1.0
     hand_invariant: bool = True
     include_reference: bool = True

@@ -6,7 +6,7 @@ so its centred 2D transform at ``(kx, ky)`` is ``V_hat(R (kx, ky, 0))``.
 Accuracy: the volume is zero-padded ``pad`` times (finer Fourier sampling) and pre-divided by the
 transform of the trilinear kernel, ``sinc^2`` per axis ("gridding correction"), so that trilinear
 interpolation of its transform is close to exact. At ``pad = 2`` the relative error against a cubic
-real-space projection is about 2e-2 (bench/README.md); the correction roughly halves it.
+real-space projection is small (bench/bench_physics.py; bench/results/2026-11-24-physics.md); the correction roughly halves it.
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ class StageConfig:
     max_tilt_start: float = 180.0
     max_tilt_end: float = 180.0
     # Fraction of samples drawn as rung 1 (clean, no CTF, no shifts) so a later rung keeps what the
-    # first taught: the shipped R4 segment without it fell back to chance on clean images (model card).
+    # first taught: the shipped R4 segment without it fell back to chance on clean images (docs/model-history.md).
     clean_fraction: float = 0.0
 
     def validate(self, path: str | Path | None, where: str) -> None:

@@ -368,7 +368,7 @@ class _Trainer:
         stage's hardest setting (views_max, snr_end, its CTF and shifts), seeded apart from training data.
 
         Held-out pseudo-molecules are left out: they validated 20-35 degrees better than real structures
-        (model card), so they hid what the ladder then showed."""
+        (docs/model-history.md), so they hid what the ladder then showed."""
         if index not in self._val_batches:
             split = stage.split if stage.volumes == "single" else "heldout"
             val_stage = dataclasses.replace(stage, clean_fraction=0.0,

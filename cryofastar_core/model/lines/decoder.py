@@ -29,7 +29,7 @@ def line_similarity(lines: torch.Tensor, max_lag: int = 0) -> torch.Tensor:
 
     ``max_lag`` > 0: channel 0 is the best similarity over cyclic lags of up to that many samples,
     so common lines still match when their views are shifted (an image shift ``t`` moves line θ by
-    ``t · u_θ``); with shifted images it learned better than zero lag (model card, "Design measurements").
+    ``t · u_θ``); with shifted images it learned better than zero lag (docs/model-history.md, "Design measurements").
     """
     b, v, n, s = lines.shape
     x = lines.float().reshape(b * v * n, 1, s)

@@ -4,7 +4,7 @@ Why lines: line ``θ`` of a view is the molecule's 1D marginal
 along the 3D direction ``R u_θ`` (:mod:`cryofastar_core.physics.line_transform`), so attention between the
 lines of two views is common-line matching, and an in-plane rotation of a view by one line step is a
 cyclic shift of its tokens. Patch tokens must learn that geometry from data; on our compute they
-did not (model card).
+did not (docs/model-history.md).
 
 Data flow, for ``B`` samples of ``V`` views (view 0 the reference):
 
@@ -17,7 +17,7 @@ Data flow, for ``B`` samples of ``V`` views (view 0 the reference):
 The similarity bias (:func:`~cryofastar_core.model.lines.decoder.line_similarity`,
 :class:`~cryofastar_core.model.lines.decoder.MatchBias`) hands the decoder's cross-view attention the
 common-line scores the physics gives for free: without it, or with all views attending to all (no
-reference bottleneck), a small model did not learn (model card, "Design measurements").
+reference bottleneck), a small model did not learn (docs/model-history.md, "Design measurements").
 
 The parts: :mod:`~cryofastar_core.model.lines.encoder`, :mod:`~cryofastar_core.model.lines.decoder`,
 :mod:`~cryofastar_core.model.lines.head`; this module joins them.

@@ -1,4 +1,4 @@
-"""The patch-token model (:class:`CryoFastAR`, ``arch: patch``), the baseline of the model card's A/B:
+"""The patch-token model (:class:`CryoFastAR`, ``arch: patch``), the baseline of the A/B in docs/model-history.md:
 a ViT encoder on image patches (``encoder``), the reference/auxiliary decoder (``decoder``), dense
 FPM heads (``head``) and the network that joins them (``network``)."""
 from cryofastar_core.model.patch.decoder import Decoder

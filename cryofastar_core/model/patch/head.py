@@ -1,6 +1,6 @@
 """Dense FPM heads of the patch model: decoder tokens -> per-pixel xyz, confidence logit and
 (optionally) a denoised image. A per-token linear writes every pixel of its p×p block independently
-(an affine per-token map was measured and removed: model card)."""
+(an affine per-token map was measured and removed: docs/model-history.md)."""
 from __future__ import annotations
 
 import torch

@@ -14,7 +14,7 @@ from cryofastar_core.model.patch.head import FPMHead
 
 class CryoFastAR(nn.Module):
     """The patch-token model: shared ViT encoder, reference/auxiliary decoder, one dense head
-    per branch. Kept as the baseline of the model card's A/B; the shipped model is
+    per branch. Kept as the baseline of the A/B in docs/model-history.md; the shipped model is
     :class:`~cryofastar_core.model.lines.network.LineCryoFastAR`."""
 
     def __init__(self, cfg: ModelConfig):

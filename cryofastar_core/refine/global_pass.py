@@ -1,9 +1,9 @@
 """A global pose assignment against a map: every particle scored at every orientation of a coarse grid.
 
-Refinement's local search (``refine.py``) only moves a pose a few degrees. Feed-forward poses that are
-tens of degrees off still give a map with the right low-resolution shape, so one global pass against
-that map, with the same CTF-aware, noise-whitened matched filter, brings poses within the grid's
-spacing; the local iterations then take over.
+Refinement's local search (:mod:`cryofastar_core.refine.passes`) only moves a pose a few degrees.
+Feed-forward poses that are tens of degrees off still give a map with the right low-resolution shape, so
+one global pass against that map, with the same CTF-aware, noise-whitened matched filter, brings poses
+within the grid's spacing; the local iterations then take over.
 
 The grid is the same for every particle (absolute orientations, not offsets from a pose), so the map is
 projected once per pass, ``J`` projections of ``P`` band samples, and every particle's scores are one

@@ -1,5 +1,6 @@
 """Integer balls of search offsets, shared by the local refinement (rotations and shifts, with each
-point's grid neighbours for the parabolic sub-grid peak) and the map registration (rotations)."""
+point's grid neighbours for the parabolic sub-grid peak), the global pass (shifts) and the map
+registration (rotations)."""
 from __future__ import annotations
 
 import math
@@ -29,3 +30,17 @@ def ball_grid(ndim: int, radius_steps: float) -> tuple[Tensor, Tensor]:
             h[:, a] += sgn
             nb[:, a, k] = lookup[((h + n + 1) * weights).sum(-1)]
     return g, nb
+
+
+def perturbation_grid(step_deg: float, radius_deg: float) -> Tensor:
+    """Rotation vectors ``(J, 3)`` (radians) on a cubic grid of spacing ``step_deg`` inside a ball of
+    ``radius_deg``; the identity comes first."""
+    g, _ = ball_grid(3, radius_deg / step_deg)
+    return torch.deg2rad(g.double() * step_deg)
+
+
+def shift_grid(step_px: float, radius_px: float) -> Tensor:
+    """Shift offsets ``(T, 2)`` (px) on a square grid of spacing ``step_px`` inside a disc of ``radius_px``;
+    zero first."""
+    g, _ = ball_grid(2, radius_px / step_px)
+    return g.double() * step_px

@@ -4,7 +4,7 @@ A particle's transform ``X`` is compared with a projection ``P`` of a half map o
 samples (half plane, ``1 <= |q| <= r_lim`` in shells of the input box; DC carries only the background
 level and Friedel symmetry makes the other half plane redundant), CTF-modulated and noise-whitened:
 ``score = Re sum_k conj(f c P) X e^{-2 pi i k.s} / N  /  sqrt(sum_k |f c P|^2 / N)`` (``c`` the CTF, ``f``
-an optional per-shell weight, ``N`` the images' radially averaged power; see ``refine.py``).
+an optional per-shell weight, ``N`` the images' radially averaged power; see :mod:`cryofastar_core.refine.driver`).
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ Steps, all server traffic through the seam :class:`plugin.server.CryoSPARCServer
 3. create an External job in the workspace, connect the input, mark it running;
 4. run :func:`cryofastar_core.job.run` on ``OUT/cryosparc_input/particles.cs`` (progress into the job log);
 5. save ``particles`` (slot ``alignments3D``, everything else passed through from the input) and
-   ``volume`` (``map``, ``map_half_A``, ``map_half_B``, uploaded into the job folder); log the FSC,
-   viewing-direction and confidence plots; mark the job completed.
+   ``volume`` (``map``, ``map_half_A``, ``map_half_B``, uploaded into the job folder); log the FSC
+   (captioned with the pose-quality verdict), viewing-direction and confidence plots; show the map's
+   projections as the job card's tile image; mark the job completed.
 
 Any failure after step 3 marks the External job failed with the reason (secrets redacted) and is
 re-raised. Nothing is ever written into the source job or the project folder except through the
@@ -45,6 +46,7 @@ VOLUME_OUTPUT = "volume"
 VOLUME_SLOTS = [{"name": "map", "dtype": "volume"}, {"name": "map_half_A", "dtype": "volume"},
                 {"name": "map_half_B", "dtype": "volume"}]
 VOLUME_FILES = {"map": "map.mrc", "map_half_A": "half1.mrc", "map_half_B": "half2.mrc"}
+TILE_FILE = "cryosparc_tile.png"  # the job card's picture, kept in the local work folder
 INPUT_DIR = "cryosparc_input"
 IMAGES = ("auto", "mounted", "stream")
 
@@ -155,6 +157,7 @@ def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
         saved = _save_particles(server, P, ext, out / "particles.cs", particles)
         map_paths = _save_volume(server, P, ext, out)
         _log_plots(server, P, ext, out, report)
+        server.set_tile_image(P, ext, write_tile_image(out / VOLUME_FILES["map"], out / TILE_FILE))
         job_log(f"outputs: '{PARTICLES_OUTPUT}' ({saved} particles, alignments3D + passthrough) and "
                 f"'{VOLUME_OUTPUT}' (map, half maps). Continue with Homogeneous Reconstruction Only, or Local "
                 "Refinement (with a mask), or use the map as the initial model of a Homogeneous/NU refinement.")
@@ -342,10 +345,35 @@ def _save_volume(server, project: str, job: str, out: Path) -> dict[str, str]:
     return paths
 
 
+def fsc_caption(report: Report) -> str:
+    """The FSC plot's line in the event log: the resolution (or why there is none) and the verdict."""
+    verdict = str(report.quality.get("verdict", "not assessed")).upper()
+    if report.resolution_0143 is None:
+        return f"Half-map FSC: consistency only, not a resolution (pose quality: {verdict})"
+    return f"Half-map FSC (0.143: {report.resolution_0143:.2f} Å; pose quality: {verdict})"
+
+
+def write_tile_image(map_path: Path, target: Path) -> Path:
+    """The job card's picture: the map projected along z, y and x, side by side, in grey (PNG)."""
+    from matplotlib.image import imsave
+
+    data, _ = read_map(map_path)
+    vol = np.asarray(data, dtype=np.float64)
+    panels = []
+    for axis in range(3):
+        proj = vol.sum(axis=axis)
+        lo, hi = np.percentile(proj, [1.0, 99.5])
+        panels.append(np.clip((proj - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0))
+    gap = np.ones((panels[0].shape[0], max(1, panels[0].shape[1] // 16)))
+    with atomic_output(target) as tmp:
+        imsave(tmp, np.hstack([panels[0], gap, panels[1], gap, panels[2]]), cmap="gray", vmin=0.0, vmax=1.0,
+               origin="lower", format="png")
+    return target
+
+
 def _log_plots(server, project: str, job: str, out: Path, report: Report) -> None:
     fsc_table = (out / "fsc.tsv").read_text() if (out / "fsc.tsv").is_file() else None
-    fsc_text = ("Half-map FSC: consistency only, not a resolution (pose quality failed)"
-                if report.resolution_0143 is None else f"Half-map FSC (0.143: {report.resolution_0143:.2f} Å)")
+    fsc_text = fsc_caption(report)
     plots = [("fsc.png", fsc_text, fsc_table),
              ("viewing_directions.png", "Viewing directions", None),
              ("confidence.png", "Per-particle confidence", None)]

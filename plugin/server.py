@@ -2,7 +2,9 @@
 
 :class:`CryoSPARCServer` is deliberately small and dumb: every method is one cryosparc-tools call,
 takes plain uids, and returns plain values or real ``cryosparc.dataset.Dataset`` objects. All logic lives
-in :mod:`plugin.connector`, so tests can replace this class with a recording fake and check exactly which calls are made.
+in :mod:`plugin.connector`, so tests can replace this class with a recording fake and check exactly which calls are made
+(tests/test_plugin.py). The calls themselves are checked through the real client in tests/test_plugin_live.py: a
+``CryoSPARC`` object whose ``httpx`` traffic goes to an in-process v5 instance built from the tools' own API stub.
 
 cryosparc-tools 4.x is refused (see :func:`check_tools_version`): its classes, ports and login
 (a license ID) differ, and it cannot be tested here without a 4.x server.
@@ -158,6 +160,10 @@ class CryoSPARCServer:
 
     def log_plot(self, project: str, job: str, image: Path, text: str, raw_data: str | None = None) -> None:
         self._job(project, job).log_plot(str(image), text, formats=["png"], raw_data=raw_data)
+
+    def set_tile_image(self, project: str, job: str, image: Path) -> None:
+        """Show the PNG ``image`` on the job's card in the workspace (new in cryosparc-tools 5.0)."""
+        self._job(project, job).set_tile_image(str(image))
 
     def stop(self, project: str, job: str, error: str = "") -> None:
         """Mark the job completed, or failed with ``error`` as the reason."""

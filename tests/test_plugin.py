@@ -206,6 +206,10 @@ class FakeServer:
         assert Path(image).is_file()
         self._rec("log_plot", project=project, job=job, image=Path(image).name, text=text, raw_data=raw_data)
 
+    def set_tile_image(self, project, job, image):
+        assert Path(image).read_bytes().startswith(b"\x89PNG")
+        self._rec("set_tile_image", project=project, job=job, image=Path(image).name)
+
     def stop(self, project, job, error=""):
         self._rec("stop", project=project, job=job, error=error)
 
@@ -301,7 +305,7 @@ def test_server_round_trip_exact_calls(cs_project, tiny_weights, tmp_path):
     assert result.external_job == EXT and result.image_source == "mounted"
     assert fake.names() == ["find_job", "load_output", "project_dir", "create_external_job", "connect_input", "start",
                             "add_output", "save_output", "upload_mrc", "upload_mrc", "upload_mrc", "add_output",
-                            "save_output", "log_plot", "log_plot", "log_plot", "stop"]
+                            "save_output", "log_plot", "log_plot", "log_plot", "set_tile_image", "stop"]
     calls = [kw for name, kw in fake.calls if name != "log"]
     assert calls[0] == {"project": PROJECT, "job": SOURCE}
     assert calls[1] == {"project": PROJECT, "job": SOURCE, "output": "particles", "slots": "all"}
@@ -322,7 +326,10 @@ def test_server_round_trip_exact_calls(cs_project, tiny_weights, tmp_path):
     assert calls[12] == {"project": PROJECT, "job": EXT, "name": "volume"}
     assert [c["image"] for c in calls[13:16]] == ["fsc.png", "viewing_directions.png", "confidence.png"]
     assert "frequency" in calls[13]["raw_data"]
-    assert calls[16] == {"project": PROJECT, "job": EXT, "error": ""}
+    verdict = json.loads((out / "report.json").read_text())["quality"]["verdict"]
+    assert f"pose quality: {verdict.upper()}" in calls[13]["text"]
+    assert calls[16] == {"project": PROJECT, "job": EXT, "image": "cryosparc_tile.png"}
+    assert calls[17] == {"project": PROJECT, "job": EXT, "error": ""}
 
     # The saved particles: only uid + alignments3D (the rest is passthrough), dtypes of CryoSPARC, values of the engine.
     saved = fake.saved["particles"]
@@ -351,7 +358,6 @@ def test_server_round_trip_exact_calls(cs_project, tiny_weights, tmp_path):
     assert any(kw["name"] == "progress_refine 3/3" for kw in logs), {kw["name"] for kw in logs}
     assert all(kw["job"] == EXT and kw["project"] == PROJECT for kw in logs)
     # The pose-quality verdict is the job log's last line, where the user looks.
-    verdict = json.loads((out / "report.json").read_text())["quality"]["verdict"]
     assert logs[-1]["text"].startswith(f"POSE QUALITY: {verdict.upper()}: ")
 
 

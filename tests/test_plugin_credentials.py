@@ -179,6 +179,7 @@ def test_the_seam_calls_cryosparc_tools_5_as_it_is_declared():
     bind(ExternalJobController.log, "text", level="text")
     bind(ExternalJobController.log, "text", level="text", name="progress")
     bind(ExternalJobController.log_plot, "fsc.png", "FSC", formats=["png"], raw_data="x")
+    bind(ExternalJobController.set_tile_image, "tile.png")
     bind(ExternalJobController.stop, "error")
     for attr in ("type", "status", "outputs"):  # properties; uid is set in __init__
         assert isinstance(getattr(JobController, attr), property), attr

@@ -104,7 +104,7 @@ def _text_clashes(boxes):
 @pytest.mark.parametrize("poses", ["uniform", "collapsed", "pole"])
 def test_viewing_direction_plot_text_does_not_overlap(tmp_path, monkeypatch, poses):
     # Realistic pose sets: 2,000 Haar-random rotations; 2,000 within a few degrees of one direction
-    # (a collapsed model: 6e4 particles per steradian); 50,000 around the pole (3e7, top of the map).
+    # (a collapsed model); 50,000 around the pole (the top of the map).
     # The old layout failed on all three: azimuth labels every 30° ran together ("-150°-120°").
     g = torch.Generator().manual_seed(1)
     n = {"uniform": 2000, "collapsed": 2000, "pole": 50000}[poses]
@@ -124,7 +124,7 @@ def test_viewing_direction_plot_text_does_not_overlap(tmp_path, monkeypatch, pos
     _is_png(plots.viewing_direction_plot(R, tmp_path / "dirs.png"))
     texts = [b[0] for b in boxes]
     assert f"viewing directions (N = {n})" in texts and "azimuth (RELION rot)" in texts
-    assert any(t.startswith("particles per steradian") for t in texts)
+    assert any(t.startswith("particles per cell / uniform expectation") for t in texts)
     assert len(boxes) > 10  # the tick labels are among them
     clashes = _text_clashes(boxes)
     assert not clashes, f"overlapping text in the viewing-direction plot: {clashes}"

@@ -124,32 +124,37 @@ def viewing_directions(rotations) -> tuple[np.ndarray, np.ndarray]:
     return azimuth, elevation
 
 
-def viewing_direction_plot(rotations, path: str | os.PathLike, bins: tuple[int, int] = (72, 36),
-                           title: str | None = None) -> Path:
-    """Mollweide map of projection directions, coloured by particles per steradian.
+def equal_area_cells(n_particles: int, per_cell: float = 10.0) -> tuple[int, int]:
+    """``(n_azimuth, n_elevation)`` cells for a viewing-direction map: about ``per_cell`` particles per cell
+    for a uniform set (fewer cells make counts of a few particles read as structure), at least 12 x 6 and
+    at most 72 x 36; twice as many azimuth as elevation cells, so the cells are about square on the map."""
+    n_el = int(np.clip(round(math.sqrt(max(n_particles, 1) / per_cell / 2)), 6, 36))
+    return 2 * n_el, n_el
 
-    Bins are equal in azimuth and elevation; counts are divided by each bin's solid angle so a
-    uniform distribution of directions looks flat.
+
+def viewing_direction_plot(rotations, path: str | os.PathLike, bins: tuple[int, int] | None = None,
+                           title: str | None = None) -> Path:
+    """Mollweide map of projection directions on equal-area cells, coloured by particles per cell over
+    what a uniform set would put there (1 everywhere for uniform directions).
+
+    Cells are equal in azimuth and in ``sin(elevation)``, so each covers the same solid angle: a uniform
+    set looks flat, with no bright specks at the poles (thin polar bins divided by their small solid angle
+    did that). ``bins`` = ``(n_azimuth, n_elevation)``; default :func:`equal_area_cells`.
     """
     az, el = viewing_directions(rotations)
-    n_az, n_el = bins
+    n_az, n_el = bins or equal_area_cells(az.size)
     az_edges = np.linspace(-math.pi, math.pi, n_az + 1)
-    el_edges = np.linspace(-math.pi / 2, math.pi / 2, n_el + 1)
+    el_edges = np.arcsin(np.linspace(-1.0, 1.0, n_el + 1))
     counts, _, _ = np.histogram2d(az, el, bins=(az_edges, el_edges))
-    solid = np.outer(np.diff(az_edges), np.diff(np.sin(el_edges)))
-    density = counts / solid
-    # Large densities print as long or offset ("1e6") colour-bar labels: the power of ten goes
-    # into the colour-bar label instead, so the tick labels stay short.
-    peak = float(density.max()) if density.size else 0.0
-    exponent = int(math.floor(math.log10(peak))) if peak >= 1e4 else 0
-    scale = 10.0 ** exponent
+    expected = max(az.size, 1) / (n_az * n_el)
+    ratio = counts / expected
     fig = plt.figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.add_subplot(111, projection="mollweide")
-    mesh = ax.pcolormesh(az_edges, el_edges, density.T / scale, cmap="viridis", shading="flat")
-    unit = "particles per steradian" + (f" (×10$^{{{exponent}}}$)" if exponent else "")
-    cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.6, aspect=30, pad=0.02, label=unit)
+    vmax = max(2.0, float(np.quantile(ratio, 0.99))) if ratio.size else 2.0
+    mesh = ax.pcolormesh(az_edges, el_edges, ratio.T, cmap="viridis", shading="flat", vmin=0.0, vmax=vmax)
+    cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.6, aspect=30, pad=0.02,
+                      label=f"particles per cell / uniform expectation ({expected:.1f} per cell; equal-area cells)")
     cb.ax.xaxis.set_major_locator(MaxNLocator(5))
-    cb.ax.xaxis.get_major_formatter().set_useOffset(False)
     cb.ax.tick_params(labelsize=8)
     # The default 30°/15° grid crowds its labels into each other and into the title: label every
     # 60° of azimuth (drawn along the equator, over the data: white with a dark outline) and every

@@ -4,8 +4,8 @@ RELION 3.1 reads the integer column ``rlnPipeLineNodeType``; 4.0 and 5.0 read th
 ``rlnPipeLineNodeTypeLabel``, with different particle labels in 4.0 and 5.0, and 5.0 does not convert
 4.0 labels in this file. 3.1 only warns about the label column and 4.0/5.0 ignore the integer one, so we
 always write both and choose the label by the version detected from the project's
-``default_pipeline.star``. ``tests/test_relion_external_pipeline.py`` checks that RELION 3.1 takes our nodes
-into its pipeline; 4.0 and 5.0 are untested.
+``default_pipeline.star``. ``tests/test_relion_external_pipeline.py`` checks that RELION 3.1, 4.0 and 5.0 each
+take our nodes into their pipeline with the type they expect.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ with nothing after the flag when the value is empty, the additional arguments ar
 any command containing ``relion_`` gets ``--pipeline_control <dir>`` (``--pipeline-control`` in 5.0)
 appended. So the parser is hand-written: every flag is accepted, a flag's value is the next token unless
 that token is another flag, and flags we do not know are kept in :attr:`ExternalArgs.unknown` for a
-warning, never an error. ``tests/test_relion_external_pipeline.py`` runs the job from RELION 3.1's own
-pipeliner; the 4.0 and 5.0 forms are untested.
+warning, never an error. ``tests/test_relion_external_pipeline.py`` runs the job from the own pipeliner of
+RELION 3.1, 4.0 and 5.0.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cryofastar_core.io as cio
-import cryofastar_core.evaluation.plots as plots
+import cryofastar_core.reconstruct.from_particles as from_particles
 from cryofastar_core.cli.main import main
 from cryofastar_core.reconstruct.from_particles import ReconstructConfig, reconstruct_particles as reconstruct
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
@@ -93,9 +93,9 @@ def test_sign_is_applied(tmp_path, noiseless_set, monkeypatch):
         p.sign = -np.ones(len(p), dtype=np.float32)
         return p
 
-    monkeypatch.setattr(cio, "read_particles", read_negative)
+    monkeypatch.setattr(from_particles, "read_particles", read_negative)
     reconstruct(ReconstructConfig(particles=star, out_dir=tmp_path / "neg", threads=1))
-    monkeypatch.setattr(cio, "read_particles", real_read)
+    monkeypatch.setattr(from_particles, "read_particles", real_read)
     reconstruct(ReconstructConfig(particles=noiseless_set, out_dir=tmp_path / "pos", threads=1))
     a, b = cio.read_map(tmp_path / "neg" / "map.mrc")[0], cio.read_map(tmp_path / "pos" / "map.mrc")[0]
     np.testing.assert_allclose(a, b, atol=1e-4 * float(np.abs(b).max()))
@@ -121,7 +121,7 @@ def test_failure_writes_nothing(tmp_path, noiseless_set, monkeypatch):
     def broken_plot(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(plots, "fsc_plot", broken_plot)
+    monkeypatch.setattr(from_particles, "fsc_plot", broken_plot)
     with pytest.raises(RuntimeError, match="plot failed"):
         reconstruct(ReconstructConfig(particles=noiseless_set, out_dir=tmp_path / "o", threads=1))
     assert _listing(tmp_path / "o") == []

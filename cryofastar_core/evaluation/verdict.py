@@ -121,23 +121,56 @@ def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     R_all = torch.as_tensor(np.asarray(rotations), dtype=torch.float64)
     s_all = torch.as_tensor(np.asarray(shifts), dtype=torch.float64)
     half = np.asarray(half_set)
-    n = R_all.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
-    pick = np.sort(torch.randperm(n, generator=gen)[: min(n, cfg.max_particles)].numpy())
+    pick = _sample_particles(R_all.shape[0], cfg.max_particles, gen)
+    maps, res_0143 = _masked_half_maps(half_maps, apix, dev)
+    band, refs = _match_references(maps, cfg, dev)
+    perturb = _trial_rotations(cfg, gen)
+    scores = _score_poses(load_images, ctf, apix, R_all, s_all, half, pick, band, refs, perturb, cfg, dev)
+    significance, sharpness = _pose_figures(scores, cfg)
+    coverage = viewing_coverage(R_all[torch.as_tensor(pick)], cfg.coverage_bins)
+    return _pose_quality(significance, sharpness, coverage, res_0143, len(pick), cfg)
 
+
+def _sample_particles(n: int, max_particles: int, gen: torch.Generator) -> np.ndarray:
+    """Sorted indices of at most ``max_particles`` of the ``n`` particles, drawn from ``gen``."""
+    return np.sort(torch.randperm(n, generator=gen)[: min(n, max_particles)].numpy())
+
+
+def _masked_half_maps(half_maps: tuple[Tensor, Tensor], apix: float,
+                      dev: torch.device) -> tuple[list[Tensor], float]:
+    """The half maps under a soft spherical mask (on ``dev``, float32) and their FSC 0.143 resolution (Å)."""
     D = int(half_maps[0].shape[-1])
     mask = soft_sphere_mask(D, 0.45 * D - 3.0, 3.0, device=dev)
     maps = [m.to(dev, torch.float32) * mask for m in half_maps]
     freq, curve = fsc(maps[0], maps[1])
-    res_0143 = resolution_at(freq, curve, apix, 0.143)
+    return maps, resolution_at(freq, curve, apix, 0.143)
+
+
+def _match_references(maps: list[Tensor], cfg: QualityConfig, dev: torch.device) -> tuple[FourierBand, list[Tensor]]:
+    """The Fourier band matched in (up to ``cfg.match_resolution_px``) and each masked half map prepared for
+    projection within it."""
+    D = int(maps[0].shape[-1])
     band = FourierBand(D, max(2.0, D / cfg.match_resolution_px), dev)
     refs = [prepare_volume(fourier_crop_volume(m, band.crop)) for m in maps]
+    return band, refs
 
-    perturb = torch.cat([torch.eye(3, dtype=torch.float64)[None],
-                         random_rotations(cfg.random_poses, generator=gen, dtype=torch.float64),
-                         rotations_at_angle(cfg.near_poses, cfg.near_deg, gen)])
+
+def _trial_rotations(cfg: QualityConfig, gen: torch.Generator) -> Tensor:
+    """The rotations each particle's own pose is scored under: the identity (its own pose), then
+    ``cfg.random_poses`` Haar-random ones, then ``cfg.near_poses`` at ``cfg.near_deg``, drawn from ``gen``."""
+    return torch.cat([torch.eye(3, dtype=torch.float64)[None],
+                      random_rotations(cfg.random_poses, generator=gen, dtype=torch.float64),
+                      rotations_at_angle(cfg.near_poses, cfg.near_deg, gen)])
+
+
+def _score_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float, R_all: Tensor,
+                 s_all: Tensor, half: np.ndarray, pick: np.ndarray, band: FourierBand, refs: list[Tensor],
+                 perturb: Tensor, cfg: QualityConfig, dev: torch.device) -> Tensor:
+    """Matched-filter scores ``(len(pick), len(perturb))`` of the picked particles at their poses times each
+    of ``perturb``, every particle against the map of the other half set, in chunks of 512."""
     E = torch.ones(band.kx.numel(), 1, dtype=torch.complex64, device=dev)  # the particle's own shift only
-    spectrum = PowerSpectrum(D, dev)
+    spectrum = PowerSpectrum(band.box, dev)
     scores = torch.empty(len(pick), perturb.shape[0], dtype=torch.float64)
     chunk = 512
     for start in range(0, len(pick), chunk):
@@ -155,7 +188,11 @@ def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
             sc = candidate_scores(other, band, X[torch.as_tensor(sel, device=dev)], R_all[gi], s_all[gi], perturb, E,
                                   w, None if ctf is None else ctf.index(gi.to(dev)), apix, cfg.batch_points)
             scores[start + sel] = sc[..., 0].double().cpu()
+    return scores
 
+
+def _pose_figures(scores: Tensor, cfg: QualityConfig) -> tuple[float, float]:
+    """Significance against the random poses and sharpness against the near ones (module docstring)."""
     own = scores[:, 0]
     rand = scores[:, 1:1 + cfg.random_poses]
     near = scores[:, 1 + cfg.random_poses:]
@@ -163,13 +200,18 @@ def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     beats_all = float((own[:, None] > rand).all(-1).double().mean())
     significance = (beats_all - chance) / (1 - chance)
     sharpness = 2.0 * float((own[:, None] > near).double().mean()) - 1.0
-    coverage = viewing_coverage(R_all[torch.as_tensor(pick)], cfg.coverage_bins)
+    return significance, sharpness
+
+
+def _pose_quality(significance: float, sharpness: float, coverage: float, res_0143: float, n_scored: int,
+                  cfg: QualityConfig) -> PoseQuality:
+    """The verdict on the figures, with the figures (rounded) and the thresholds it was judged by."""
     verdict, reasons = _verdict(significance, sharpness, coverage, cfg)
     thresholds = {k: getattr(cfg, k) for k in ("fail_significance", "fail_sharpness", "fail_coverage",
                                                 "ok_significance", "ok_sharpness", "ok_coverage")}
     return PoseQuality(verdict=verdict, reasons=reasons, significance=round(significance, 4),
                        sharpness=round(sharpness, 4), coverage=round(coverage, 4), half_map_fsc_0143_A=res_0143,
-                       n_particles_scored=len(pick), thresholds=thresholds)
+                       n_particles_scored=n_scored, thresholds=thresholds)
 
 
 def _verdict(significance: float, sharpness: float, coverage: float, cfg: QualityConfig) -> tuple[str, list[str]]:

@@ -59,6 +59,19 @@ def read_cs_particles(path: Path, project_dir: Path | None = None) -> ParticleSe
     if n == 0:
         raise InputError(path, None, "the .cs file holds no particles", "give a particle .cs with at least one row")
     fields = set(ds.fields())
+    apix = _blob_pixel_size(path, ds, fields)
+    image_files, file_index, slice_index, box = _locate_images(path, ds, fields, project_dir)
+    ctf = _read_ctf(path, ds, fields) if "ctf/df1_A" in fields else None
+    rotations, shifts, half_set = _read_alignments(path, ds, fields, apix)
+    sign = np.asarray(ds["blob/sign"], dtype=np.float64) if "blob/sign" in fields else np.ones(n)
+    return ParticleSet(source=path, source_format="cryosparc", image_files=[Path(p) for p in image_files],
+                       file_index=file_index, slice_index=slice_index, apix=apix, box=box, ctf=ctf,
+                       rotations=rotations, shifts=shifts, half_set=half_set, sign=sign,
+                       table=dataset_frame(ds), optics=None, dataset=ds, project_dir=project_dir)
+
+
+def _blob_pixel_size(path: Path, ds: Dataset, fields: set[str]) -> np.ndarray:
+    """The per-particle pixel size ``blob/psize_A`` (Å/px), after checking that the blob slot locates the images."""
     for f in ("blob/path", "blob/idx"):
         if f not in fields:
             raise InputError(path, f, "field is missing, so the particle images cannot be found",
@@ -68,7 +81,13 @@ def read_cs_particles(path: Path, project_dir: Path | None = None) -> ParticleSe
     apix = np.asarray(ds["blob/psize_A"], dtype=np.float64)
     if not (np.isfinite(apix) & (apix > 0)).all():
         raise InputError(path, "blob/psize_A", "pixel size is not a positive number", "fix the blob slot")
+    return apix
 
+
+def _locate_images(path: Path, ds: Dataset, fields: set[str],
+                   project_dir: Path | None) -> tuple[pd.Index, np.ndarray, np.ndarray, int]:
+    """The image stacks ``blob/path`` names (resolved), each particle's stack and 0-based slice, and the
+    common box size, after checking the stacks' headers (and ``blob/shape``, where given) against the table."""
     names = [strip_cryosparc_prefix(p) for p in _strings(ds["blob/path"])]
     codes, uniques = pd.factorize(pd.Series(names))
     # CryoSPARC keeps .cs files in <project>/Jnn/, so the file's grandparent is the project folder.
@@ -79,34 +98,51 @@ def read_cs_particles(path: Path, project_dir: Path | None = None) -> ParticleSe
     slice_index = np.asarray(ds["blob/idx"], dtype=np.int64)
     box = check_stacks(path, "blob/idx", [Path(p) for p in image_files], file_index, slice_index)
     if "blob/shape" in fields:
-        shape = np.asarray(ds["blob/shape"]).reshape(n, -1)
+        shape = np.asarray(ds["blob/shape"]).reshape(len(ds), -1)
         if (shape != box).any():
             raise InputError(path, "blob/shape", f"blob/shape {shape[np.argmax((shape != box).any(1))].tolist()} "
                              f"does not match the stacks' box {box}", "fix blob/shape or re-extract")
+    return image_files, file_index, slice_index, box
 
-    ctf = None
-    if "ctf/df1_A" in fields:
-        def get(f: str, default: float | None = None, scale: float = 1.0) -> np.ndarray:
-            if f in fields:
-                return np.asarray(ds[f], dtype=np.float64) * scale
-            if default is None:
-                raise InputError(path, f, "defocus is given but this CTF parameter is missing",
-                                 "give a .cs with the complete ctf slot")
-            return np.full(n, default)
-        ctf = {"defocus_u": get("ctf/df1_A"),
-               "defocus_v": get("ctf/df2_A") if "ctf/df2_A" in fields else get("ctf/df1_A"),
-               "defocus_angle": get("ctf/df_angle_rad", 0.0, 180 / np.pi), "voltage": get("ctf/accel_kv"),
-               "cs": get("ctf/cs_mm"), "amplitude_contrast": get("ctf/amp_contrast"),
-               "phase_shift": get("ctf/phase_shift_rad", 0.0, 180 / np.pi), "bfactor": get("ctf/bfactor", 0.0),
-               "scale": get("ctf/scale", 1.0)}
-        for k, v in ctf.items():
-            if not np.isfinite(v).all():
-                raise InputError(path, k, "CTF parameter is NaN", "fix the ctf slot")
 
+def _read_ctf(path: Path, ds: Dataset, fields: set[str]) -> dict[str, np.ndarray]:
+    """The ctf slot as :class:`ParticleSet` CTF parameters (Å, degrees, kV, mm); every value finite."""
+    ctf = {"defocus_u": _ctf_field(path, ds, fields, "ctf/df1_A"),
+           "defocus_v": (_ctf_field(path, ds, fields, "ctf/df2_A") if "ctf/df2_A" in fields
+                         else _ctf_field(path, ds, fields, "ctf/df1_A")),
+           "defocus_angle": _ctf_field(path, ds, fields, "ctf/df_angle_rad", 0.0, 180 / np.pi),
+           "voltage": _ctf_field(path, ds, fields, "ctf/accel_kv"),
+           "cs": _ctf_field(path, ds, fields, "ctf/cs_mm"),
+           "amplitude_contrast": _ctf_field(path, ds, fields, "ctf/amp_contrast"),
+           "phase_shift": _ctf_field(path, ds, fields, "ctf/phase_shift_rad", 0.0, 180 / np.pi),
+           "bfactor": _ctf_field(path, ds, fields, "ctf/bfactor", 0.0),
+           "scale": _ctf_field(path, ds, fields, "ctf/scale", 1.0)}
+    for k, v in ctf.items():
+        if not np.isfinite(v).all():
+            raise InputError(path, k, "CTF parameter is NaN", "fix the ctf slot")
+    return ctf
+
+
+def _ctf_field(path: Path, ds: Dataset, fields: set[str], f: str, default: float | None = None,
+               scale: float = 1.0) -> np.ndarray:
+    """The ctf field ``f`` times ``scale``; where it is missing, ``default`` for every particle, or
+    InputError when the field has no default."""
+    if f in fields:
+        return np.asarray(ds[f], dtype=np.float64) * scale
+    if default is None:
+        raise InputError(path, f, "defocus is given but this CTF parameter is missing",
+                         "give a .cs with the complete ctf slot")
+    return np.full(len(ds), default)
+
+
+def _read_alignments(path: Path, ds: Dataset, fields: set[str], apix: np.ndarray
+                     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The alignments3D slot's rotations ``(N, 3, 3)``, shifts ``(N, 2)`` in blob pixels and half sets in
+    {1, 2}, each ``None`` where the slot does not give it (zero shifts where only poses are given)."""
     rotations = shifts = half_set = None
     if "alignments3D/pose" in fields:
         rotations = poses.rotvec_to_rotations(np.asarray(ds["alignments3D/pose"], dtype=np.float64))
-        shifts = np.zeros((n, 2))
+        shifts = np.zeros((len(ds), 2))
     if "alignments3D/shift" in fields:
         align_psize = (np.asarray(ds["alignments3D/psize_A"], dtype=np.float64)
                        if "alignments3D/psize_A" in fields else apix.copy())
@@ -117,11 +153,7 @@ def read_cs_particles(path: Path, project_dir: Path | None = None) -> ParticleSe
         if not np.isin(split, (0, 1)).all():
             raise InputError(path, "alignments3D/split", "values other than 0 and 1 found", "fix or drop the split")
         half_set = split + 1
-    sign = np.asarray(ds["blob/sign"], dtype=np.float64) if "blob/sign" in fields else np.ones(n)
-    return ParticleSet(source=path, source_format="cryosparc", image_files=[Path(p) for p in image_files],
-                       file_index=file_index, slice_index=slice_index, apix=apix, box=box, ctf=ctf,
-                       rotations=rotations, shifts=shifts, half_set=half_set, sign=sign,
-                       table=dataset_frame(ds), optics=None, dataset=ds, project_dir=project_dir)
+    return rotations, shifts, half_set
 
 
 def dataset_frame(ds: Dataset) -> pd.DataFrame:

@@ -98,75 +98,113 @@ def coerce_value(value: Any, hint: Any, path: str | Path | None, key: str) -> An
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        optional = type(None) in args
-        if value is None and optional:
-            return None
-        first: InputError | None = None
-        for inner in (a for a in args if a is not type(None)):
-            try:
-                return coerce_value(value, inner, path, key)
-            except InputError as exc:
-                first = first or exc
-        assert first is not None
-        if optional and first.field == key:
-            raise InputError(first.path, first.field, first.problem, f"{first.fix}, or null") from None
-        raise first
+        return _coerce_union(value, args, path, key)
     if value is None:
-        if hint is dict or origin is dict:
-            return {}
-        raise InputError(path, key, "must not be empty", f"give {_expected(hint)}")
-
-    def bad(problem: str, fix: str) -> InputError:
-        return InputError(path, key, f"{value!r} {problem}", fix)
-
+        return _coerce_empty(hint, origin, path, key)
     if origin is Literal:
-        value = str(value).lower() if isinstance(value, bool) else value
-        if value not in args:
-            raise InputError(path, key, f"must be one of {list(args)}, got {value!r}", f"use one of {list(args)}")
-        return value
+        return _coerce_literal(value, args, path, key)
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, path, prefix=f"{key}.")
+    if origin is list or origin is tuple or hint is dict or origin is dict:
+        return _coerce_container(value, hint, origin, args, path, key)
+    return _coerce_scalar(value, hint, path, key)
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], path: str | Path | None, key: str) -> Any:
+    """``value`` as the first member of the union ``args`` that takes it (``None`` where the union allows it);
+    else the first member's error (its fix extended by ``, or null`` for an optional field)."""
+    optional = type(None) in args
+    if value is None and optional:
+        return None
+    first: InputError | None = None
+    for inner in (a for a in args if a is not type(None)):
+        try:
+            return coerce_value(value, inner, path, key)
+        except InputError as exc:
+            first = first or exc
+    assert first is not None
+    if optional and first.field == key:
+        raise InputError(first.path, first.field, first.problem, f"{first.fix}, or null") from None
+    raise first
+
+
+def _coerce_empty(hint: Any, origin: Any, path: str | Path | None, key: str) -> dict:
+    """An empty (``null``) value: ``{}`` for a ``dict`` field, else InputError."""
+    if hint is dict or origin is dict:
+        return {}
+    raise InputError(path, key, "must not be empty", f"give {_expected(hint)}")
+
+
+def _coerce_literal(value: Any, args: tuple[Any, ...], path: str | Path | None, key: str) -> Any:
+    """``value`` as one of the ``Literal`` choices ``args`` (YAML's ``true``/``false`` read as text)."""
+    value = str(value).lower() if isinstance(value, bool) else value
+    if value not in args:
+        raise InputError(path, key, f"must be one of {list(args)}, got {value!r}", f"use one of {list(args)}")
+    return value
+
+
+def _coerce_container(value: Any, hint: Any, origin: Any, args: tuple[Any, ...], path: str | Path | None,
+                      key: str) -> list | tuple | dict:
+    """``value`` as a ``list``, ``tuple`` (items converted to their types) or ``dict`` (taken as is)."""
     if origin is list:
         if not isinstance(value, list):
-            raise bad("is not a list", "write a list: [a, b] or one `- item` per line")
+            raise _bad(value, path, key, "is not a list", "write a list: [a, b] or one `- item` per line")
         return [coerce_value(v, args[0], path, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad(f"is not a list of {len(args)} values", f"write a list of {len(args)} values")
+            raise _bad(value, path, key, f"is not a list of {len(args)} values", f"write a list of {len(args)} values")
         return tuple(coerce_value(v, a, path, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is dict or origin is dict:
-        if not isinstance(value, Mapping):
-            raise bad("is not a mapping", "write it as key: value lines")
-        return dict(value)
+    if not isinstance(value, Mapping):
+        raise _bad(value, path, key, "is not a mapping", "write it as key: value lines")
+    return dict(value)
+
+
+def _coerce_scalar(value: Any, hint: Any, path: str | Path | None, key: str) -> Any:
+    """``value`` as a ``bool``, ``int``, ``float``, ``str`` or ``Path``; any other type takes it as is."""
     if hint is bool:
         if not isinstance(value, bool):
-            raise bad("is not true or false", "write true or false")
+            raise _bad(value, path, key, "is not true or false", "write true or false")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("is not a whole number", "give an integer")
+            raise _bad(value, path, key, "is not a whole number", "give an integer")
         return value
     if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad("is not a number", "give a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("is not a number", "give a number")
-        return float(value)
+        return _coerce_float(value, path, key)
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise bad("is not text", "give a text value")
+            raise _bad(value, path, key, "is not text", "give a text value")
         return str(value)
     if hint is Path:
-        if not isinstance(value, str) or not value:
-            raise bad("is not a path", "write the path as text")
-        p = Path(value).expanduser()
-        if p.is_absolute() or path is None:
-            return p
-        return Path(path).resolve().parent / p
+        return _coerce_path(value, path, key)
     return value
+
+
+def _coerce_float(value: Any, path: str | Path | None, key: str) -> float:
+    """A number or numeric text (PyYAML reads ``1e-4`` as text) as a ``float``; not ``true``/``false``."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise _bad(value, path, key, "is not a number", "give a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(value, path, key, "is not a number", "give a number")
+    return float(value)
+
+
+def _coerce_path(value: Any, path: str | Path | None, key: str) -> Path:
+    """Non-empty text as a ``Path`` (``~`` expanded), a relative one taken from the folder of the file ``path``."""
+    if not isinstance(value, str) or not value:
+        raise _bad(value, path, key, "is not a path", "write the path as text")
+    p = Path(value).expanduser()
+    if p.is_absolute() or path is None:
+        return p
+    return Path(path).resolve().parent / p
+
+
+def _bad(value: Any, path: str | Path | None, key: str, problem: str, fix: str) -> InputError:
+    """The InputError for a ``value`` of the wrong kind: ``problem`` follows the value as YAML read it."""
+    return InputError(path, key, f"{value!r} {problem}", fix)
 
 
 def _expected(hint: Any) -> str:

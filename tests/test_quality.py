@@ -44,6 +44,26 @@ def test_true_poses_are_ok(particles):
     q = _judge(particles, particles[1])
     assert q.verdict == "ok", q
     assert q.significance > 0.8 and q.sharpness > 0.8 and q.coverage > 0.9
+    # Haar-random views: the orientation diagnostic is near its ideal and adds no reason.
+    assert q.to_dict()["orientation"]["scf"] > 0.95 and not q.orientation["anisotropic"]
+    assert not any("orientation sampling" in r for r in q.reasons)
+
+
+def test_preferred_orientation_is_said_without_failing_the_poses(tiny_map):
+    """70 % of the views within 25 degrees of one axis, exact poses: not failed (the uneven coverage makes it
+    doubtful at most), and the reasons say how anisotropic the sampling is (issue 24: nothing did)."""
+    from cryofastar_core.geometry import rotations_within_tilt
+
+    vol, _ = tiny_map
+    gen = torch.Generator().manual_seed(11)
+    k = int(0.7 * N)
+    R = torch.cat([rotations_within_tilt(k, 25.0, generator=gen), random_rotations(N - k, generator=gen)])
+    _, images = simulate_images(prepare_volume(torch.from_numpy(np.array(vol))), R, snr=1.0, generator=gen)
+    half = random_half_sets(N, torch.Generator().manual_seed(4))
+    q = _judge((images, R.double(), half), R.double())
+    assert q.verdict != "failed" and q.significance > 0.8 and q.sharpness > 0.8, q
+    assert q.orientation["anisotropic"] and q.orientation["scf"] < 0.8
+    assert any(r.startswith("orientation sampling (SCF") for r in q.reasons)
 
 
 def test_random_poses_fail_as_chance(particles):

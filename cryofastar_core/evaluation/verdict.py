@@ -20,6 +20,9 @@ collapsed pose set cannot fake, each computed on at most ``max_particles`` parti
   ``coverage_bins`` near-equal-area cells (1: uniform; 0: every particle at one direction). A
   collapsed pose set scores well on significance (every image resembles the mean image) but not here.
 * The half-map FSC at 0.143 is reported as a consistency figure only, never as evidence.
+* **Orientation sampling** of every particle's pose, the sampling compensation factor
+  (:mod:`cryofastar_core.evaluation.orientation`): a preferred orientation gives a correct but
+  anisotropic map, so it is said in the reasons and ``orientation`` without changing the verdict.
 
 Thresholds come from the calibration of ``bench/quality_calibration.py`` (``bench/results/2026-12-05-quality-calibration.md``):
 simulated sets of known accuracy (ground truth, ground truth rotated by 5-60 degrees, random,
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryofastar_core.evaluation.orientation import OrientationReport, orientation_report
 from cryofastar_core.geometry import random_rotations, rotations_at_angle
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
@@ -78,6 +82,7 @@ class PoseQuality:
     half_map_fsc_0143_A: float  # consistency only: both halves can agree on wrong poses
     n_particles_scored: int
     thresholds: dict = field(default_factory=dict)
+    orientation: dict = field(default_factory=dict)  # OrientationReport.to_dict() of every judged pose
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -129,7 +134,8 @@ def assess_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     scores = _score_poses(load_images, ctf, apix, R_all, s_all, half, pick, band, refs, perturb, cfg, dev)
     significance, sharpness = _pose_figures(scores, cfg)
     coverage = viewing_coverage(R_all[torch.as_tensor(pick)], cfg.coverage_bins)
-    return _pose_quality(significance, sharpness, coverage, res_0143, len(pick), cfg)
+    orientation = orientation_report(R_all, int(half_maps[0].shape[-1]))
+    return _pose_quality(significance, sharpness, coverage, res_0143, len(pick), orientation, cfg)
 
 
 def _sample_particles(n: int, max_particles: int, gen: torch.Generator) -> np.ndarray:
@@ -204,14 +210,17 @@ def _pose_figures(scores: Tensor, cfg: QualityConfig) -> tuple[float, float]:
 
 
 def _pose_quality(significance: float, sharpness: float, coverage: float, res_0143: float, n_scored: int,
-                  cfg: QualityConfig) -> PoseQuality:
-    """The verdict on the figures, with the figures (rounded) and the thresholds it was judged by."""
+                  orientation: OrientationReport, cfg: QualityConfig) -> PoseQuality:
+    """The verdict on the figures, with the figures (rounded), the thresholds it was judged by and the
+    orientation diagnostic (a reason of its own when the sampling is anisotropic)."""
     verdict, reasons = _verdict(significance, sharpness, coverage, cfg)
+    if orientation.anisotropic:
+        reasons = [*reasons, orientation.sentence]
     thresholds = {k: getattr(cfg, k) for k in ("fail_significance", "fail_sharpness", "fail_coverage",
                                                 "ok_significance", "ok_sharpness", "ok_coverage")}
     return PoseQuality(verdict=verdict, reasons=reasons, significance=round(significance, 4),
                        sharpness=round(sharpness, 4), coverage=round(coverage, 4), half_map_fsc_0143_A=res_0143,
-                       n_particles_scored=n_scored, thresholds=thresholds)
+                       n_particles_scored=n_scored, thresholds=thresholds, orientation=orientation.to_dict())
 
 
 def _verdict(significance: float, sharpness: float, coverage: float, cfg: QualityConfig) -> tuple[str, list[str]]:

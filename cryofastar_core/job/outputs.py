@@ -37,7 +37,7 @@ def write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shif
         else:
             fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", title=f"half-map FSC ({verdict})")
         viewing_direction_plot(rotations[keep], stage / "viewing_directions.png",
-                               title=f"viewing directions (N = {int(keep.sum())}; coverage {quality.coverage:.2f}; "
+                               title=f"viewing directions (N = {int(keep.sum())}; SCF {quality.orientation.get('scf', float('nan')):.2f}; "
                                      f"{verdict})")
         confidence_histogram(confidence, stage / "confidence.png",
                              threshold=float(confidence[keep].min()) if not keep.all() else None)

@@ -13,6 +13,7 @@ compared with the true map by FSC. Nothing is run by CI.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import shutil
@@ -58,9 +59,9 @@ def random_ctf(n: int, g: torch.Generator) -> CTFParams:
                                   "cs": 2.7, "amplitude_contrast": 0.1})
 
 
-def _timed(fn):
+def _timed(fn, *args, **kwargs):
     t = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
 
 
@@ -188,61 +189,107 @@ def exact_projections(box: int, blobs, R: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
+TEAMTOMO = ("torch_ctf", "torch_fourier_rescale", "torch_fourier_shell_correlation", "torch_fourier_slice")
+
+
 def bench_libraries(box: int, n_proj: int = 64, n_rec: int = 1000) -> dict:
     """Our physics against the teamtomo packages (torch-fourier-slice, torch-ctf,
     torch-fourier-shell-correlation, torch-fourier-rescale) for correctness and speed."""
-    import torch_ctf
-    import torch_fourier_rescale
-    import torch_fourier_shell_correlation
-    import torch_fourier_slice
-
-    from cryofastar_core.physics.ctf import compute_ctf
-    from cryofastar_core.physics.fourier import fourier_crop
-
+    for name in TEAMTOMO:  # all of them present before anything is measured
+        importlib.import_module(name)
     out = {"box": box}
     blobs = blob_params(box)
     vol = render_blobs(box, blobs)
     g = torch.Generator().manual_seed(3)
     R = random_rotations(n_proj, g)
     ref = exact_projections(box, blobs, R)
-    err = lambda a: round(float((a - ref).norm() / ref.norm()), 4)
-    ours, t = _timed(lambda: project(prepare_volume(vol, pad=2), R))
-    out["project_ours_pad2_err"], out["project_ours_pad2_ms"] = err(ours), round(t / n_proj * 1e3, 2)
-    nogc = project(prepare_volume(vol, pad=2, gridding_correction=False), R)
-    out["project_ours_pad2_no_gridding_err"] = err(nogc)
-    tfs, t = _timed(lambda: torch_fourier_slice.project_3d_to_2d(vol, R, pad_factor=2.0))
-    out["project_tfs_pad2_err"], out["project_tfs_pad2_ms"] = err(tfs), round(t / n_proj * 1e3, 2)
+    out.update(_compare_projection(vol, R, ref))
+    out.update(_compare_reconstruction(vol, box, n_rec, g))
+    out.update(_compare_ctf(box, g))
+    out.update(_compare_fsc_and_crop(vol, ref, box, g))
+    return out
 
-    # reconstruction without CTF (torch-fourier-slice has no CTF weighting): noiseless exact projections
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return round(float((a - ref).norm() / ref.norm()), 4)
+
+
+def _project_ours(vol: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    return project(prepare_volume(vol, pad=2), R)
+
+
+def _compare_projection(vol: torch.Tensor, R: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Projection error against the exact line integrals ``ref``, and time per image."""
+    import torch_fourier_slice
+
+    n_proj = R.shape[0]
+    out = {}
+    ours, t = _timed(_project_ours, vol, R)
+    out["project_ours_pad2_err"], out["project_ours_pad2_ms"] = _rel_err(ours, ref), round(t / n_proj * 1e3, 2)
+    nogc = project(prepare_volume(vol, pad=2, gridding_correction=False), R)
+    out["project_ours_pad2_no_gridding_err"] = _rel_err(nogc, ref)
+    tfs, t = _timed(torch_fourier_slice.project_3d_to_2d, vol, R, pad_factor=2.0)
+    out["project_tfs_pad2_err"], out["project_tfs_pad2_ms"] = _rel_err(tfs, ref), round(t / n_proj * 1e3, 2)
+    return out
+
+
+def _tfs_backproject(imgs: torch.Tensor, R: torch.Tensor, n_rec: int) -> torch.Tensor:
+    import torch_fourier_slice
+
+    num = None
+    for s in range(0, n_rec, 250):  # it needs chunking: one call holds every padded slice in memory
+        part = torch_fourier_slice.backproject_2d_to_3d(imgs[s:s + 250], R[s:s + 250], pad_factor=2.0)
+        num = part if num is None else num + part
+    return num
+
+
+def _compare_reconstruction(vol: torch.Tensor, box: int, n_rec: int, g: torch.Generator) -> dict:
+    """Reconstruction without CTF (torch-fourier-slice has no CTF weighting) from noiseless projections:
+    time and FSC with the true map at 0.75 Nyquist."""
+    out = {}
     Rr = random_rotations(n_rec, g)
     imgs, _ = simulate_images(prepare_volume(vol, pad=3), Rr)
-    rec, t_ours = _timed(lambda: reconstruct(imgs, Rr))
+    rec, t_ours = _timed(reconstruct, imgs, Rr)
     out["reconstruct_ours_s"] = round(t_ours, 2)
     out["reconstruct_ours_fsc_0.75nyq"] = round(float(fsc(rec, vol)[1][int(0.75 * box / 2)]), 4)
-
-    def tfs_rec():
-        num = None
-        for s in range(0, n_rec, 250):  # it needs chunking: one call holds every padded slice in memory
-            part = torch_fourier_slice.backproject_2d_to_3d(imgs[s:s + 250], Rr[s:s + 250], pad_factor=2.0)
-            num = part if num is None else num + part
-        return num
-
-    rec_t, t_tfs = _timed(tfs_rec)
+    rec_t, t_tfs = _timed(_tfs_backproject, imgs, Rr, n_rec)
     out["reconstruct_tfs_s"] = round(t_tfs, 2)
     out["reconstruct_tfs_fsc_0.75nyq"] = round(float(fsc(rec_t, vol)[1][int(0.75 * box / 2)]), 4)
+    return out
 
-    # CTF: torch-ctf takes the mean defocus and half the astigmatism in µm
-    n = 256
-    ctf = random_ctf(n, g)
-    ours_ctf, t_c = _timed(lambda: compute_ctf(ctf, box, 1.5))
-    theirs, t_t = _timed(lambda: torch_ctf.calculate_ctf_2d(
+
+def _torch_ctf(ctf: CTFParams, box: int) -> torch.Tensor:
+    """torch-ctf's CTF: it takes the mean defocus and half the astigmatism in µm."""
+    import torch_ctf
+
+    return torch_ctf.calculate_ctf_2d(
         defocus=(ctf.defocus_u + ctf.defocus_v) / 2e4, astigmatism=(ctf.defocus_u - ctf.defocus_v) / 2e4,
         astigmatism_angle=ctf.defocus_angle, voltage=300.0, spherical_aberration=2.7, amplitude_contrast=0.1,
-        phase_shift=0.0, pixel_size=1.5, image_shape=(box, box), rfft=False, fftshift=True))
+        phase_shift=0.0, pixel_size=1.5, image_shape=(box, box), rfft=False, fftshift=True)
+
+
+def _compare_ctf(box: int, g: torch.Generator) -> dict:
+    """Largest difference from torch-ctf over 256 astigmatic CTFs, and the time for them."""
+    from cryofastar_core.physics.ctf import compute_ctf
+
+    out = {}
+    n = 256
+    ctf = random_ctf(n, g)
+    ours_ctf, t_c = _timed(compute_ctf, ctf, box, 1.5)
+    theirs, t_t = _timed(_torch_ctf, ctf, box)
     out["ctf_max_abs_diff_vs_torch_ctf"] = float(f"{float((ours_ctf - theirs).abs().max()):.2e}")
     out["ctf_ours_ms_per_256"], out["ctf_torch_ctf_ms_per_256"] = round(t_c * 1e3, 1), round(t_t * 1e3, 1)
+    return out
 
-    # FSC and Fourier crop
+
+def _compare_fsc_and_crop(vol: torch.Tensor, ref: torch.Tensor, box: int, g: torch.Generator) -> dict:
+    """FSC against torch-fourier-shell-correlation, Fourier crop against torch-fourier-rescale."""
+    import torch_fourier_rescale
+    import torch_fourier_shell_correlation
+
+    from cryofastar_core.physics.fourier import fourier_crop
+
+    out = {}
     noisy = vol + 0.05 * torch.randn(vol.shape, generator=g)
     f_ours = fsc(vol, noisy)[1]
     f_tt = torch_fourier_shell_correlation.fsc(vol, noisy)

@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ from cryofastar_core.weights import resolve_weights
 EVAL_STREAM = 7  # a random stream of its own: never the training or validation draws
 # rung -> (snr or None for clean, ctf, max shift px, views)
 LADDER = {1: (None, False, 0.0, 16), 2: (1.0, True, 3.0, 32), 3: (0.1, True, 3.0, 128)}
+# One measured cell: (rung or None, snr or None for clean, ctf, max shift px, views, max tilt deg).
+Cell = tuple[int | None, float | None, bool, float, int, float]
 
 
 def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float | None, views: int, samples: int, seed: int,
@@ -76,6 +79,26 @@ def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float | None, vie
 
 
 def main() -> None:
+    args = _parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cells = _cells(args)
+    path = resolve_weights(args.weights)
+    model = load_weights(path, device=args.device)
+    baseline = load_weights(resolve_weights(args.baseline), device=args.device) if args.baseline else None
+    t0 = time.perf_counter()
+    rows = _evaluate_splits(args, cells, model, baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(args, path, model.cfg.box, baseline is not None, rows, t0)
+    (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = _accuracy_table(args, rows)
+    if baseline is not None:
+        lines += _comparison_table(args, rows, meta)
+    (args.out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="default")
     ap.add_argument("--baseline", default=None, help="weights to compare with on the same draws (e.g. default)")
@@ -93,46 +116,63 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
     ap.add_argument("--ladder", action="store_true", help="the curriculum's three rungs instead of the grid")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.ladder:
-        cells = [(rung, snr, ctf, shift, views, 180.0) for rung, (snr, ctf, shift, views) in LADDER.items()]
-    else:
-        cells = [(None, None if np.isinf(snr) else snr, not args.no_ctf, args.max_shift, views, tilt)
-                 for snr in args.snr for views in args.views for tilt in args.max_tilt]
+    return ap.parse_args()
 
-    path = resolve_weights(args.weights)
-    model = load_weights(path, device=args.device)
-    baseline = load_weights(resolve_weights(args.baseline), device=args.device) if args.baseline else None
+
+def _cells(args: argparse.Namespace) -> list[Cell]:
+    """The ladder's rungs, or the grid SNR x views x max tilt."""
+    if args.ladder:
+        return [(rung, snr, ctf, shift, views, 180.0) for rung, (snr, ctf, shift, views) in LADDER.items()]
+    return [(None, None if np.isinf(snr) else snr, not args.no_ctf, args.max_shift, views, tilt)
+            for snr in args.snr for views in args.views for tilt in args.max_tilt]
+
+
+def _evaluate_splits(args: argparse.Namespace, cells: list[Cell], model: Any, baseline: Any | None) -> list[dict]:
+    """One row per split and cell, each printed as it is measured."""
     box = model.cfg.box
     rows = []
-    t0 = time.perf_counter()
     for split in args.splits:
         lib = VolumeLibrary(box=box, split=split, cache_dir=None, n_pseudo=0, seed=0)
         sim = BatchSimulator(VolumeFTCache(lib, args.device, capacity=len(lib)), box, args.device)
-        for rung, snr, ctf, shift, views, tilt in cells:
-            r = evaluate_cell(model, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
-            rows.append({"split": split, "n_structures": len(lib), "rung": rung, "snr": "clean" if snr is None else snr,
-                         "ctf": ctf, "max_shift_px": shift, "views": views, "max_tilt_deg": tilt, **r})
-            line = (f"{split:8s} {'rung ' + str(rung) if rung else ''} SNR {rows[-1]['snr']} CTF {ctf} shift {shift:g} "
-                    f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
-                    f"median shift error {r['median_shift_px']:5.2f} px (centroid {r['median_centroid_shift_px']:4.2f})")
-            if baseline is not None:
-                rb = evaluate_cell(baseline, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
-                cmp = paired_median_difference(np.array(r["rot_errors_deg"]), np.array(rb["rot_errors_deg"]))
-                rows[-1]["baseline"] = {k: rb[k] for k in ("median_rot_deg", "mean_rot_deg", "median_shift_px")}
-                rows[-1]["paired"] = cmp
-                line += (f"; baseline {rb['median_rot_deg']:6.2f} deg, difference {cmp['difference']:+.2f} "
-                         f"[{cmp['low']:+.2f}, {cmp['high']:+.2f}] -> {cmp['verdict']}")
+        for cell in cells:
+            row, line = _evaluate_row(args, model, baseline, sim, split, len(lib), cell)
+            rows.append(row)
             print(line, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return rows
+
+
+def _evaluate_row(args: argparse.Namespace, model: Any, baseline: Any | None, sim: BatchSimulator, split: str,
+                  n_structures: int, cell: Cell) -> tuple[dict, str]:
+    """One cell's row (with the paired comparison against ``baseline`` if given) and its printed line."""
+    rung, snr, ctf, shift, views, tilt = cell
+    r = evaluate_cell(model, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
+    row = {"split": split, "n_structures": n_structures, "rung": rung, "snr": "clean" if snr is None else snr,
+           "ctf": ctf, "max_shift_px": shift, "views": views, "max_tilt_deg": tilt, **r}
+    line = (f"{split:8s} {'rung ' + str(rung) if rung else ''} SNR {row['snr']} CTF {ctf} shift {shift:g} "
+            f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
+            f"median shift error {r['median_shift_px']:5.2f} px (centroid {r['median_centroid_shift_px']:4.2f})")
+    if baseline is not None:
+        rb = evaluate_cell(baseline, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
+        cmp = paired_median_difference(np.array(r["rot_errors_deg"]), np.array(rb["rot_errors_deg"]))
+        row["baseline"] = {k: rb[k] for k in ("median_rot_deg", "mean_rot_deg", "median_shift_px")}
+        row["paired"] = cmp
+        line += (f"; baseline {rb['median_rot_deg']:6.2f} deg, difference {cmp['difference']:+.2f} "
+                 f"[{cmp['low']:+.2f}, {cmp['high']:+.2f}] -> {cmp['verdict']}")
+    return row, line
+
+
+def _meta(args: argparse.Namespace, path: Path, box: int, compared: bool, rows: list[dict], t0: float) -> dict:
+    """The run's settings and timing, and with a baseline the shipping decision."""
     meta = {"weights": str(path), "box": box, "samples_per_cell": args.samples, "ladder": args.ladder,
             "seed": args.seed, "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
-    if baseline is not None:
+    if compared:
         meta["baseline"] = str(resolve_weights(args.baseline))
         meta["ship"] = ship_decision([r["paired"]["verdict"] for r in rows])
-    (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return meta
+
+
+def _accuracy_table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    """The model card's table (Markdown lines): one row per split and cell."""
     tilted = not args.ladder and args.max_tilt != [180.0]
     lines = ["| split |" + (" rung |" if args.ladder else "") + " SNR | CTF | shifts (px) | views |"
              + (" max tilt (deg) |" if tilted else "")
@@ -144,17 +184,20 @@ def main() -> None:
               + (f" {r['max_tilt_deg']:g} |" if tilted else "")
               + f" {r['median_rot_deg']:.2f} | {r['mean_rot_deg']:.2f} | {r['median_shift_px']:.2f} |"
               + f" {r['median_centroid_shift_px']:.2f} |" for r in rows]
-    if baseline is not None:
-        lines += ["", f"Against {meta['baseline']} on the same draws ({args.samples} per cell): candidate minus "
-                  "baseline median rotation error, bootstrap 95 % interval, share of samples the candidate wins.", "",
-                  "| split | rung | candidate | baseline | difference | 95 % interval | wins | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['split']} | {r['rung']} | {r['median_rot_deg']:.2f} | {r['baseline']['median_rot_deg']:.2f} | "
-                  f"{r['paired']['difference']:+.2f} | [{r['paired']['low']:+.2f}, {r['paired']['high']:+.2f}] | "
-                  f"{100 * r['paired']['candidate_wins']:.0f} % | {r['paired']['verdict']} |" for r in rows]
-        lines += ["", f"Ship (no cell worse, at least one better): {'yes' if meta['ship'] else 'no'}"]
-    (args.out / "accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
+
+
+def _comparison_table(args: argparse.Namespace, rows: list[dict], meta: dict) -> list[str]:
+    """The paired comparison against the baseline and the shipping decision (Markdown lines)."""
+    lines = ["", f"Against {meta['baseline']} on the same draws ({args.samples} per cell): candidate minus "
+             "baseline median rotation error, bootstrap 95 % interval, share of samples the candidate wins.", "",
+             "| split | rung | candidate | baseline | difference | 95 % interval | wins | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['split']} | {r['rung']} | {r['median_rot_deg']:.2f} | {r['baseline']['median_rot_deg']:.2f} | "
+              f"{r['paired']['difference']:+.2f} | [{r['paired']['low']:+.2f}, {r['paired']['high']:+.2f}] | "
+              f"{100 * r['paired']['candidate_wins']:.0f} % | {r['paired']['verdict']} |" for r in rows]
+    lines += ["", f"Ship (no cell worse, at least one better): {'yes' if meta['ship'] else 'no'}"]
+    return lines
 
 
 if __name__ == "__main__":

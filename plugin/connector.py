@@ -112,6 +112,18 @@ class ConnectorResult:
     map_paths: dict[str, str]  # slot -> project-relative path in the External job folder
 
 
+@dataclass
+class _Source:
+    """The checked source particles and where their images are read from."""
+
+    job: str
+    output: str
+    particles: Dataset
+    blob_paths: list[str]
+    image_root: Path | None
+    image_source: str  # "mounted" or "streamed"
+
+
 def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
     """Run the whole round trip (module docstring). ``server`` speaks :class:`plugin.server.CryoSPARCServer`."""
     cfg.validate()
@@ -120,63 +132,106 @@ def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
     input_cs = out / INPUT_DIR / "particles.cs"
     # Options are checked before anything is created on the server.
     engine_config(cfg.options, input_cs, out, None)
-    P = cfg.project
+    src = _load_source(server, cfg, src_job, src_output)
+    ext = _create_external_job(server, cfg, src, out)
+    job_log = _JobLog(server, cfg.project, ext, cfg.secrets)
+    try:
+        report, saved, map_paths = _work_in_external_job(server, cfg, ext, src, out, input_cs, job_log)
+    except BaseException as exc:
+        _mark_failed(server, cfg, ext, exc)
+        raise
+    finally:
+        if src.image_source == "streamed" and not cfg.keep_streamed:
+            shutil.rmtree(out / INPUT_DIR / "images", ignore_errors=True)
+    return ConnectorResult(external_job=ext, report=report, out_dir=out, n_particles_saved=saved,
+                           image_source=src.image_source, map_paths=map_paths)
 
-    info = server.find_job(P, src_job)
+
+def _load_source(server: Any, cfg: ConnectorConfig, src_job: str, src_output: str) -> _Source:
+    """Check the source job has the output, load its particles (all slots), check them, find their images."""
+    info = server.find_job(cfg.project, src_job)
     if src_output not in info.outputs:
         raise InputError(None, "--particles", f"job {src_job} has no output '{src_output}' "
                          f"(it has: {', '.join(info.outputs) or 'none'})",
                          f"use one of: {', '.join(f'{src_job}.{o}' for o in info.outputs) or 'another job'}")
-    particles = server.load_output(P, src_job, src_output, slots="all")
+    particles = server.load_output(cfg.project, src_job, src_output, slots="all")
     _check_particles(particles, cfg.particles)
     blob_paths = _blob_paths(particles)
-    image_root, source = _image_source(server, cfg, blob_paths)
+    image_root, image_source = _image_source(server, cfg, blob_paths)
+    return _Source(job=src_job, output=src_output, particles=particles, blob_paths=blob_paths,
+                   image_root=image_root, image_source=image_source)
 
-    desc = (f"CryoFastAR {__version__} feed-forward poses for {src_job}.{src_output} ({len(particles)} particles). "
+
+def _create_external_job(server: Any, cfg: ConnectorConfig, src: _Source, out: Path) -> str:
+    """Create the External job in the workspace; its uid."""
+    desc = (f"CryoFastAR {__version__} feed-forward poses for {src.job}.{src.output} ({len(src.particles)} particles). "
             f"Local work folder: {out.resolve()}")
-    ext = server.create_external_job(P, cfg.workspace, cfg.title, desc)
-    log.info("created External job %s %s in %s", P, ext, cfg.workspace)
-    job_log = _JobLog(server, P, ext, cfg.secrets)
+    ext = server.create_external_job(cfg.project, cfg.workspace, cfg.title, desc)
+    log.info("created External job %s %s in %s", cfg.project, ext, cfg.workspace)
+    return ext
+
+
+def _work_in_external_job(server: Any, cfg: ConnectorConfig, ext: str, src: _Source, out: Path, input_cs: Path,
+                          job_log: _JobLog) -> tuple[Report, int, dict[str, str]]:
+    """Connect the input, mark the job running, run the engine, publish the outputs, mark it completed.
+    Returns the engine's report, the number of particles saved and the map paths."""
+    server.connect_input(cfg.project, ext, INPUT_NAME, src.job, src.output, ["blob", "?ctf"])
+    server.start(cfg.project, ext)
+    image_root = _prepare_input(server, cfg.project, src, out, input_cs, job_log)
+    report = _run_engine(cfg, input_cs, out, image_root, job_log)
+    saved, map_paths = _publish_outputs(server, cfg.project, ext, out, src.particles, report, job_log)
+    server.stop(cfg.project, ext)
+    return report, saved, map_paths
+
+
+def _prepare_input(server: Any, project: str, src: _Source, out: Path, input_cs: Path, job_log: _JobLog) -> Path | None:
+    """Say where the images come from, stream them if needed and write the input copy; the image folder."""
+    image_root = src.image_root
+    where = ("read from the project folder at " + str(image_root) if src.image_source == "mounted"
+             else "streamed through the API")
+    job_log(f"CryoFastAR {__version__}: {len(src.particles)} particles from {src.job}.{src.output}; images {where}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INPUT_DIR).mkdir(exist_ok=True)
+    if src.image_source == "streamed":
+        image_root = out / INPUT_DIR / "images"
+        _stream_images(server, project, src.blob_paths, image_root, job_log)
+    _save_if_changed(src.particles, input_cs)
+    return image_root
+
+
+def _run_engine(cfg: ConnectorConfig, input_cs: Path, out: Path, image_root: Path | None, job_log: _JobLog) -> Report:
+    """Run the engine on the input copy, progress and a summary into the job log."""
+    job_cfg = engine_config(cfg.options, input_cs, out, image_root)
+    report = run(job_cfg, progress=job_log.progress)
+    job_log(f"poses done: {report.n_kept} of {report.n_particles} particles kept, {report.resolution_text}, "
+            f"box {report.box}, {report.apix:.3f} Å/px")
+    return report
+
+
+def _publish_outputs(server: Any, project: str, job: str, out: Path, particles: Dataset, report: Report,
+                     job_log: _JobLog) -> tuple[int, dict[str, str]]:
+    """Save both outputs, log the plots, set the tile image and write the closing log lines.
+    Returns the number of particles saved and the map paths."""
+    saved = _save_particles(server, project, job, out / "particles.cs", particles)
+    map_paths = _save_volume(server, project, job, out)
+    _log_plots(server, project, job, out, report)
+    server.set_tile_image(project, job, write_tile_image(out / VOLUME_FILES["map"], out / TILE_FILE))
+    job_log(f"outputs: '{PARTICLES_OUTPUT}' ({saved} particles, alignments3D + passthrough) and "
+            f"'{VOLUME_OUTPUT}' (map, half maps). Continue with Homogeneous Reconstruction Only, or Local "
+            "Refinement (with a mask), or use the map as the initial model of a Homogeneous/NU refinement.")
+    for line in report.verdict_lines:  # last in the job log, where the user looks
+        job_log(line)
+    return saved, map_paths
+
+
+def _mark_failed(server: Any, cfg: ConnectorConfig, ext: str, exc: BaseException) -> None:
+    """Stop the External job with the failure's reason (secrets redacted); a failure to do so is only logged."""
+    reason = redact(_describe(exc), cfg.secrets)
     try:
-        server.connect_input(P, ext, INPUT_NAME, src_job, src_output, ["blob", "?ctf"])
-        server.start(P, ext)
-        job_log(f"CryoFastAR {__version__}: {len(particles)} particles from {src_job}.{src_output}; images "
-                f"{'read from the project folder at ' + str(image_root) if source == 'mounted' else 'streamed through the API'}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / INPUT_DIR).mkdir(exist_ok=True)
-        if source == "streamed":
-            image_root = out / INPUT_DIR / "images"
-            _stream_images(server, P, blob_paths, image_root, job_log)
-        _save_if_changed(particles, input_cs)
-
-        job_cfg = engine_config(cfg.options, input_cs, out, image_root)
-        report = run(job_cfg, progress=job_log.progress)
-        job_log(f"poses done: {report.n_kept} of {report.n_particles} particles kept, {report.resolution_text}, "
-                f"box {report.box}, {report.apix:.3f} Å/px")
-
-        saved = _save_particles(server, P, ext, out / "particles.cs", particles)
-        map_paths = _save_volume(server, P, ext, out)
-        _log_plots(server, P, ext, out, report)
-        server.set_tile_image(P, ext, write_tile_image(out / VOLUME_FILES["map"], out / TILE_FILE))
-        job_log(f"outputs: '{PARTICLES_OUTPUT}' ({saved} particles, alignments3D + passthrough) and "
-                f"'{VOLUME_OUTPUT}' (map, half maps). Continue with Homogeneous Reconstruction Only, or Local "
-                "Refinement (with a mask), or use the map as the initial model of a Homogeneous/NU refinement.")
-        for line in report.verdict_lines:  # last in the job log, where the user looks
-            job_log(line)
-        server.stop(P, ext)
-    except BaseException as exc:
-        reason = redact(_describe(exc), cfg.secrets)
-        try:
-            server.stop(P, ext, error=f"CryoFastAR failed: {reason}")
-        except Exception as stop_exc:  # the original failure matters more than this one
-            log.warning("could not mark External job %s failed: %s", ext,
-                        redact(f"{type(stop_exc).__name__}: {stop_exc}", cfg.secrets))
-        raise
-    finally:
-        if source == "streamed" and not cfg.keep_streamed:
-            shutil.rmtree(out / INPUT_DIR / "images", ignore_errors=True)
-    return ConnectorResult(external_job=ext, report=report, out_dir=out, n_particles_saved=saved,
-                           image_source=source, map_paths=map_paths)
+        server.stop(cfg.project, ext, error=f"CryoFastAR failed: {reason}")
+    except Exception as stop_exc:  # the original failure matters more than this one
+        log.warning("could not mark External job %s failed: %s", ext,
+                    redact(f"{type(stop_exc).__name__}: {stop_exc}", cfg.secrets))
 
 
 def run_in_cryosparc(cs, project: str, workspace: str, particles: str, *, out_dir: str | Path | None = None,

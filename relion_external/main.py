@@ -24,7 +24,7 @@ from cryofastar_core.runtime.errors import CryoFastARError, InputError
 from cryofastar_core.runtime.exit_codes import INTERNAL_ERROR, INTERRUPTED, OK, Terminated, exit_code, sigterm_raises
 from relion_external.markers import JobAborted, JobMarkers
 from relion_external.nodes import detect_relion_version, job_output_nodes, write_output_nodes
-from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, gui_names, job_settings,
+from relion_external.protocol import (ADAPTER_PARAMS, INPUT_FLAGS, PARAMS, ExternalArgs, gui_names, job_settings,
                                       parse_external_args, particles_path, unused_flags)
 
 PROG = "cryofastar-relion"
@@ -90,54 +90,71 @@ def run_external_job(argv: list[str]) -> int:
     markers = JobMarkers(job_dir)
     status, code = "failure", INTERNAL_ERROR
     try:
-        from cryofastar_core.job import JobConfig, run
-
-        settings = job_settings(args)
-        particles = particles_path(args)
-        version = relion_version(args.params, project, job_dir)
-        print(f"{PROG}: project {project}; output {args.out_dir}; RELION {version}.x pipeline", flush=True)
-        print(f"{PROG}: particles {particles}; settings {settings}", flush=True)
-        for flag in ("in_3dref", "in_mask"):
-            if flag in args.inputs:
-                print(f"{PROG}: note: --{flag} {args.inputs[flag]} is not used (poses are estimated "
-                      "without a reference)", flush=True)
-        ignored = unused_flags(args)
-        if ignored:
-            print(f"{PROG}: note: ignoring {' '.join(ignored)}", flush=True)
-        markers.check_abort()
-
-        cfg = JobConfig(particles=particles, out_dir=job_dir, project_dir=project, **settings)
-        report = run(cfg, progress=ProgressReporter(markers))
-        write_output_nodes(job_dir, job_output_nodes(args.out_dir), version)
-        print(f"{PROG}: done: {report.n_kept} of {report.n_particles} particles kept; {report.resolution_text}; "
-              f"outputs in {args.out_dir}", flush=True)
-        note_verdict(job_dir, report)
-        for line in report.verdict_lines:
-            print(f"{PROG}: {line}", flush=True)
+        _run_job(args, project, job_dir, markers)
         status, code = "success", OK
-    except JobAborted as exc:
-        print(f"{PROG}: aborted: {exc}", flush=True)
-        print(f"{PROG}: aborted by the user; no outputs were written", file=sys.stderr, flush=True)
-        status, code = "aborted", EXIT_ABORTED
-    except CryoFastARError as exc:
-        exc = exc.renamed(gui_names(args.params))
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        code = exit_code(exc)
-    except Terminated as exc:  # SIGTERM unwinds so the job is marked failed, not left running
-        print(f"{PROG}: error: terminated (SIGTERM: cancelled, or the queue's time limit). "
-              "Run the job again ('Continue') to resume after the pose estimate", file=sys.stderr, flush=True)
-        code = exit_code(exc)
-    except KeyboardInterrupt as exc:
-        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
-        code = exit_code(exc)
-    except Exception as exc:  # a bug, not bad input: keep the traceback for the report
-        traceback.print_exc(file=sys.stderr)
-        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}. Please report this with run.err attached",
-              file=sys.stderr, flush=True)
-        code = exit_code(exc)
+    except (JobAborted, CryoFastARError, Terminated, KeyboardInterrupt, Exception) as exc:
+        status, code = _report_failure(exc, args)
     finally:
         markers.finish(status)
     return code
+
+
+def _run_job(args: ExternalArgs, project: Path, job_dir: Path, markers: JobMarkers) -> None:
+    """Check the settings, run the engine (polling for RELION's abort), write the output nodes and report."""
+    from cryofastar_core.job import JobConfig, run
+
+    settings = job_settings(args)
+    particles = particles_path(args)
+    version = relion_version(args.params, project, job_dir)
+    _announce(args, project, version, particles, settings)
+    markers.check_abort()
+
+    cfg = JobConfig(particles=particles, out_dir=job_dir, project_dir=project, **settings)
+    report = run(cfg, progress=ProgressReporter(markers))
+    write_output_nodes(job_dir, job_output_nodes(args.out_dir), version)
+    print(f"{PROG}: done: {report.n_kept} of {report.n_particles} particles kept; {report.resolution_text}; "
+          f"outputs in {args.out_dir}", flush=True)
+    note_verdict(job_dir, report)
+    for line in report.verdict_lines:
+        print(f"{PROG}: {line}", flush=True)
+
+
+def _announce(args: ExternalArgs, project: Path, version: int, particles: Path, settings: dict) -> None:
+    """The job's opening lines in ``run.out``: what runs on what, and the inputs and flags it does not use."""
+    print(f"{PROG}: project {project}; output {args.out_dir}; RELION {version}.x pipeline", flush=True)
+    print(f"{PROG}: particles {particles}; settings {settings}", flush=True)
+    for flag in ("in_3dref", "in_mask"):
+        if flag in args.inputs:
+            print(f"{PROG}: note: --{flag} {args.inputs[flag]} is not used (poses are estimated "
+                  "without a reference)", flush=True)
+    ignored = unused_flags(args)
+    if ignored:
+        print(f"{PROG}: note: ignoring {' '.join(ignored)}", flush=True)
+
+
+def _report_failure(exc: BaseException, args: ExternalArgs) -> tuple[str, int]:
+    """Print why the job ended early (stdout and/or ``run.err``); the exit marker's status and the exit code.
+
+    The cases are tried in this order, as ``except`` clauses would be: an abort, bad input, SIGTERM,
+    Ctrl-C, then anything else (a bug: the traceback is kept for the report). Called while ``exc`` is
+    being handled, so ``traceback.print_exc`` prints it."""
+    if isinstance(exc, JobAborted):
+        print(f"{PROG}: aborted: {exc}", flush=True)
+        print(f"{PROG}: aborted by the user; no outputs were written", file=sys.stderr, flush=True)
+        return "aborted", EXIT_ABORTED
+    if isinstance(exc, CryoFastARError):
+        exc = exc.renamed(gui_names(args.params))
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+    elif isinstance(exc, Terminated):  # SIGTERM unwinds so the job is marked failed, not left running
+        print(f"{PROG}: error: terminated (SIGTERM: cancelled, or the queue's time limit). "
+              "Run the job again ('Continue') to resume after the pose estimate", file=sys.stderr, flush=True)
+    elif isinstance(exc, KeyboardInterrupt):
+        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
+    else:  # a bug, not bad input: keep the traceback for the report
+        traceback.print_exc(file=sys.stderr)
+        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}. Please report this with run.err attached",
+              file=sys.stderr, flush=True)
+    return "failure", exit_code(exc)
 
 
 def usage() -> str:

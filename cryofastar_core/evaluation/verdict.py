@@ -31,7 +31,7 @@ collapsed, the shipped weights' poses). ``ok`` means usable as the start of a lo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -252,3 +252,26 @@ def _verdict(significance: float, sharpness: float, coverage: float, cfg: Qualit
     return "ok", [f"particles match their poses far better than random ones (significance {significance:.2f}), "
                   f"better than poses {cfg.near_deg:.0f} deg away (sharpness {sharpness:.2f}), over a spread of "
                   f"viewing directions (coverage {coverage:.2f})"]
+
+
+# Maps built with more than this fraction of particles that show no evidence for any pose are not "ok": the
+# junk is averaged in (issue 24: 10 % junk in the maps put them 31 Å from the truth under an "ok" verdict).
+JUNK_IN_MAPS_DOUBTFUL = 0.05
+
+
+def with_junk(quality: PoseQuality, n_junk: int, n_judged: int, in_maps: bool) -> PoseQuality:
+    """``quality`` told about junk (:mod:`cryofastar_core.refine.junk`): ``n_junk`` of ``n_judged`` particles
+    show no evidence for any pose. Left out of the maps, they are a reason line; kept in them (``in_maps``)
+    above :data:`JUNK_IN_MAPS_DOUBTFUL`, an ``ok`` becomes ``doubtful``."""
+    if n_junk == 0:
+        return quality
+    fraction = n_junk / max(n_judged, 1)
+    if not in_maps:
+        line = (f"{n_junk} of {n_judged} particles ({fraction:.0%}) showed no evidence for any pose (junk): left out "
+                f"of the maps and written to junk.star")
+        return replace(quality, reasons=[*quality.reasons, line])
+    line = (f"{n_junk} of {n_judged} particles ({fraction:.0%}) show no evidence for any pose (junk) and were kept in "
+            f"the maps (--keep-junk)")
+    if quality.verdict == "ok" and fraction > JUNK_IN_MAPS_DOUBTFUL:
+        return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])
+    return replace(quality, reasons=[*quality.reasons, line])

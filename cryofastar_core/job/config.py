@@ -40,6 +40,8 @@ class JobConfig:
                                fix="use 0 (off) or a small number such as 3")
     refine_global: bool = option(True, "when refining, first assign every particle globally (15 deg grid) against "
                                  "the feed-forward map, so poses tens of degrees off can still be refined")
+    keep_junk: bool = option(False, "when refining, keep in the maps the particles that show no evidence for any "
+                             "pose (junk); they are found and reported either way")
     keep_fraction: float | None = option(None, "keep only this fraction of the most confident particles, e.g. 0.8",
                                          default_text="keep all", minimum=0, maximum=1, open_min=True,
                                          fix="use e.g. 0.8 to keep 80 %")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cryofastar_core import __version__
-from cryofastar_core.evaluation.verdict import PoseQuality
+from cryofastar_core.evaluation.verdict import PoseQuality, with_junk
 from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
@@ -112,6 +112,9 @@ class _Poses:
     keep: np.ndarray | None = None
     half: np.ndarray | None = None
     refinement: list[dict] = field(default_factory=list)
+    junk: np.ndarray | None = None  # (N,) bool: found by refinement's global passes (refine/junk.py)
+    junk_score: np.ndarray | None = None  # (N,) evidence in SDs of the good particles' (NaN: not refined)
+    junk_rule: dict = field(default_factory=dict)
 
 
 def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
@@ -237,10 +240,29 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     the same refined poses and refinement's last ``(full, half1, half2)`` maps (each pass's accumulators and
     poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`)."""
     with ctx.timer.stage("refine"):
-        poses.rotations, poses.shifts, poses.refinement, maps = refine_kept(
-            ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, inputs.apix, ctx.device,
-            ctx.progress, ctx.comm)
-    return maps
+        refined = refine_kept(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+                              inputs.apix, ctx.device, ctx.progress, ctx.comm)
+    poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, refined.history
+    poses.junk, poses.junk_score, poses.junk_rule = refined.junk, refined.junk_score, refined.junk_rule
+    _set_junk_apart(ctx, poses)
+    return refined.maps
+
+
+def _set_junk_apart(ctx: _Context, poses: _Poses) -> None:
+    """Junk leaves the kept set (refinement already left it out of the maps) unless ``keep_junk``; logged."""
+    n_junk, n_kept = int(poses.junk.sum()), int(poses.keep.sum())
+    if not poses.junk_rule:
+        return
+    if n_junk == 0:
+        log.info("junk: none found (every particle's best score is above what structureless images score)")
+        return
+    if ctx.cfg.keep_junk:
+        log.warning("junk: %d of %d particles (%.1f %%) show no evidence for any pose; kept in the maps (--keep-junk)",
+                    n_junk, n_kept, 100 * n_junk / n_kept)
+        return
+    poses.keep = poses.keep & ~poses.junk
+    log.info("junk: %d of %d particles (%.1f %%) show no evidence for any pose: left out of the maps, written to "
+             "junk.star", n_junk, n_kept, 100 * n_junk / n_kept)
 
 
 def _reconstruct(ctx: _Context, inputs: _Inputs, poses: _Poses, refined_maps: tuple | None) -> tuple | None:
@@ -271,8 +293,12 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     """Stage quality: the data-only verdict on the kept particles' poses against the half maps."""
     _, half1, half2, *_ = maps
     with ctx.timer.stage("quality"):
-        return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, (half1, half2),
-                              ctx.device)
+        quality = assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+                                 (half1, half2), ctx.device)
+    if poses.junk_rule:
+        quality = with_junk(quality, int(poses.junk.sum()), int((poses.keep | poses.junk).sum()),
+                            in_maps=ctx.cfg.keep_junk)
+    return quality
 
 
 def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality) -> Report:
@@ -280,7 +306,8 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
     full, half1, half2, freq, curve, res = maps
     with ctx.timer.stage("write"):
         outputs = write_outputs(ctx.out, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
-                                 poses.confidence, poses.est, full, half1, half2, freq, curve, inputs.apix, quality)
+                                poses.confidence, poses.est, full, half1, half2, freq, curve, inputs.apix, quality,
+                                poses.junk, poses.junk_score)
     ctx.timer.timings["total"] = round(time.perf_counter() - ctx.t_start, 3)
     est, particles, weights_info = poses.est, inputs.particles, inputs.weights_info
     report = Report(
@@ -289,6 +316,7 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
         n_chunks=int(est["n_chunks"]), apix=inputs.apix, box=int(particles.box), model_box=inputs.model_box,
         resolution_0143=None if quality.verdict == "failed" else float(res), timings_s=ctx.timer.timings,
         refinement=poses.refinement, outputs=outputs + [REPORT], resumed_from_poses=poses.resumed,
+        junk=_junk_summary(ctx, poses),
         processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"], refined=ctx.cfg.refine_iters > 0),
         quality=quality.to_dict())
     payload = json.loads(report.to_json())
@@ -296,6 +324,17 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
     with atomic_output(ctx.out / REPORT) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
     return report
+
+
+def _junk_summary(ctx: _Context, poses: _Poses) -> dict:
+    """``report.json`` → ``junk``: how many particles were found without evidence for any pose, whether
+    they are in the maps, and what the decision rested on (empty without refinement's global passes)."""
+    if not poses.junk_rule:
+        return {}
+    n_junk = int(poses.junk.sum())
+    n_judged = int((poses.keep | poses.junk).sum())
+    return {"n_flagged": n_junk, "fraction": round(n_junk / max(n_judged, 1), 4), "in_maps": bool(ctx.cfg.keep_junk),
+            "file": "junk.star" if n_junk and not ctx.cfg.keep_junk else None, "rule": poses.junk_rule}
 
 
 def _log_verdict(report: Report, quality: PoseQuality) -> None:

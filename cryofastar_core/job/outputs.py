@@ -14,36 +14,67 @@ from cryofastar_core.reconstruct import fsc_tsv
 from cryofastar_core.runtime.errors import InputError
 
 
-def write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
-                   keep: np.ndarray, confidence: np.ndarray, est: dict, full: torch.Tensor, half1: torch.Tensor,
-                   half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float,
-                   quality: PoseQuality) -> list[str]:
-    from cryofastar_core.evaluation.plots import confidence_histogram, fsc_plot, viewing_direction_plot
+# The per-particle junk evidence under a label RELION 3.1 knows (a z-score, as its Select job's): RELION's
+# own subset selection can then select on it.
+JUNK_SCORE_LABEL = "rlnParticleSelectZScore"
 
+
+def write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+                  keep: np.ndarray, confidence: np.ndarray, est: dict, full: torch.Tensor, half1: torch.Tensor,
+                  half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float,
+                  quality: PoseQuality, junk: np.ndarray | None = None,
+                  junk_score: np.ndarray | None = None) -> list[str]:
+    """Every output of a run, staged and moved into place together; returns the file names written.
+
+    ``keep`` ``(N,)``: the particles in the maps (written to ``particles.star``/``.cs``); ``junk`` ``(N,)``:
+    particles set apart as junk (written to ``junk.star``/``.cs`` when any is not in ``keep``);
+    ``junk_score`` ``(N,)``: every particle's evidence score, written as ``rlnParticleSelectZScore`` where
+    known."""
     with staged_output_dir(out) as stage:
-        # The per-particle confidence (0-1) under a label RELION 3.1 knows, so RELION programs keep it.
-        write_particles_star(particles, stage / "particles.star", rotations=rotations, shifts=shifts, half_set=half,
-                             extra_columns={CONFIDENCE_LABEL: confidence}, keep=keep)
-        if particles.source_format == "cryosparc":
-            write_particles_cs(particles, stage / "particles.cs", rotations, shifts, half_set=half, keep=keep)
-        write_map(stage / "map.mrc", full.cpu().numpy(), apix)
-        write_map(stage / "half1.mrc", half1.cpu().numpy(), apix)
-        write_map(stage / "half2.mrc", half2.cpu().numpy(), apix)
-        verdict = f"pose quality: {quality.verdict}"
-        if quality.verdict == "failed":
-            # The crossings would read as a resolution: the halves agree only on wrong poses.
-            fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", mark_crossings=False,
-                     title=f"half-map FSC: consistency only, NOT a resolution ({verdict})")
-        else:
-            fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", title=f"half-map FSC ({verdict})")
-        viewing_direction_plot(rotations[keep], stage / "viewing_directions.png",
-                               title=f"viewing directions (N = {int(keep.sum())}; SCF {quality.orientation.get('scf', float('nan')):.2f}; "
-                                     f"{verdict})")
-        confidence_histogram(confidence, stage / "confidence.png",
-                             threshold=float(confidence[keep].min()) if not keep.all() else None)
+        columns = {CONFIDENCE_LABEL: confidence}
+        if junk_score is not None and np.isfinite(junk_score).any():
+            columns[JUNK_SCORE_LABEL] = np.nan_to_num(junk_score, nan=0.0)
+        _write_particles(stage, "particles", particles, rotations, shifts, half, keep, columns)
+        set_apart = None if junk is None else junk & ~keep
+        if set_apart is not None and set_apart.any():
+            _write_particles(stage, "junk", particles, rotations, shifts, half, set_apart, columns)
+        for name, volume in (("map.mrc", full), ("half1.mrc", half1), ("half2.mrc", half2)):
+            write_map(stage / name, volume.cpu().numpy(), apix)
+        _write_plots(stage, rotations, keep, confidence, freq, curve, apix, quality, set_apart)
         (stage / "fsc.tsv").write_text(fsc_tsv(freq, curve, apix))
         names = sorted(p.name for p in stage.iterdir())
     return names
+
+
+def _write_particles(stage: Path, stem: str, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray,
+                     half: np.ndarray, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    """``<stem>.star`` (and ``<stem>.cs`` for CryoSPARC input) of the particles ``rows`` with their poses; the
+    per-particle ``columns`` under labels RELION 3.1 knows, so RELION programs keep them."""
+    write_particles_star(particles, stage / f"{stem}.star", rotations=rotations, shifts=shifts, half_set=half,
+                         extra_columns=columns, keep=rows)
+    if particles.source_format == "cryosparc":
+        write_particles_cs(particles, stage / f"{stem}.cs", rotations, shifts, half_set=half, keep=rows)
+
+
+def _write_plots(stage: Path, rotations: np.ndarray, keep: np.ndarray, confidence: np.ndarray, freq: torch.Tensor,
+                 curve: torch.Tensor, apix: float, quality: PoseQuality, set_apart: np.ndarray | None) -> None:
+    """``fsc.png`` (no crossings marked when the verdict failed), ``viewing_directions.png``, ``confidence.png``."""
+    from cryofastar_core.evaluation.plots import confidence_histogram, fsc_plot, viewing_direction_plot
+
+    verdict = f"pose quality: {quality.verdict}"
+    if quality.verdict == "failed":
+        # The crossings would read as a resolution: the halves agree only on wrong poses.
+        fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", mark_crossings=False,
+                 title=f"half-map FSC: consistency only, NOT a resolution ({verdict})")
+    else:
+        fsc_plot(freq, {"half 1 vs half 2": curve}, apix, stage / "fsc.png", title=f"half-map FSC ({verdict})")
+    scf = quality.orientation.get("scf", float("nan"))
+    viewing_direction_plot(rotations[keep], stage / "viewing_directions.png",
+                           title=f"viewing directions (N = {int(keep.sum())}; SCF {scf:.2f}; {verdict})")
+    # The confidence threshold is the selection by confidence: junk set apart later does not move it.
+    selected = keep if set_apart is None else keep | set_apart
+    confidence_histogram(confidence, stage / "confidence.png",
+                         threshold=float(confidence[selected].min()) if not selected.all() else None)
 
 
 def refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:

@@ -3,6 +3,8 @@ and the data-only verdict on them. Each takes the particle set and returns array
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -61,27 +63,52 @@ def kept_by_confidence(cfg: JobConfig, confidence: np.ndarray) -> np.ndarray:
     return keep
 
 
+@dataclass
+class Refined:
+    """What the refine stage gives the run, over all ``N`` particles: new ``rotations`` ``(N, 3, 3)`` and
+    ``shifts`` ``(N, 2)`` (unchanged where not refined), the refinement ``history``, its last
+    ``(full, half1, half2)`` maps (without the junk unless ``keep_junk``), ``junk`` ``(N,)`` bool (particles
+    with no evidence for any pose), ``junk_score`` ``(N,)`` (their evidence in SDs of the good particles';
+    NaN where not refined) and ``junk_rule`` (:mod:`cryofastar_core.refine.junk`; empty without a global pass)."""
+
+    rotations: np.ndarray
+    shifts: np.ndarray
+    history: list[dict]
+    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    junk: np.ndarray
+    junk_score: np.ndarray
+    junk_rule: dict = field(default_factory=dict)
+
+
 def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
-            keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None,
-            comm: Communicator | None = None
-            ) -> tuple[np.ndarray, np.ndarray, list[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None,
+                comm: Communicator | None = None) -> Refined:
+    """Refine the ``keep`` particles' poses (:func:`cryofastar_core.refine.driver.refine_poses`), finding junk
+    in the global passes; ``cfg.keep_junk`` keeps it in the maps."""
     from cryofastar_core.refine.driver import RefineConfig, refine_poses
 
     idx = np.flatnonzero(keep)
-
-    def load(local: np.ndarray) -> torch.Tensor:
-        g = idx[local]
-        return torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32, device=device)
-
     ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
-    result = refine_poses(load, ctf, apix, rotations[idx], shifts[idx], half[idx],
-                          RefineConfig(iterations=cfg.refine_iters,
-                                       global_step_deg=RefineConfig.global_step_deg if cfg.refine_global else None),
-                          device=device, progress=progress, comm=comm)
+    rcfg = RefineConfig(iterations=cfg.refine_iters, exclude_junk=not cfg.keep_junk,
+                        global_step_deg=RefineConfig.global_step_deg if cfg.refine_global else None)
+    result = refine_poses(partial(_signed_images, particles, idx, device), ctf, apix, rotations[idx], shifts[idx],
+                          half[idx], rcfg, device=device, progress=progress, comm=comm)
     rotations, shifts = rotations.copy(), shifts.copy()
     rotations[idx] = np.asarray(result.rotations)
     shifts[idx] = np.asarray(result.shifts)
-    return rotations, shifts, [dict(h) for h in result.history], (result.full, result.half1, result.half2)
+    junk = np.zeros(len(keep), dtype=bool)
+    score = np.full(len(keep), np.nan)
+    if result.junk is not None:
+        junk[idx] = result.junk.numpy()
+        score[idx] = result.junk_score.numpy()
+    return Refined(rotations, shifts, [dict(h) for h in result.history], (result.full, result.half1, result.half2),
+                   junk, score, dict(result.junk_rule))
+
+
+def _signed_images(particles: ParticleSet, idx: np.ndarray, device: torch.device, local: np.ndarray) -> torch.Tensor:
+    """Images ``(n, D, D)`` of the particles ``idx[local]``, contrast sign applied, on ``device``."""
+    g = idx[local]
+    return torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32, device=device)
 
 
 def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,

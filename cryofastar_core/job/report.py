@@ -33,6 +33,7 @@ class Report:
     processes: int = 1  # ranks of a distributed (torchrun) run
     pose_warning: str = ""  # what the weights' held-out accuracy says of these poses (pose_trust_note)
     quality: dict = field(default_factory=dict)  # the data-only verdict (cryofastar_core.evaluation.verdict.PoseQuality)
+    junk: dict = field(default_factory=dict)  # particles without evidence for any pose (refine/junk.py)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)

@@ -54,6 +54,11 @@ class RefineConfig:
     register_radius_deg: float = 20.0
     register_max_shift_px: float = 3.0
     centre_origin: bool = True
+    # Junk (refine/junk.py): flagged in every global pass from the data; excluded from the maps unless off.
+    detect_junk: bool = True
+    exclude_junk: bool = True
+    junk_null_every: int = 8
+    junk_min_bic_gain: float = 10.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting no pass can work with."""

@@ -29,6 +29,10 @@ during global passes over all rotations and both hands, since from a blurred sta
 the mirror image; during local iterations within ``register_radius_deg``), and half 2's new poses and
 shifts follow it as they are made, so the next maps share one frame; the frame is shared, nothing else.
 
+**Junk.** Every global pass also weighs each particle's evidence for its pose against what structureless
+images of the same data score (:mod:`cryofastar_core.refine.junk`); particles with none are left out of
+the maps from the next pass on (``exclude_junk``), and reported.
+
 **One origin.** The frame's origin is as free as its orientation and drifts over the passes. With
 ``centre_origin`` the shifts are moved so that the maps' centre of mass sits at the box centre, and the
 maps are rebuilt from them (one more reconstruction pass): the origin the feed-forward shifts (image
@@ -123,7 +127,10 @@ class RefineResult:
     pass if it ran ("global"), then each local iteration ("local", ``iteration`` 1, 2, ...), with the
     masked half-map FSC (``fsc``, per shell), ``resolution_0143``/``resolution_05`` (Å), ``seconds`` and,
     after the start, the search settings used and how far the poses moved (``median_rotation_change_deg``).
-    ``half1``, ``half2``, ``full``: the final maps ``(D, D, D)`` on ``device`` (unmasked).
+    ``half1``, ``half2``, ``full``: the final maps ``(D, D, D)`` on ``device`` (unmasked), without the junk
+    when ``exclude_junk``. ``junk`` ``(N,)`` bool: the particles the last global pass found no evidence
+    for; ``junk_score`` ``(N,)``: every particle's evidence score (low for junk); ``junk_rule``: what the
+    decision rested on (:mod:`cryofastar_core.refine.junk`). ``None`` / empty without a global pass.
     """
 
     rotations: Tensor
@@ -132,6 +139,9 @@ class RefineResult:
     half1: Tensor | None = None
     half2: Tensor | None = None
     full: Tensor | None = None
+    junk: Tensor | None = None
+    junk_score: Tensor | None = None
+    junk_rule: dict = field(default_factory=dict)
 
 
 def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float,
@@ -170,4 +180,4 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
         move_origin(st)
     full = final_maps(st)
     return RefineResult(rotations=st.R, shifts=st.s, history=st.history, half1=st.maps[0], half2=st.maps[1],
-                        full=full)
+                        full=full, junk=st.junk, junk_score=st.junk_score, junk_rule=st.junk_rule)

@@ -19,6 +19,7 @@ from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.refine.config import matching_shells
 from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, so3_grid
 from cryofastar_core.refine.grids import ball_grid, shift_grid
+from cryofastar_core.refine.junk import flag_junk, randomised_phases
 from cryofastar_core.refine.matching import FourierBand, candidate_scores
 from cryofastar_core.refine.scan import (PassPlan, PassTally, band_fields, frame_fields, fsc_entry, fsc_filter,
                                          half_frame, moved_fields, record, run_matching_pass)
@@ -116,8 +117,31 @@ def _global_step(st: RefineState, plan: _GlobalPlan, k: int, X: Tensor, gi: Tens
         stay = (here_best >= best).cpu()
         R_new = torch.where(stay[:, None, None], st.R[gi], R_new)
         s_new = torch.where(stay[:, None], st.s[gi] + plan.deltas[here_t.cpu()], s_new)
+        best = torch.maximum(best, here_best)
     tally.record(st.R[gi], R_new, st.s[gi], s_new, gi)
+    if tally.evidence is not None:
+        _record_evidence(st, plan, k, X, gi, w, ctf_k, best, tally)
     return R_new, s_new
+
+
+def _record_evidence(st: RefineState, plan: _GlobalPlan, k: int, X: Tensor, gi: Tensor, w: Tensor,
+                     ctf_k: CTFParams | None, best: Tensor, tally: PassTally) -> None:
+    """The particles' evidence (``best`` ``(n,)``, the score of the pose each keeps) and, for every
+    ``junk_null_every``-th particle, its phase-randomised copy's best grid score (:mod:`cryofastar_core.refine.junk`).
+    The phases are drawn from the particles' own indices, so every rank and every rerun draws the same."""
+    tally.evidence.append(best.detach().double().cpu())
+    null = torch.zeros(gi.shape[0], dtype=torch.float64)
+    chosen = (gi % st.cfg.junk_null_every == 0)
+    if bool(chosen.any()):
+        pick = torch.nonzero(chosen).flatten()
+        gen = torch.Generator().manual_seed(int(gi[pick[0]]) + 7919 * st.cfg.junk_null_every)
+        X_null = randomised_phases(X[pick.to(X.device)], gen)
+        ctf_null = None if ctf_k is None else ctf_k.index(pick.to(st.device))
+        _, _, best_null = best_on_grid(plan.projections[k - 1], plan.band, X_null, st.s[gi[pick]], plan.deltas, w,
+                                       ctf_null, st.apix)
+        null[pick] = best_null.detach().double().cpu()
+    tally.null.append(null)
+    tally.null_mask.append(chosen.double())
 
 
 def global_pass(st: RefineState, number: int) -> dict:
@@ -127,14 +151,27 @@ def global_pass(st: RefineState, number: int) -> dict:
     cfg = st.cfg
     t0 = time.perf_counter()
     plan = _global_plan(st)
-    moved_deg, moved_px, _ = run_matching_pass(st, plan, _global_step, "refine: global search", PassTally())
+    tally = PassTally(evidence=[], null=[], null_mask=[]) if cfg.detect_junk else PassTally()
+    values, _ = run_matching_pass(st, plan, _global_step, "refine: global search", tally)
+    moved_deg, moved_px = values[:2]
     entry = fsc_entry(number + 1, st.freq, st.curve, st.apix, "global", t0)
     entry.update(angle_step_deg=float(cfg.global_step_deg), n_rotations=int(plan.grid.shape[0]),
                  n_shifts=int(plan.deltas.shape[0]), **band_fields(st, plan), **moved_fields(moved_deg, moved_px),
                  **frame_fields(plan.frame),
                  fraction_moved=float((moved_deg > cfg.global_step_deg / 2).double().mean()))
+    if cfg.detect_junk:
+        entry.update(junk=_decide_junk(st, *values[2:]))
     record(st, entry)
     return entry
+
+
+def _decide_junk(st: RefineState, evidence: Tensor, null: Tensor, null_mask: Tensor) -> dict:
+    """This pass's junk decision from every particle's ``evidence`` ``(N,)`` and the null scores ``null``
+    where ``null_mask`` ``(N,)`` is 1; kept in the state for the next pass's maps. Returns the rule for the
+    history."""
+    junk, z, rule = flag_junk(evidence, null[null_mask > 0], st.cfg.junk_min_bic_gain)
+    st.junk, st.junk_score, st.junk_rule = junk, z, rule.to_dict()
+    return st.junk_rule
 
 
 def global_search(st: RefineState) -> None:
@@ -221,7 +258,7 @@ def local_iteration(st: RefineState, it: int) -> None:
     cfg = st.cfg
     t0 = time.perf_counter()
     plan = _local_plan(st, it)
-    moved_deg, moved_px, (edge_rot, edge_shift) = run_matching_pass(
+    (moved_deg, moved_px), (edge_rot, edge_shift) = run_matching_pass(
         st, plan, _local_step, f"refine {it + 1}/{cfg.iterations}", PassTally(at_edge=[0, 0]))
     N = st.n
     entry = fsc_entry(it + 1, st.freq, st.curve, st.apix, "local", t0)

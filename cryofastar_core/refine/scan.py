@@ -90,12 +90,22 @@ class PassTally:
     moved_px: list[Tensor] = field(default_factory=list)
     rows: list[Tensor] = field(default_factory=list)
     at_edge: list[int] | None = None
+    # Global passes: each particle's evidence (the score of the pose it keeps) and, for every
+    # junk_null_every-th particle, the score of its phase-randomised copy (null_mask 1 where scored).
+    evidence: list[Tensor] | None = None
+    null: list[Tensor] | None = None
+    null_mask: list[Tensor] | None = None
 
     def record(self, R_old: Tensor, R_new: Tensor, s_old: Tensor, s_new: Tensor, rows: Tensor) -> None:
         """Particles ``rows`` ``(n,)`` go from ``R_old``, ``s_old`` to ``R_new`` ``(n, 3, 3)``, ``s_new`` ``(n, 2)``."""
         self.moved_deg.append(rotation_angle_deg(R_old, R_new))
         self.moved_px.append(torch.linalg.norm(s_new - s_old, dim=-1))
         self.rows.append(rows)
+
+    def per_particle(self) -> tuple[list[Tensor], ...]:
+        """The per-particle lists, in the order :func:`run_matching_pass` returns them."""
+        extra = () if self.evidence is None else (self.evidence, self.null, self.null_mask)
+        return (self.moved_deg, self.moved_px, *extra)
 
 
 # step(state, plan, k, X, gi, w, tally) -> (R_new, s_new): the new poses of the particles gi of half k, whose
@@ -155,20 +165,24 @@ def matching_scan(st: RefineState, plan: PassPlan, step: Step, stage: str, new_b
 
 
 def run_matching_pass(st: RefineState, plan: PassPlan, step: Step, stage: str,
-                      tally: PassTally) -> tuple[Tensor, Tensor, list[int]]:
+                      tally: PassTally) -> tuple[list[Tensor], list[int]]:
     """One pass over the data on every rank, then its sums shared and its maps made the current ones.
 
-    Returns how far the poses turned (degrees) and moved (px), ``(N,)`` each (this rank's particles in
-    reading order with one process), and the tally's ``at_edge`` counts summed over the ranks.
+    Returns the tally's per-particle values (:meth:`PassTally.per_particle`: how far the poses turned,
+    degrees, and moved, px; in global passes also the evidence, null scores and null mask), each ``(N,)``
+    indexed by particle, and the tally's ``at_edge`` counts summed over the ranks.
     """
     next_spectrum = PowerSpectrum(st.box, st.device)
     new_bps = st.new_backprojectors()
     st.on_every_rank(matching_scan, st, plan, step, stage, new_bps, next_spectrum, tally)
-    (moved_deg, moved_px), counts = st.end_pass(new_bps, next_spectrum, tally.rows,
-                                                (tally.moved_deg, tally.moved_px), tuple(tally.at_edge or ()))
+    values, counts = st.end_pass(new_bps, next_spectrum, tally.rows, tally.per_particle(),
+                                 tuple(tally.at_edge or ()))
+    if not st.distributed and tally.rows:  # one process: in reading order; put each value at its particle
+        rows = torch.cat(tally.rows)
+        values = [torch.zeros(st.n, dtype=v.dtype).index_copy_(0, rows, v.cpu()) for v in values]
     st.spectrum = next_spectrum
     st.set_maps([bp.finalize() for bp in new_bps], new_bps)
-    return moved_deg, moved_px, counts
+    return values, counts
 
 
 def fsc_entry(iteration: int, freq: Tensor, curve: Tensor, apix: float, stage: str, t0: float) -> dict:
@@ -200,7 +214,10 @@ def record(st: RefineState, entry: dict) -> None:
     """Append a pass's ``entry`` to the history, log it, and show the caller the poses it produced."""
     st.history.append(entry)
     name = "global pass" if entry["stage"] == "global" else "local iteration"
-    log.info("refinement %s %d: poses moved %.1f deg (median), half-map FSC 0.143 at %.1f Å, %.1f s", name,
-             entry["iteration"], entry["median_rotation_change_deg"], entry["resolution_0143"], entry["seconds"])
+    junk = entry.get("junk")
+    flagged = f", {junk['n_flagged']} particles without evidence for any pose (junk)" if junk else ""
+    log.info("refinement %s %d: poses moved %.1f deg (median), half-map FSC 0.143 at %.1f Å, %.1f s%s", name,
+             entry["iteration"], entry["median_rotation_change_deg"], entry["resolution_0143"], entry["seconds"],
+             flagged)
     if st.on_stage:
         st.on_stage(entry, st.R, st.s)

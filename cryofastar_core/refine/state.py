@@ -68,6 +68,9 @@ class RefineState:
     bps: list[Backprojector] | None = None
     freq: Tensor | None = None
     curve: Tensor | None = None
+    junk: Tensor | None = None  # (N,) bool: particles the last global pass found no evidence for (refine/junk.py)
+    junk_score: Tensor | None = None  # (N,) float64: their log-evidence in SDs of the good particles'
+    junk_rule: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -107,8 +110,14 @@ class RefineState:
 
     def insert_chunk(self, bps: list[Backprojector], idx: np.ndarray, imgs: Tensor) -> None:
         """Insert the chunk ``imgs`` ``(n, D, D)`` of particles ``idx`` at their current poses, each into its
-        own half's back-projector (the one half-set routine every reconstruction goes through)."""
+        own half's back-projector (the one half-set routine every reconstruction goes through); particles
+        flagged as junk are left out (``exclude_junk``)."""
         gi = torch.as_tensor(idx)
+        if self.junk is not None and self.cfg.exclude_junk:
+            use = ~self.junk[gi]
+            if not bool(use.any()):
+                return
+            gi, imgs = gi[use], imgs[use.to(imgs.device)]
         dev = self.device
         insert_half_sets(bps, imgs, self.R[gi].to(dev, torch.float32), self.half[gi],
                          shifts=self.s[gi].to(dev, torch.float32), ctf=self.ctf_of(gi), apix=self.apix)

@@ -53,7 +53,7 @@ def test_noise_images_are_set_apart_and_reported(junk_star, tiny_weights, tmp_pa
     assert len(flagged & noise) >= 0.9 * N_JUNK and len(flagged - noise) <= 0.02 * (N - N_JUNK)
     assert not flagged & kept and len(flagged | kept) == N and report.n_kept == len(kept)
     assert data["junk"]["n_flagged"] == len(flagged) and data["junk"]["in_maps"] is False
-    assert data["junk"]["file"] == "junk.star" and "junk.star" in data["outputs"]
+    assert data["junk"]["file"] == "junk.star" and {"junk.star", "junk.png"} <= set(data["outputs"])
     assert any("no evidence for any pose (junk): left out of the maps" in r for r in data["quality"]["reasons"])
     # Every particle carries its evidence score under a label RELION knows; the junk's are the lowest.
     scores = starfile.read(out / "junk.star", always_dict=True)["particles"]["rlnParticleSelectZScore"]

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from cryofastar_core.io import atomic_output  # noqa: E402
 
-__all__ = ["fsc_plot", "viewing_directions", "viewing_direction_plot", "confidence_histogram",
+__all__ = ["fsc_plot", "viewing_directions", "viewing_direction_plot", "confidence_histogram", "junk_histogram",
            "loss_curves"]
 
 
@@ -170,6 +170,29 @@ def viewing_direction_plot(rotations, path: str | os.PathLike, bins: tuple[int, 
     ax.set_xlabel("azimuth (RELION rot)", fontsize=9)
     ax.set_ylabel("elevation (90° − tilt)", fontsize=9)
     ax.set_title(title or f"viewing directions (N = {az.size})", fontsize=10, pad=8)
+    return _save(fig, path)
+
+
+def junk_histogram(scores, flagged, path: str | os.PathLike, null_score: float | None = None,
+                   bins: int = 60, title: str | None = None) -> Path:
+    """Histogram of the particles' evidence scores (``rlnParticleSelectZScore``: log-evidence in SDs of the
+    good particles'), the ones set apart as junk in another colour, and where structureless images score
+    (``null_score``, the phase-randomised copies' median on the same scale)."""
+    s = _to_numpy(scores).ravel()
+    f = _to_numpy(flagged).ravel().astype(bool)
+    ok = np.isfinite(s)
+    s, f = s[ok], f[ok]
+    edges = np.histogram_bin_edges(s, bins=bins) if s.size else np.linspace(-1, 1, bins + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(s[~f], bins=edges, color="tab:blue", alpha=0.8, label=f"kept ({int((~f).sum())})")
+    if f.any():
+        ax.hist(s[f], bins=edges, color="tab:red", alpha=0.8, label=f"junk: no evidence for any pose ({int(f.sum())})")
+    if null_score is not None and math.isfinite(null_score):
+        ax.axvline(null_score, color="black", ls="--", lw=1.2, label="structureless images (median)")
+    ax.set_xlabel("evidence for the pose (SDs from the good particles' mean, log scale)")
+    ax.set_ylabel("particles")
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"junk detection (N = {s.size})", fontsize=10)
     return _save(fig, path)
 
 

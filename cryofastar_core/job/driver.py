@@ -307,7 +307,7 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
     with ctx.timer.stage("write"):
         outputs = write_outputs(ctx.out, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
                                 poses.confidence, poses.est, full, half1, half2, freq, curve, inputs.apix, quality,
-                                poses.junk, poses.junk_score)
+                                poses.junk, poses.junk_score, poses.junk_rule)
     ctx.timer.timings["total"] = round(time.perf_counter() - ctx.t_start, 3)
     est, particles, weights_info = poses.est, inputs.particles, inputs.weights_info
     report = Report(

@@ -23,13 +23,13 @@ def write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shif
                   keep: np.ndarray, confidence: np.ndarray, est: dict, full: torch.Tensor, half1: torch.Tensor,
                   half2: torch.Tensor, freq: torch.Tensor, curve: torch.Tensor, apix: float,
                   quality: PoseQuality, junk: np.ndarray | None = None,
-                  junk_score: np.ndarray | None = None) -> list[str]:
+                  junk_score: np.ndarray | None = None, junk_rule: dict | None = None) -> list[str]:
     """Every output of a run, staged and moved into place together; returns the file names written.
 
     ``keep`` ``(N,)``: the particles in the maps (written to ``particles.star``/``.cs``); ``junk`` ``(N,)``:
     particles set apart as junk (written to ``junk.star``/``.cs`` when any is not in ``keep``);
     ``junk_score`` ``(N,)``: every particle's evidence score, written as ``rlnParticleSelectZScore`` where
-    known."""
+    known; ``junk_rule``: the decision's figures (:mod:`cryofastar_core.refine.junk`), for ``junk.png``."""
     with staged_output_dir(out) as stage:
         columns = {CONFIDENCE_LABEL: confidence}
         if junk_score is not None and np.isfinite(junk_score).any():
@@ -41,6 +41,8 @@ def write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shif
         for name, volume in (("map.mrc", full), ("half1.mrc", half1), ("half2.mrc", half2)):
             write_map(stage / name, volume.cpu().numpy(), apix)
         _write_plots(stage, rotations, keep, confidence, freq, curve, apix, quality, set_apart)
+        if junk is not None and junk_rule:
+            _write_junk_plot(stage, junk, junk_score, junk_rule)
         (stage / "fsc.tsv").write_text(fsc_tsv(freq, curve, apix))
         names = sorted(p.name for p in stage.iterdir())
     return names
@@ -75,6 +77,18 @@ def _write_plots(stage: Path, rotations: np.ndarray, keep: np.ndarray, confidenc
     selected = keep if set_apart is None else keep | set_apart
     confidence_histogram(confidence, stage / "confidence.png",
                          threshold=float(confidence[selected].min()) if not selected.all() else None)
+
+
+def _write_junk_plot(stage: Path, junk: np.ndarray, junk_score: np.ndarray, rule: dict) -> None:
+    """``junk.png``: the refined particles' evidence scores, the junk in red, and where structureless images
+    score on the same scale (the null's median, in SDs of the good mode when a split was taken)."""
+    from cryofastar_core.evaluation.plots import junk_histogram
+
+    null = rule.get("null_median")
+    null_z = ((null - rule["mean_high"]) / rule["sd_high"]) if rule.get("split") and null is not None else None
+    refined = np.isfinite(junk_score)
+    junk_histogram(junk_score[refined], junk[refined], stage / "junk.png", null_score=null_z,
+                   title=f"junk detection: {int(junk.sum())} of {int(refined.sum())} particles without evidence")
 
 
 def refuse_overwriting_inputs(particles: ParticleSet, out: Path) -> None:

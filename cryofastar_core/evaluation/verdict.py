@@ -267,10 +267,10 @@ def with_junk(quality: PoseQuality, n_junk: int, n_judged: int, in_maps: bool) -
         return quality
     fraction = n_junk / max(n_judged, 1)
     if not in_maps:
-        line = (f"{n_junk} of {n_judged} particles ({fraction:.0%}) showed no evidence for any pose (junk): left out "
+        line = (f"{n_junk} of {n_judged} particles ({fraction:.1%}) showed no evidence for any pose (junk): left out "
                 f"of the maps and written to junk.star")
         return replace(quality, reasons=[*quality.reasons, line])
-    line = (f"{n_junk} of {n_judged} particles ({fraction:.0%}) show no evidence for any pose (junk) and were kept in "
+    line = (f"{n_junk} of {n_judged} particles ({fraction:.1%}) show no evidence for any pose (junk) and were kept in "
             f"the maps (--keep-junk)")
     if quality.verdict == "ok" and fraction > JUNK_IN_MAPS_DOUBTFUL:
         return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])

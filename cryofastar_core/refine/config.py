@@ -73,6 +73,8 @@ class RefineConfig:
             raise ValueError("RefineConfig.shrink must be in (0, 1]")
         if self.pad < 1:
             raise ValueError("RefineConfig.pad must be >= 1")
+        if self.junk_null_every < 1:
+            raise ValueError("RefineConfig.junk_null_every must be at least 1")
         if self.global_step_deg is not None and not 3.0 <= self.global_step_deg <= 45.0:
             raise ValueError("RefineConfig.global_step_deg must be None (off) or in [3, 45]")
 

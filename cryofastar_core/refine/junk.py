@@ -1,9 +1,9 @@
 """Junk found from the data alone: particles with no evidence for any pose are set apart from the maps.
 
 Every global pass already scores each particle at every orientation of a grid against its own half map
-(:mod:`cryofastar_core.refine.global_pass`). A particle's **evidence** is the score of the pose it keeps
-(the CTF-aware, noise-whitened matched filter; the best grid pose, or its current one when that scores
-higher). An image of pure noise or of ice has nothing to match: its best score is the extreme of chance.
+(:mod:`cryofastar_core.refine.global_pass`). A particle's **evidence** is its best score on that grid (the
+CTF-aware, noise-whitened matched filter); not the score at its current pose, where its own image is in
+the map and lifts it above anything the null below can reach. An image of pure noise or of ice has nothing to match: its best score is the extreme of chance.
 So the logarithm of the evidence is bimodal in a set with junk, and unimodal in a clean one.
 
 The threshold comes from the data, in two parts:

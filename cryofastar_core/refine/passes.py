@@ -108,6 +108,10 @@ def _global_step(st: RefineState, plan: _GlobalPlan, k: int, X: Tensor, gi: Tens
     ``X`` ``(n, P)``, weight ``w`` ``(P,)``): the best grid rotation and shift offset."""
     ctf_k = st.ctf_of(gi)
     j, t, best = best_on_grid(plan.projections[k - 1], plan.band, X, st.s[gi], plan.deltas, w, ctf_k, st.apix)
+    if tally.evidence is not None:
+        # The grid's best, not the current pose's score: the particle sits in its own half map at its
+        # current pose, which would lift its score above what the null (grid only) can reach.
+        _record_evidence(st, plan, k, X, gi, w, ctf_k, best, tally)
     R_new, s_new = plan.grid[j.cpu()], st.s[gi] + plan.deltas[t.cpu()]
     if st.cfg.global_keep_better:
         # A pose already better than every grid point (a good feed-forward pose) is kept.
@@ -117,25 +121,22 @@ def _global_step(st: RefineState, plan: _GlobalPlan, k: int, X: Tensor, gi: Tens
         stay = (here_best >= best).cpu()
         R_new = torch.where(stay[:, None, None], st.R[gi], R_new)
         s_new = torch.where(stay[:, None], st.s[gi] + plan.deltas[here_t.cpu()], s_new)
-        best = torch.maximum(best, here_best)
     tally.record(st.R[gi], R_new, st.s[gi], s_new, gi)
-    if tally.evidence is not None:
-        _record_evidence(st, plan, k, X, gi, w, ctf_k, best, tally)
     return R_new, s_new
 
 
 def _record_evidence(st: RefineState, plan: _GlobalPlan, k: int, X: Tensor, gi: Tensor, w: Tensor,
                      ctf_k: CTFParams | None, best: Tensor, tally: PassTally) -> None:
-    """The particles' evidence (``best`` ``(n,)``, the score of the pose each keeps) and, for every
-    ``junk_null_every``-th particle, its phase-randomised copy's best grid score (:mod:`cryofastar_core.refine.junk`).
-    The phases are drawn from the particles' own indices, so every rank and every rerun draws the same."""
+    """The particles' evidence (``best`` ``(n,)``, their best grid score) and, for every ``junk_null_every``-th
+    particle, its phase-randomised copy's best grid score (:mod:`cryofastar_core.refine.junk`). Each copy's
+    phases are drawn from its particle's own index, so any split into chunks and ranks draws the same."""
     tally.evidence.append(best.detach().double().cpu())
     null = torch.zeros(gi.shape[0], dtype=torch.float64)
     chosen = (gi % st.cfg.junk_null_every == 0)
     if bool(chosen.any()):
         pick = torch.nonzero(chosen).flatten()
-        gen = torch.Generator().manual_seed(int(gi[pick[0]]) + 7919 * st.cfg.junk_null_every)
-        X_null = randomised_phases(X[pick.to(X.device)], gen)
+        X_null = torch.cat([randomised_phases(X[int(i):int(i) + 1], torch.Generator().manual_seed(int(gi[i])))
+                            for i in pick])
         ctf_null = None if ctf_k is None else ctf_k.index(pick.to(st.device))
         _, _, best_null = best_on_grid(plan.projections[k - 1], plan.band, X_null, st.s[gi[pick]], plan.deltas, w,
                                        ctf_null, st.apix)
@@ -158,11 +159,20 @@ def global_pass(st: RefineState, number: int) -> dict:
     entry.update(angle_step_deg=float(cfg.global_step_deg), n_rotations=int(plan.grid.shape[0]),
                  n_shifts=int(plan.deltas.shape[0]), **band_fields(st, plan), **moved_fields(moved_deg, moved_px),
                  **frame_fields(plan.frame),
-                 fraction_moved=float((moved_deg > cfg.global_step_deg / 2).double().mean()))
+                 fraction_moved=_fraction_moved(st, moved_deg))
     if cfg.detect_junk:
         entry.update(junk=_decide_junk(st, *values[2:]))
     record(st, entry)
     return entry
+
+
+def _fraction_moved(st: RefineState, moved_deg: Tensor) -> float:
+    """The share of the particles whose pose moved by more than half the grid step: what decides that the
+    global passes have settled. Junk found by an earlier pass does not count (its best grid pose wanders)."""
+    moved = moved_deg > st.cfg.global_step_deg / 2
+    if st.junk is not None and bool((~st.junk).any()):
+        moved = moved[~st.junk]
+    return float(moved.double().mean())
 
 
 def _decide_junk(st: RefineState, evidence: Tensor, null: Tensor, null_mask: Tensor) -> dict:
@@ -170,6 +180,8 @@ def _decide_junk(st: RefineState, evidence: Tensor, null: Tensor, null_mask: Ten
     where ``null_mask`` ``(N,)`` is 1; kept in the state for the next pass's maps. Returns the rule for the
     history."""
     junk, z, rule = flag_junk(evidence, null[null_mask > 0], st.cfg.junk_min_bic_gain)
+    if bool(junk.any()) and st.cfg.exclude_junk:
+        st.bps = None  # this pass's maps hold the junk it found: the final maps are rebuilt if no pass follows
     st.junk, st.junk_score, st.junk_rule = junk, z, rule.to_dict()
     return st.junk_rule
 

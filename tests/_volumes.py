@@ -1,4 +1,5 @@
-"""Small test densities for the refinement and registration tests (written by hand, not by the code under test)."""
+"""Small test densities and particle sets for the refinement, registration and junk tests (densities written
+by hand, not by the code under test)."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +27,22 @@ def blob_volume(box: int, n_blobs: int = 12, seed: int = 0, centred: bool = Fals
         ramp = torch.exp(2j * torch.pi * (kx * com[0] + ky * com[1] + kz * com[2]))  # out(p) = vol(p + com)
         vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.fftn(torch.fft.ifftshift(w)) * ramp)).real.float()
     return vol
+
+
+def blob_particles(n: int, box: int, apix: float, g: torch.Generator):
+    """``n`` views of :func:`blob_volume` at SNR 1 with CTF (defocus 0.4-1.0 um: at box 32 a larger one
+    spreads the signal past the box) and shifts within 2 px, drawn from ``g``: ``(R (n, 3, 3) float64,
+    s (n, 2) float64, ctf, images (n, box, box))``."""
+    from cryofastar_core.geometry import random_rotations
+    from cryofastar_core.physics.ctf import CTFParams
+    from cryofastar_core.physics.projection import prepare_volume
+    from cryofastar_core.simulation.images import simulate_images
+
+    R = random_rotations(n, g, dtype=torch.float64)
+    s = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 2
+    dfu = 4000 + 6000 * torch.rand(n, generator=g, dtype=torch.float64)
+    ctf = CTFParams.from_arrays(dict(defocus_u=dfu, defocus_v=dfu - 300, defocus_angle=torch.rand(n, generator=g) * 180,
+                                     voltage=300.0, cs=2.7, amplitude_contrast=0.1))
+    _, images = simulate_images(prepare_volume(blob_volume(box)), R.float(), s.float(), ctf, apix, snr=1.0,
+                                generator=g)
+    return R, s, ctf, images

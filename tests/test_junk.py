@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from _volumes import blob_volume
+from _volumes import blob_particles
 
 from cryofastar_core.evaluation.metrics import rotation_errors
 from cryofastar_core.geometry import random_rotations, rotvec_to_matrix
-from cryofastar_core.physics.ctf import CTFParams
-from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.refine.driver import RefineConfig, refine_poses
 from cryofastar_core.refine.junk import flag_junk, randomised_phases
-from cryofastar_core.simulation.images import simulate_images
 
 BOX, APIX, N_GOOD, N_JUNK = 32, 3.0, 300, 100
 
@@ -58,13 +55,7 @@ def with_noise_junk():
     ``N_JUNK`` pure-noise images of the same variance at random poses, shuffled together."""
     g = torch.Generator().manual_seed(1)
     n = N_GOOD + N_JUNK
-    R = random_rotations(n, g, dtype=torch.float64)
-    s = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 2
-    dfu = 4000 + 6000 * torch.rand(n, generator=g, dtype=torch.float64)
-    ctf = CTFParams.from_arrays(dict(defocus_u=dfu, defocus_v=dfu - 300, defocus_angle=torch.rand(n, generator=g) * 180,
-                                     voltage=300.0, cs=2.7, amplitude_contrast=0.1))
-    _, images = simulate_images(prepare_volume(blob_volume(BOX)), R.float(), s.float(), ctf, APIX, snr=1.0,
-                                generator=g)
+    R, s, ctf, images = blob_particles(n, BOX, APIX, g)
     junk = torch.zeros(n, dtype=torch.bool)
     junk[torch.randperm(n, generator=g)[:N_JUNK]] = True
     images[junk] = torch.randn(N_JUNK, BOX, BOX, generator=g) * images[~junk].std()

@@ -13,18 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from _volumes import blob_volume
+from _volumes import blob_particles, blob_volume
 
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotvec_to_matrix
 from cryofastar_core.physics.centre import volume_centroid
-from cryofastar_core.physics.ctf import CTFParams
-from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.refine.global_pass import so3_grid
 from cryofastar_core.refine.map_registration import shifts_after_moving_map
 from cryofastar_core.reconstruct import soft_sphere_mask
 from cryofastar_core.refine.driver import RefineConfig, perturbation_grid, refine_poses, shift_grid
 from cryofastar_core.refine.grids import ball_grid
-from cryofastar_core.simulation.images import simulate_images
 
 BOX, N, APIX = 32, 300, 3.0
 
@@ -32,13 +29,7 @@ BOX, N, APIX = 32, 300, 3.0
 @pytest.fixture(scope="module")
 def dataset():
     g = torch.Generator().manual_seed(1)
-    R = random_rotations(N, g, dtype=torch.float64)
-    s = (torch.rand(N, 2, generator=g, dtype=torch.float64) * 2 - 1) * 2
-    dfu = 4000 + 6000 * torch.rand(N, generator=g, dtype=torch.float64)
-    ctf = CTFParams.from_arrays(dict(defocus_u=dfu, defocus_v=dfu - 300, defocus_angle=torch.rand(N, generator=g) * 180,
-                                     voltage=300.0, cs=2.7, amplitude_contrast=0.1))
-    _, images = simulate_images(prepare_volume(blob_volume(BOX)), R.float(), s.float(), ctf, APIX, snr=1.0,
-                                generator=g)
+    R, s, ctf, images = blob_particles(N, BOX, APIX, g)
     # Starting poses: 5-8 degrees about random axes, 1-2 px in random directions.
     axis = torch.randn(N, 3, generator=g, dtype=torch.float64)
     axis = axis / axis.norm(dim=-1, keepdim=True)

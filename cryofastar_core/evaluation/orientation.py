@@ -87,10 +87,10 @@ def orientation_report(rotations: Tensor | np.ndarray, box: int, shell_px: float
     """The SCF of ``rotations`` ``(N, 3, 3)`` on the shell ``shell_px``: by default ``box / 4`` (where ab
     initio maps carry their signal), but no finer than ``N / 100`` so that the count's own scatter does not
     read as anisotropy (module docstring)."""
-    n = int(np.asarray(rotations).reshape(-1, 3, 3).shape[0]) if not torch.is_tensor(rotations) else rotations.shape[0]
-    shell = float(shell_px if shell_px is not None else max(1.0, min(box / 4, n / 100)))
+    R = torch.as_tensor(np.asarray(rotations), dtype=torch.float64).reshape(-1, 3, 3)
+    shell = float(shell_px if shell_px is not None else max(1.0, min(box / 4, R.shape[0] / 100)))
     u = shell_directions(n_directions)
-    S = fourier_sampling(rotations, shell, u)
+    S = fourier_sampling(R, shell, u)
     mean = float(S.mean())
     if mean <= 0 or float(S.min()) <= 0:
         scf = 0.0

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryofastar_core.evaluation.orientation import OrientationReport, orientation_report
+from cryofastar_core.evaluation.orientation import OrientationReport, orientation_report, shell_directions
 from cryofastar_core.geometry import random_rotations, rotations_at_angle
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
@@ -99,12 +99,7 @@ def viewing_coverage(rotations: Tensor | np.ndarray, bins: int = 100) -> float:
     about 1 once ``N`` is much larger than ``bins``; one direction gives 0."""
     R = torch.as_tensor(np.asarray(rotations), dtype=torch.float64).reshape(-1, 3, 3)
     d = R[:, :, 2]
-    k = torch.arange(bins, dtype=torch.float64) + 0.5
-    z = 1 - 2 * k / bins
-    phi = math.pi * (1 + math.sqrt(5)) * k
-    rho = torch.sqrt(1 - z * z)
-    centres = torch.stack([rho * torch.cos(phi), rho * torch.sin(phi), z], -1)
-    cell = (d @ centres.T).argmax(-1)
+    cell = (d @ shell_directions(bins).T).argmax(-1)
     p = torch.bincount(cell, minlength=bins).double() / max(1, d.shape[0])
     nz = p[p > 0]
     return float(-(nz * nz.log()).sum() / math.log(bins))

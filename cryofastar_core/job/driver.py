@@ -45,13 +45,6 @@ from cryofastar_core.weights import resolve_weights
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -210,15 +203,11 @@ def _poses(ctx: _Context, inputs: _Inputs) -> _Poses | Report:
             est = payload
             log.info("resuming: feed-forward poses from an earlier run of this job")
         else:
-            est = estimate_feed_forward(ctx.cfg, inputs.particles, inputs.model, inputs.model_box, ctx.device, ctx.progress,
-                            ctx.comm)
+            est = estimate_feed_forward(ctx.cfg, inputs.particles, inputs.model, inputs.model_box, ctx.device,
+                                        ctx.progress, ctx.comm)
             ctx.timer.timings["poses_reference_scoring"] = round(float(est["reference_scoring_s"]), 3)
             ctx.comm.on_main(lambda: save_poses(poses_file(ctx.out), inputs.fingerprint, est))
     return _Poses(est, decision == "resume", est["rotations"], est["shifts"], est["confidence"])
-
-
-
-
 
 
         # np.savez appends .npz to names without it; the temp name keeps the suffix.
@@ -248,21 +237,26 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     return refined.maps
 
 
+def _junk_counts(poses: _Poses) -> tuple[int, int]:
+    """``(junk, judged)``: the particles refinement found without evidence for any pose, of those it refined
+    (the kept ones, junk included whether or not it was then set apart)."""
+    return int(poses.junk.sum()), int((poses.keep | poses.junk).sum())
+
+
 def _set_junk_apart(ctx: _Context, poses: _Poses) -> None:
     """Junk leaves the kept set (refinement already left it out of the maps) unless ``keep_junk``; logged."""
-    n_junk, n_kept = int(poses.junk.sum()), int(poses.keep.sum())
     if not poses.junk_rule:
         return
+    n_junk, n_judged = _junk_counts(poses)
     if n_junk == 0:
         log.info("junk: none found (every particle's best score is above what structureless images score)")
         return
-    if ctx.cfg.keep_junk:
-        log.warning("junk: %d of %d particles (%.1f %%) show no evidence for any pose; kept in the maps (--keep-junk)",
-                    n_junk, n_kept, 100 * n_junk / n_kept)
-        return
-    poses.keep = poses.keep & ~poses.junk
-    log.info("junk: %d of %d particles (%.1f %%) show no evidence for any pose: left out of the maps, written to "
-             "junk.star", n_junk, n_kept, 100 * n_junk / n_kept)
+    if not ctx.cfg.keep_junk:
+        poses.keep = poses.keep & ~poses.junk
+    where = "kept in the maps (--keep-junk)" if ctx.cfg.keep_junk else "left out of the maps, written to junk.star"
+    (log.warning if ctx.cfg.keep_junk else log.info)(
+        "junk: %d of %d particles (%.1f %%) show no evidence for any pose: %s", n_junk, n_judged,
+        100 * n_junk / n_judged, where)
 
 
 def _reconstruct(ctx: _Context, inputs: _Inputs, poses: _Poses, refined_maps: tuple | None) -> tuple | None:
@@ -296,8 +290,7 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
         quality = assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
                                  (half1, half2), ctx.device)
     if poses.junk_rule:
-        quality = with_junk(quality, int(poses.junk.sum()), int((poses.keep | poses.junk).sum()),
-                            in_maps=ctx.cfg.keep_junk)
+        quality = with_junk(quality, *_junk_counts(poses), in_maps=ctx.cfg.keep_junk)
     return quality
 
 
@@ -331,8 +324,7 @@ def _junk_summary(ctx: _Context, poses: _Poses) -> dict:
     they are in the maps, and what the decision rested on (empty without refinement's global passes)."""
     if not poses.junk_rule:
         return {}
-    n_junk = int(poses.junk.sum())
-    n_judged = int((poses.keep | poses.junk).sum())
+    n_junk, n_judged = _junk_counts(poses)
     return {"n_flagged": n_junk, "fraction": round(n_junk / max(n_judged, 1), 4), "in_maps": bool(ctx.cfg.keep_junk),
             "file": "junk.star" if n_junk and not ctx.cfg.keep_junk else None, "rule": poses.junk_rule}
 
@@ -343,39 +335,3 @@ def _log_verdict(report: Report, quality: PoseQuality) -> None:
     log.info("%s", report.resolution_text)
     for line in [*report.verdict_lines, *(f"  - {r}" for r in quality.reasons[1:])]:
         (log.warning if quality.verdict != "ok" else log.info)("%s", line)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -62,8 +62,9 @@ def finalize_halves(halves: list[Backprojector]) -> tuple[torch.Tensor, torch.Te
     return full, half1, half2
 
 
-def particle_chunks(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray, keep: np.ndarray,
-            apix: float, device: torch.device, read_chunk: int, on_chunk: Callable[[int], None] | None = None):
+def particle_chunks(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+                    keep: np.ndarray, apix: float, device: torch.device, read_chunk: int,
+                    on_chunk: Callable[[int], None] | None = None):
     ctf_all = particles.ctf_params() if particles.ctf is not None else None
     indices = np.flatnonzero(keep)
     for idx, images in particles.iter_chunks(read_chunk, indices):
@@ -80,6 +81,6 @@ def reconstruct_maps(particles: ParticleSet, rotations: np.ndarray, shifts: np.n
                      progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The job's CTF-corrected ``(full, half1, half2)`` maps of the ``keep`` particles at the given poses: the
     job's reconstruct stage in one process."""
-    return finalize_halves(accumulate_shard(particles, rotations, shifts, half, keep, apix, device, read_chunk, progress,
-                                       Communicator()))
+    return finalize_halves(accumulate_shard(particles, rotations, shifts, half, keep, apix, device, read_chunk,
+                                            progress, Communicator()))
 

@@ -21,8 +21,8 @@ from cryofastar_core.runtime.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int, device: torch.device,
-              progress: Progress | None, comm: Communicator | None = None) -> dict:
+def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int,
+                          device: torch.device, progress: Progress | None, comm: Communicator | None = None) -> dict:
     n = len(particles)
 
     ctf_correction = model.cfg.ctf_correction
@@ -117,11 +117,7 @@ def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.nda
     """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.evaluation.verdict`)."""
     idx = np.flatnonzero(keep)
     log.info("judging the poses of up to %d particles against the half maps", min(len(idx), 2000))
-
-    def load(local: np.ndarray) -> torch.Tensor:
-        g = idx[local]
-        return torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32)
-
+    load = partial(_signed_images, particles, idx, torch.device("cpu"))
     ctf = particles.ctf_params(idx) if particles.ctf is not None else None
     return assess_poses(load, ctf, float(particles.apix[0]), rotations[idx], shifts[idx], half[idx], half_maps,
                         device=device)

@@ -69,6 +69,11 @@ def _normal_logpdf(x: Tensor, mean: float, sd: float) -> Tensor:
     return -0.5 * ((x - mean) / sd) ** 2 - math.log(sd) - 0.5 * math.log(2 * math.pi)
 
 
+def _weighted_logpdf(x: Tensor, w: Tensor, mean: Tensor, sd: Tensor) -> Tensor:
+    """``log(w_k N(x; mean_k, sd_k))`` for both components: ``(N, 2)``."""
+    return torch.stack([w[k].log() + _normal_logpdf(x, float(mean[k]), float(sd[k])) for k in (0, 1)], -1)
+
+
 def _two_gaussians(x: Tensor, iterations: int = 200) -> tuple[Tensor, Tensor, Tensor, float]:
     """EM for a two-component 1D Gaussian mixture on ``x`` ``(N,)`` float64, started at the quartiles:
     ``(weights (2,), means (2,), sds (2,), log-likelihood)``, component 0 the lower mean."""
@@ -78,13 +83,13 @@ def _two_gaussians(x: Tensor, iterations: int = 200) -> tuple[Tensor, Tensor, Te
     w = torch.tensor([0.5, 0.5], dtype=x.dtype)
     floor = 1e-3 * float(x.std().clamp_min(1e-6))
     for _ in range(iterations):
-        log_p = torch.stack([w[k].log() + _normal_logpdf(x, float(mean[k]), float(sd[k])) for k in (0, 1)], -1)
+        log_p = _weighted_logpdf(x, w, mean, sd)
         resp = (log_p - log_p.logsumexp(-1, keepdim=True)).exp()                      # (N, 2)
         nk = resp.sum(0).clamp_min(1e-9)
         w = nk / x.numel()
         mean = (resp * x[:, None]).sum(0) / nk
         sd = ((resp * (x[:, None] - mean) ** 2).sum(0) / nk).sqrt().clamp_min(floor)
-    log_p = torch.stack([w[k].log() + _normal_logpdf(x, float(mean[k]), float(sd[k])) for k in (0, 1)], -1)
+    log_p = _weighted_logpdf(x, w, mean, sd)
     order = torch.argsort(mean)
     return w[order], mean[order], sd[order], float(log_p.logsumexp(-1).sum())
 
@@ -105,9 +110,8 @@ def flag_junk(evidence: Tensor, null_evidence: Tensor, min_bic_gain: float = 10.
     bic_gain = (2 * math.log(n) - 2 * one_ll) - (5 * math.log(n) - 2 * two_ll)
     split = bool(bic_gain > min_bic_gain and math.isfinite(null_median) and float(mean[0]) < null_median)
     if split:
-        log_low = w[0].log() + _normal_logpdf(x, float(mean[0]), float(sd[0]))
-        log_high = w[1].log() + _normal_logpdf(x, float(mean[1]), float(sd[1]))
-        junk = (log_low > log_high) & (x < mean[1])
+        log_p = _weighted_logpdf(x, w, mean, sd)
+        junk = (log_p[:, 0] > log_p[:, 1]) & (x < mean[1])
         z = (x - mean[1]) / sd[1]
     else:
         junk = torch.zeros(n, dtype=torch.bool)

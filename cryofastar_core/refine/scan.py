@@ -177,9 +177,6 @@ def run_matching_pass(st: RefineState, plan: PassPlan, step: Step, stage: str,
     st.on_every_rank(matching_scan, st, plan, step, stage, new_bps, next_spectrum, tally)
     values, counts = st.end_pass(new_bps, next_spectrum, tally.rows, tally.per_particle(),
                                  tuple(tally.at_edge or ()))
-    if not st.distributed and tally.rows:  # one process: in reading order; put each value at its particle
-        rows = torch.cat(tally.rows)
-        values = [torch.zeros(st.n, dtype=v.dtype).index_copy_(0, rows, v.cpu()) for v in values]
     st.spectrum = next_spectrum
     st.set_maps([bp.finalize() for bp in new_bps], new_bps)
     return values, counts

@@ -134,14 +134,14 @@ class RefineState:
         own particles' rows, so the accumulators, the spectrum, the poses, the per-particle ``values``
         (parts made for the particles ``rows``) and the ``counts`` are summed over the ranks, so that every
         rank goes on from the same maps and poses and reports the same history. One process: nothing to
-        sum. Returns the ``values`` joined (``(N,)`` float64 with several ranks) and the ``counts``."""
-        if not self.distributed:
-            return [torch.cat(v) for v in values], list(counts)
+        sum. Returns each of the ``values`` as ``(N,)`` float64 indexed by particle, and the ``counts``."""
         N = self.n
         full = [torch.zeros(N, dtype=torch.float64) for _ in values]
         for f, v in zip(full, values):
             if v:
                 f[torch.cat(rows)] = torch.cat(v).double()
+        if not self.distributed:
+            return full, list(counts)
         totals = torch.tensor(counts, dtype=torch.float64)
         others = torch.ones(N, dtype=torch.bool)
         others[self.own] = False

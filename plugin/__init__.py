@@ -9,6 +9,12 @@ From a CryoSPARC Jupyter notebook::
                                      device="cuda", views=128)
     print(result.external_job)
 """
+
+from cryofastar_core.runtime.threads import prefer_passive_wait
+
+# Before torch starts its OpenMP runtime: idle threads then sleep instead of spinning on shared cores
+# (cryofastar_core/runtime/threads.py; bench/oversubscription.py).
+prefer_passive_wait()
 from plugin.connector import ConnectorConfig, ConnectorResult, run_connector, run_in_cryosparc
 from plugin.credentials import Credentials, load_credentials
 from plugin.offline import run_offline

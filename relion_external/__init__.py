@@ -4,3 +4,9 @@ Modules: :mod:`~relion_external.protocol` (RELION's argv), :mod:`~relion_externa
 detection, ``RELION_OUTPUT_NODES.star``), :mod:`~relion_external.markers` (exit and abort markers),
 :mod:`~relion_external.main` (the program).
 """
+
+from cryofastar_core.runtime.threads import prefer_passive_wait
+
+# Before torch starts its OpenMP runtime: idle threads then sleep instead of spinning on shared cores
+# (cryofastar_core/runtime/threads.py; bench/oversubscription.py).
+prefer_passive_wait()

@@ -52,7 +52,7 @@ class JobConfig:
     device: str = option("auto", "auto (a GPU if present), cpu, cuda, or cuda:N for GPU number N",
                          choices=("auto", "cpu", "cuda", "cuda:N"))
     seed: int = option(0, "random seed for the reference candidates and the passes")
-    threads: int | None = option(None, "CPU threads", default_text="what torch chooses", minimum=1,
+    threads: int | None = option(None, "CPU threads", default_text="the CPUs this process may use", minimum=1,
                                  fix="use the number of cores to use")
     read_chunk: int = option(512, "particles read from disk at a time while reconstructing; fewer use less memory",
                              minimum=1, fix="use e.g. 512")

@@ -40,6 +40,7 @@ from cryofastar_core.reconstruct import half_sets
 from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
+from cryofastar_core.runtime.threads import set_thread_count
 from cryofastar_core.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | N
 def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | None) -> _Context:
     t_start = time.perf_counter()
     comm = comm or Communicator.from_process_group()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    log.info("CPU threads: %d", set_thread_count(cfg.threads))
     device = cfg.torch_device()
     if comm.distributed and device.type == "cuda" and device.index is None:
         device = torch.device(rank_device("cuda", dist_env()))

@@ -28,6 +28,7 @@ from cryofastar_core.reconstruct.backproject import ParticleChunk, reconstruct_h
 from cryofastar_core.reconstruct.fsc import fsc, fsc_tsv, resolution_at
 from cryofastar_core.reconstruct.half_sets import half_sets
 from cryofastar_core.runtime.errors import InputError
+from cryofastar_core.runtime.threads import set_thread_count
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,9 @@ def reconstruct_particles(cfg: ReconstructConfig) -> ReconstructResult:
 
 def _apply_run_options(cfg: ReconstructConfig) -> None:
     """Check ``--threads`` (and set torch's thread count from it) and ``--chunk-size``."""
-    if cfg.threads is not None:
-        if cfg.threads <= 0:
-            raise InputError(None, "--threads", f"must be positive (got {cfg.threads})", "pass --threads 1 or more")
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None and cfg.threads <= 0:
+        raise InputError(None, "--threads", f"must be positive (got {cfg.threads})", "pass --threads 1 or more")
+    set_thread_count(cfg.threads)
     if cfg.chunk_size <= 0:
         raise InputError(None, "--chunk-size", f"must be positive (got {cfg.chunk_size})", "pass a positive integer")
 

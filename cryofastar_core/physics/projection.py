@@ -118,6 +118,20 @@ def project_ft(vft: VolumeFT, rotations: Tensor) -> Tensor:
     return sample_ft(vft, slice_coordinates(rotations, vft.box, float(vft.padded_box)))
 
 
+def project_at(vft: VolumeFT, rotations: Tensor, index: Tensor) -> Tensor:
+    """The projections' transforms at a subset of the ``(D, D)`` grid only: complex ``(B, P)`` for rotations
+    ``(B, 3, 3)`` and flat grid positions ``index`` ``(P,)`` (``row * D + column`` of the centred grid).
+
+    Each sample is the value :func:`project_ft` gives there (same coordinates, same interpolation), at
+    ``P / D^2`` of its cost: matching needs only a band of the half plane (``refine/matching.py``)."""
+    rotations = rotations.to(device=vft.ft.device, dtype=vft.ft.real.dtype)
+    k = freq_1d(vft.box, device=rotations.device, dtype=rotations.dtype) * float(vft.padded_box)
+    index = index.to(rotations.device)
+    kx, ky = k[index % vft.box], k[index // vft.box]
+    coords = kx[None, :, None] * rotations[:, None, :, 0] + ky[None, :, None] * rotations[:, None, :, 1]
+    return sample_ft(vft, coords[:, None])[:, 0]
+
+
 def sample_ft(vft: VolumeFT, coords: Tensor) -> Tensor:
     """The padded transform at ``coords`` ``(B, H, W, 3)`` (``(x, y, z)`` offsets from the centre in units of
     the padded grid), trilinear: complex ``(B, H, W)``; 0 outside the grid.

@@ -44,7 +44,8 @@ Choices, and why:
 * **Candidates.** Rotations ``R @ exp(omega)`` for ``omega`` on a cubic grid of spacing ``step`` inside a
   ball of radius ``radius`` (both in degrees; ``R`` maps image to map coordinates, so ``exp(omega)`` is a
   small rotation about image-frame axes: its z component is the in-plane angle). The same perturbation
-  set is used for every particle, so the projections of a batch form one ``project_ft`` call. Shifts:
+  set is used for every particle, so the projections of a batch form one ``project_at`` call (only the
+  band's samples are projected). Shifts:
   ``s + delta`` for ``delta`` on a square grid of spacing ``shift_step`` inside a disc of
   ``shift_radius`` (pixels of the input box), scored for every rotation candidate at once as a matrix
   product with phase ramps (cheaper than projecting again, and exact at sub-pixel offsets).
@@ -82,9 +83,9 @@ Choices, and why:
 Memory and cost: images are read ``chunk_size`` at a time through ``load_images`` (never all ``N``); only
 poses (``N x 11`` float64) live for the whole run. Within a chunk, particles are matched in batches of
 ``b = max(1, batch_points // (J d^2))`` with ``J`` the number of rotation candidates; the projection of one
-batch peaks at about **350 bytes x b x J x d^2** (gather indices and trilinear weights of ``project_ft``),
-i.e. ~350 MB with the default ``batch_points = 2**20``. The two back-projectors hold
-``2 x (pad D)^3 x 12`` bytes. The work is linear in ``N``: one read, ``J`` projections of ``d^2``
+batch holds the ``P < d^2`` band samples of each candidate with their trilinear weights, well under
+**350 bytes x b x J x d^2**, i.e. ~350 MB with the default ``batch_points = 2**20``. The two back-projectors
+hold ``2 x (pad D)^3 x 12`` bytes. The work is linear in ``N``: one read, ``J`` projections of ``P``
 samples and ``J x T`` scores per particle per iteration (``T`` shift candidates), plus one insertion.
 Everything runs on ``device`` (CPU or GPU); ``load_images`` may return tensors on any device.
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cryofastar_core.geometry import relion_euler_to_matrix
 from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
-from cryofastar_core.physics.projection import VolumeFT, project_ft
+from cryofastar_core.physics.projection import VolumeFT, project_at
 from cryofastar_core.refine.matching import FourierBand
 
 
@@ -46,12 +46,8 @@ def so3_grid(step_deg: float) -> Tensor:
 
 def grid_projections(vft: VolumeFT, band: FourierBand, grid: Tensor, chunk: int = 1024) -> Tensor:
     """Projections of ``vft`` at every ``grid`` rotation on the band: complex ``(J, P)``."""
-    d = band.crop
-    out = []
-    for a in range(0, grid.shape[0], chunk):
-        p = project_ft(vft, grid[a:a + chunk].to(vft.device, torch.float32))
-        out.append(p.reshape(-1, d * d)[:, band.idx_crop])
-    return torch.cat(out)
+    return torch.cat([project_at(vft, grid[a:a + chunk].to(vft.device, torch.float32), band.idx_crop)
+                      for a in range(0, grid.shape[0], chunk)])
 
 
 def best_on_grid(proj: Tensor, band: FourierBand, X: Tensor, s: Tensor, deltas: Tensor, w: Tensor,

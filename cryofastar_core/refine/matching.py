@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
-from cryofastar_core.physics.projection import project_ft
+from cryofastar_core.physics.projection import project_at
 
 
 class FourierBand:
@@ -93,7 +93,7 @@ def candidate_scores(vft, band: FourierBand, X: Tensor, R: Tensor, s: Tensor, pe
         sl = slice(a, min(n, a + b))
         m = sl.stop - a
         cand = (R[sl, None] @ perturb[None]).reshape(-1, 3, 3).to(dev, torch.float32)
-        proj = project_ft(vft, cand).reshape(m, J, d * d)[:, :, band.idx_crop]   # (m, J, P)
+        proj = project_at(vft, cand, band.idx_crop).reshape(m, J, -1)           # (m, J, P)
         if ctf is not None:
             proj = proj * c[sl, None]
         norm = torch.sqrt(((proj.real ** 2 + proj.imag ** 2) * w).sum(-1)).clamp_min(1e-30)  # (m, J)

@@ -1,4 +1,4 @@
-"""MRC maps and image stacks through ``mrcfile``: header checks up front, lazy (memory-mapped) slice reads."""
+"""MRC maps and image stacks through ``mrcfile``: header checks up front, lazy slice reads (positioned reads)."""
 from __future__ import annotations
 
 import os
@@ -54,41 +54,75 @@ def read_stack_header(path: Path) -> StackInfo:
     return StackInfo(Path(path), nz, ny, nx, mode, voxel)
 
 
-class StackReader:
-    """Reads chosen slices of many stacks, memory-mapping at most ``max_open`` files at a time.
+class _OpenStack:
+    """One stack opened for positioned reads: its data offset, image shape and on-disk dtype (byte order
+    included), from the header."""
 
-    Only the requested slices are copied out of the map, so memory is bounded by the request,
-    never by the size of a stack.
+    def __init__(self, path: Path):
+        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+            h = mrc.header
+            self.dtype = mrcfile.utils.data_dtype_from_header(h)
+            self.shape = (int(h.ny), int(h.nx))
+            self.offset = 1024 + int(h.nsymbt)
+        self.path = path
+        self.image_bytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_run(self, first: int, count: int) -> np.ndarray:
+        """``count`` consecutive images from slice ``first`` (0-based), in the file's dtype."""
+        size = count * self.image_bytes
+        buf = os.pread(self.fd, size, self.offset + first * self.image_bytes)
+        if len(buf) != size:
+            raise InputError(self.path, None, f"file ends before slice {first + count}",
+                             "re-extract or re-copy the stack")
+        return np.frombuffer(buf, dtype=self.dtype).reshape(count, *self.shape)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class StackReader:
+    """Reads chosen slices of many stacks, keeping at most ``max_open`` files open at a time.
+
+    Slices are read with positioned reads (``os.pread``), runs of consecutive slices in one call, and
+    copied into the result: memory is bounded by the request, never by the size of a stack, and no page of
+    a stack stays mapped into the process (a memory map would count every page read towards the job's
+    resident memory until the kernel reclaims it).
     """
 
     def __init__(self, max_open: int = 8):
         self.max_open = max_open
-        self._open: OrderedDict[Path, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._open: OrderedDict[Path, _OpenStack] = OrderedDict()
 
-    def _data(self, path: Path) -> np.ndarray:
-        mrc = self._open.get(path)
-        if mrc is None:
-            mrc = mrcfile.mmap(path, mode="r", permissive=True)
-            self._open[path] = mrc
+    def _stack(self, path: Path) -> _OpenStack:
+        stack = self._open.get(path)
+        if stack is None:
+            stack = _OpenStack(path)
+            self._open[path] = stack
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
         else:
             self._open.move_to_end(path)
-        data = mrc.data
-        return data.reshape(1, *data.shape) if data.ndim == 2 else data
+        return stack
 
     def read(self, path: Path, slices: np.ndarray) -> np.ndarray:
         """Slices (0-based, any order) of one stack -> ``(len(slices), ny, nx)`` float32."""
-        data = self._data(path)
+        stack = self._stack(path)
         slices = np.asarray(slices, dtype=np.int64)
         # Sorted, de-duplicated access walks the file forwards once; then restore the requested order.
         uniq, inverse = np.unique(slices, return_inverse=True)
-        block = np.asarray(data[uniq], dtype=np.float32)
-        return block[inverse]
+        block = np.empty((len(uniq), *stack.shape), dtype=np.float32)
+        starts = np.flatnonzero(np.diff(uniq, prepend=-2) != 1)
+        for a, b in zip(starts, np.append(starts[1:], len(uniq))):
+            block[a:b] = stack.read_run(int(uniq[a]), int(b - a))
+        return block[inverse.reshape(-1)]
 
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def write_stack(path: str | Path, images: np.ndarray, apix: float) -> None:

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--project-dir", type=Path, default=None,
                    help="folder that image paths are relative to (RELION's project folder; default: the working "
                         "directory, then the particle file's folder)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use)")
     p.add_argument("--chunk-size", type=int, default=256, help="particles read and inserted at a time")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=_main)

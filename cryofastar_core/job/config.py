@@ -40,6 +40,16 @@ class JobConfig:
                                fix="use 0 (off) or a small number such as 3")
     refine_global: bool = option(True, "when refining, first assign every particle globally (15 deg grid) against "
                                  "the feed-forward map, so poses tens of degrees off can still be refined")
+    # Refinement works smaller than the input (cryofastar_core/job/work_scale.py): the ab initio passes on a
+    # subset at a cropped box, then every particle locally at the box that reaches target_resolution.
+    target_resolution: float | None = option(None, "resolution (Å) the job's local refinement aims at; it works at "
+                                             "the smallest box that reaches it and leaves finer work to the host's "
+                                             "refinement", default_text="what a 64 px box reaches",
+                                             minimum=0, open_min=True,
+                                             fix="use e.g. 8 (Å)")
+    ab_initio_particles: int = option(2000, "particles (drawn at random, balanced over the half sets) the ab initio "
+                                      "passes use before every particle is assigned (0: all)", minimum=0,
+                                      fix="use 0 (all) or e.g. 5000")
     keep_junk: bool = option(False, "when refining, keep in the maps the particles that show no evidence for any "
                              "pose (junk); they are found and reported either way")
     keep_fraction: float | None = option(None, "keep only this fraction of the most confident particles, e.g. 0.8",

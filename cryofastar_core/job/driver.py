@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,12 @@ log = logging.getLogger(__name__)
 
 
 class _Timer:
+    """Each stage's wall time and peak memory (``report.json``: ``timings_s``, ``peak_memory_mb``)."""
+
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.cuda = False  # set by _Context from its device
 
     def stage(self, name: str) -> "_Stage":
         return _Stage(self, name)
@@ -60,10 +65,27 @@ class _Stage:
 
     def __enter__(self) -> None:
         self.t0 = time.perf_counter()
+        if self.timer.cuda:
+            torch.cuda.reset_peak_memory_stats()
         log.info("stage: %s", self.name)
 
     def __exit__(self, *exc) -> None:
         self.timer.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+        self.timer.peak_mb[self.name] = round(peak_rss_mb(), 1)
+        if self.timer.cuda:
+            self.timer.peak_mb[f"{self.name}_gpu"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB: ``VmHWM`` of its own memory map (``ru_maxrss`` would
+    also count the peak of the process that started it, which survives ``exec``), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 @dataclass
@@ -76,6 +98,9 @@ class _Context:
     progress: Progress | None  # None on every rank but 0: only rank 0 reports progress
     t_start: float
     timer: _Timer = field(default_factory=_Timer)
+
+    def __post_init__(self) -> None:
+        self.timer.cuda = self.device.type == "cuda"
 
     @property
     def out(self) -> Path:
@@ -109,6 +134,7 @@ class _Poses:
     junk: np.ndarray | None = None  # (N,) bool: found by refinement's global passes (refine/junk.py)
     junk_score: np.ndarray | None = None  # (N,) evidence in SDs of the good particles' (NaN: not refined)
     junk_rule: dict = field(default_factory=dict)
+    work_scale: dict = field(default_factory=dict)  # where refinement worked (job/work_scale.py)
 
 
 def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
@@ -233,6 +259,7 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
                               inputs.apix, ctx.device, ctx.progress, ctx.comm)
     poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, refined.history
     poses.junk, poses.junk_score, poses.junk_rule = refined.junk, refined.junk_score, refined.junk_rule
+    poses.work_scale = refined.scale
     _set_junk_apart(ctx, poses)
     return refined.maps
 
@@ -309,7 +336,7 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
         n_chunks=int(est["n_chunks"]), apix=inputs.apix, box=int(particles.box), model_box=inputs.model_box,
         resolution_0143=None if quality.verdict == "failed" else float(res), timings_s=ctx.timer.timings,
         refinement=poses.refinement, outputs=outputs + [REPORT], resumed_from_poses=poses.resumed,
-        junk=_junk_summary(ctx, poses),
+        junk=_junk_summary(ctx, poses), work_scale=poses.work_scale, peak_memory_mb=ctx.timer.peak_mb,
         processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"], refined=ctx.cfg.refine_iters > 0),
         quality=quality.to_dict())
     payload = json.loads(report.to_json())

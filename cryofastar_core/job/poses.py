@@ -3,8 +3,7 @@ and the data-only verdict on them. Each takes the particle set and returns array
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -14,6 +13,9 @@ from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.job.config import JobConfig
+from cryofastar_core.job.work_scale import WorkScale, cropped_loader, plan_work
+from cryofastar_core.physics.fourier import fourier_pad_volume
+from cryofastar_core.refine.driver import RefineConfig, RefineResult, refine_poses
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
@@ -74,41 +76,74 @@ class Refined:
     rotations: np.ndarray
     shifts: np.ndarray
     history: list[dict]
-    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     junk: np.ndarray
     junk_score: np.ndarray
     junk_rule: dict = field(default_factory=dict)
+    scale: dict = field(default_factory=dict)
 
 
 def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                 keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None,
                 comm: Communicator | None = None) -> Refined:
     """Refine the ``keep`` particles' poses (:func:`cryofastar_core.refine.driver.refine_poses`), finding junk
-    in the global passes; ``cfg.keep_junk`` keeps it in the maps."""
-    from cryofastar_core.refine.driver import RefineConfig, refine_poses
-
+    in the global passes (``cfg.keep_junk`` keeps it in the maps), at the sizes of
+    :mod:`cryofastar_core.job.work_scale`: the ab initio passes on a subset first if asked, then every particle.
+    ``maps`` is None when refinement did not work at the input box (the job then reconstructs there)."""
     idx = np.flatnonzero(keep)
-    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
+    scale = plan_work(particles.box, apix, half[idx], cfg.target_resolution, cfg.ab_initio_particles, cfg.seed)
     rcfg = RefineConfig(iterations=cfg.refine_iters, exclude_junk=not cfg.keep_junk,
                         global_step_deg=RefineConfig.global_step_deg if cfg.refine_global else None)
-    result = refine_poses(partial(_signed_images, particles, idx, device), ctf, apix, rotations[idx], shifts[idx],
-                          half[idx], rcfg, device=device, progress=progress, comm=comm)
+    R, s = rotations[idx].copy(), shifts[idx].copy()
+    initial, history = None, []
+    if scale.subset is not None and rcfg.global_step_deg is not None:
+        initial, history = _ab_initio_on_subset(particles, idx, scale, R, s, half, apix, rcfg, device, progress, comm)
+        # Then one global assignment of every particle against the settled maps, and the local search at scale.
+        rcfg = replace(rcfg, global_passes=1, **scale.local_search)
+    log.info("refining %d particles at box %d (input %d)", len(idx), scale.local_box, particles.box)
+    result = _refine_at(particles, idx, scale.local_box, R, s, half[idx], apix, rcfg, initial, device, progress,
+                        comm)
     rotations, shifts = rotations.copy(), shifts.copy()
-    rotations[idx] = np.asarray(result.rotations)
-    shifts[idx] = np.asarray(result.shifts)
+    rotations[idx], shifts[idx] = result.rotations, result.shifts
     junk = np.zeros(len(keep), dtype=bool)
     score = np.full(len(keep), np.nan)
     if result.junk is not None:
         junk[idx] = result.junk.numpy()
         score[idx] = result.junk_score.numpy()
-    return Refined(rotations, shifts, [dict(h) for h in result.history], (result.full, result.half1, result.half2),
-                   junk, score, dict(result.junk_rule))
+    maps = (result.full, result.half1, result.half2) if scale.local_box == particles.box else None
+    return Refined(rotations, shifts, history + [dict(h) for h in result.history], maps, junk, score,
+                   dict(result.junk_rule), scale.to_dict())
 
 
-def _signed_images(particles: ParticleSet, idx: np.ndarray, device: torch.device, local: np.ndarray) -> torch.Tensor:
-    """Images ``(n, D, D)`` of the particles ``idx[local]``, contrast sign applied, on ``device``."""
-    g = idx[local]
-    return torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32, device=device)
+def _ab_initio_on_subset(particles: ParticleSet, idx: np.ndarray, scale: WorkScale, R: np.ndarray, s: np.ndarray,
+                         half: np.ndarray, apix: float, rcfg: RefineConfig, device: torch.device,
+                         progress: Progress | None, comm: Communicator | None) -> tuple[tuple, list[dict]]:
+    """The global passes on the subset ``scale.subset`` (positions into ``idx``) at the ab initio box, until
+    the map settles. Writes the subset's new poses into ``R`` ``(n, 3, 3)`` and ``s`` ``(n, 2)`` (input px);
+    returns the two half maps brought to the local box, and the passes' history."""
+    sub = idx[scale.subset]
+    log.info("ab initio on %d of %d particles at box %d", len(sub), len(idx), scale.ab_initio_box)
+    ab = _refine_at(particles, sub, scale.ab_initio_box, R[scale.subset], s[scale.subset], half[sub], apix,
+                    replace(rcfg, iterations=0, centre_origin=False), None, device, progress, comm)
+    R[scale.subset], s[scale.subset] = ab.rotations, ab.shifts
+    maps = tuple(fourier_pad_volume(m, scale.local_box) if scale.local_box > scale.ab_initio_box else m
+                 for m in (ab.half1, ab.half2))
+    return maps, [dict(h, particles="ab initio subset") for h in ab.history]
+
+
+def _refine_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,
+               apix: float, rcfg: RefineConfig, initial: tuple | None, device: torch.device,
+               progress: Progress | None, comm: Communicator | None) -> RefineResult:
+    """:func:`~cryofastar_core.refine.driver.refine_poses` of the particles ``idx`` at ``box`` (images
+    Fourier-cropped as read; shifts ``s`` in and out in input pixels, scaled to the box inside)."""
+    to_box = box / particles.box
+    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
+    result = refine_poses(cropped_loader(particles, idx, box, device), ctf, apix / to_box, R,
+                          np.asarray(s) * to_box, half, rcfg, device=device, progress=progress,
+                          initial_half_maps=initial, comm=comm)
+    result.rotations = np.asarray(result.rotations)
+    result.shifts = np.asarray(result.shifts) / to_box
+    return result
 
 
 def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
@@ -117,7 +152,7 @@ def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.nda
     """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.evaluation.verdict`)."""
     idx = np.flatnonzero(keep)
     log.info("judging the poses of up to %d particles against the half maps", min(len(idx), 2000))
-    load = partial(_signed_images, particles, idx, torch.device("cpu"))
+    load = cropped_loader(particles, idx, particles.box, torch.device("cpu"))
     ctf = particles.ctf_params(idx) if particles.ctf is not None else None
     return assess_poses(load, ctf, float(particles.apix[0]), rotations[idx], shifts[idx], half[idx], half_maps,
                         device=device)

@@ -34,6 +34,10 @@ class Report:
     pose_warning: str = ""  # what the weights' held-out accuracy says of these poses (pose_trust_note)
     quality: dict = field(default_factory=dict)  # the data-only verdict (cryofastar_core.evaluation.verdict.PoseQuality)
     junk: dict = field(default_factory=dict)  # particles without evidence for any pose (refine/junk.py)
+    work_scale: dict = field(default_factory=dict)  # the boxes and subset refinement worked at (job/work_scale.py)
+    # Per stage, the process's peak resident memory so far (MB; a stage's own peak is the first rise to it),
+    # and on a GPU the peak allocated by torch during the stage.
+    peak_memory_mb: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)

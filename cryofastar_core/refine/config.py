@@ -33,6 +33,10 @@ class RefineConfig:
     extra_shells: float = 2.0
     min_shells: float = 4.0
     max_shells: float | None = None
+    # Local iterations match no further out than the shell where one angular step moves a sample by this many
+    # Fourier pixels (None: no such cap): finer shells cannot tell neighbouring candidates apart smoothly
+    # and cost most (the scale phase of cryofastar_core/job/work_scale.py sets it).
+    step_motion_px: float | None = None
     chunk_size: int = 512
     batch_points: int = 1 << 20
     use_ctf: bool = True
@@ -88,3 +92,12 @@ def matching_shells(freq: Tensor, curve: Tensor, box: int, threshold: float, cfg
     cross = box / res if math.isfinite(res) and res > 0 else 0.0
     upper = box / 2 - 1 if cfg.max_shells is None else min(cfg.max_shells, box / 2 - 1)
     return float(min(max(cross + cfg.extra_shells, cfg.min_shells), upper))
+
+
+def step_limited_shells(r_lim: float, angle_step_deg: float, cfg: RefineConfig) -> float:
+    """``r_lim`` lowered to the shell where one angular step of ``angle_step_deg`` moves a sample by
+    ``step_motion_px`` Fourier pixels (unchanged when that is ``None``), never below ``min_shells`` (or
+    ``r_lim`` if smaller)."""
+    if cfg.step_motion_px is None:
+        return r_lim
+    return max(min(r_lim, cfg.step_motion_px / math.radians(angle_step_deg)), min(cfg.min_shells, r_lim))

@@ -16,7 +16,7 @@ from cryofastar_core.geometry import rotvec_to_matrix
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.refine.config import matching_shells
+from cryofastar_core.refine.config import matching_shells, step_limited_shells
 from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, so3_grid
 from cryofastar_core.refine.grids import ball_grid, shift_grid
 from cryofastar_core.refine.junk import flag_junk, randomised_phases
@@ -229,7 +229,7 @@ def _local_plan(st: RefineState, it: int) -> _LocalPlan:
     a_step, a_rad = cfg.angle_step_deg * scale, cfg.angle_radius_deg * scale
     s_step, s_rad = cfg.shift_step_px * scale, cfg.shift_radius_px * scale
     thr = cfg.first_fsc_threshold if it == 0 else cfg.fsc_threshold
-    r_lim = matching_shells(st.freq, st.curve, D, thr, cfg)
+    r_lim = step_limited_shells(matching_shells(st.freq, st.curve, D, thr, cfg), a_step, cfg)
     band = FourierBand(D, r_lim, dev)
     g_rot, nb_rot = ball_grid(3, a_rad / a_step)
     g_sh, nb_sh = ball_grid(2, s_rad / s_step)

@@ -1,0 +1,107 @@
+"""Refinement at the size the job needs (cryofastar_core/job/work_scale.py): the local box from a target
+resolution, the balanced ab initio subset, images cropped as read, and the job's subset-then-everyone path
+(half sets apart, every particle posed, maps at the input box); the streamed reconstruction is independent
+of how the particles are chunked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+
+from cryofastar_core.evaluation.against_truth import evaluate
+from cryofastar_core.io import read_particles
+from cryofastar_core.job import JobConfig, run
+from cryofastar_core.job.maps import reconstruct_maps
+from cryofastar_core.job.work_scale import balanced_subset, cropped_loader, local_box_for, plan_work
+from cryofastar_core.physics.fourier import fourier_crop
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
+
+N, BOX = 600, 40
+
+
+@pytest.mark.parametrize("box, apix, target, expected", [
+    (128, 2.0, 8.0, 64),     # 8 Å is Nyquist at 4 Å/px
+    (128, 2.0, 6.0, 86),     # the smallest even box reaching 6 Å: ceil(128 * 2 / 6) = 43 -> 86
+    (128, 2.0, 3.0, 128),    # finer than the input allows: the input box
+    (128, 2.0, None, 64),    # no target: a 64 box
+    (48, 2.0, None, 48),     # ... or the input box when smaller
+    (128, 1.0, 20.0, 32),    # never below 32
+    (24, 1.0, 20.0, 24),     # nor above the input box
+])
+def test_local_box_reaches_the_target(box, apix, target, expected):
+    assert local_box_for(box, apix, target) == expected
+
+
+def test_subset_is_balanced_over_the_half_sets():
+    half = np.array([1] * 700 + [2] * 300)
+    sub = balanced_subset(half, 200, seed=3)
+    assert len(sub) == 200 and len(set(sub.tolist())) == 200 and np.all(np.diff(sub) > 0)
+    assert (half[sub] == 1).sum() == 100 and (half[sub] == 2).sum() == 100
+    assert np.array_equal(sub, balanced_subset(half, 200, seed=3))  # every rank draws the same
+    assert balanced_subset(half, 0, 3) is None and balanced_subset(half, 1000, 3) is None
+    plan = plan_work(128, 2.0, half, 8.0, 200, 3)
+    assert plan.ab_initio_box == 64 and plan.local_box == 64 and plan.local_search
+
+
+@pytest.fixture(scope="module")
+def particles40(tmp_path_factory, tiny_map_file) -> Path:
+    out = tmp_path_factory.mktemp("scale")
+    return simulate(SimulateConfig(out_dir=out, n=N, box=BOX, snr=1.0, seed=7, map_path=tiny_map_file, ctf=True,
+                                   max_shift=1.5))
+
+
+def test_images_are_cropped_as_read(particles40):
+    ps = read_particles(particles40)
+    idx = np.array([5, 1, 9])
+    got = cropped_loader(ps, idx, 32, torch.device("cpu"))(np.array([0, 2]))
+    signed = ps.read_images(idx[[0, 2]]) * ps.sign[idx[[0, 2]], None, None]
+    want = fourier_crop(torch.as_tensor(signed, dtype=torch.float32), 32)
+    assert got.shape == (2, 32, 32) and torch.equal(got, want)
+
+
+def test_subset_then_every_particle(particles40, tiny_weights, tmp_path):
+    """Ab initio on 300 particles at box 32, then every particle assigned and refined at box 32, the maps
+    at the input box 40: every particle posed (chance is ~100 deg: an ab initio that failed on the subset
+    leaves the others there too), half sets as given, the subset's history first."""
+    out = tmp_path / "job"
+    report = run(JobConfig(particles=particles40, out_dir=out, weights=str(tiny_weights), views=16, candidates=3,
+                           anchors=4, device="cpu", refine_iters=2, target_resolution=9.0, ab_initio_particles=300))
+    data = json.loads((out / "report.json").read_text())
+    assert data["work_scale"] == {"input_box": BOX, "ab_initio_box": 32, "local_box": 32, "ab_initio_particles": 300}
+    stages = [(h.get("particles"), h["stage"]) for h in data["refinement"]]
+    assert stages[0] == ("ab initio subset", "start") and ("ab initio subset", "global") in stages
+    assert stages[-1] == (None, "local") and sum(s == (None, "global") for s in stages) == 1
+    assert mrcfile.read(out / "map.mrc").shape == (BOX, BOX, BOX)
+    assert set(data["peak_memory_mb"]) >= {"read", "poses", "refine", "reconstruct", "write"}
+    given, posed = read_particles(particles40), read_particles(out / "particles.star", particles40.parent)
+    assert report.n_kept + data["junk"]["n_flagged"] == N
+    np.testing.assert_array_equal(posed.half_set, given.half_set)
+    ev = evaluate(out / "particles.star", particles40, project_dir=particles40.parent)
+    print("rotation error", ev["rotation"]["median_deg"], "deg, shift", ev["translation"]["median_px"], "px")
+    assert ev["rotation"]["median_deg"] < 25.0 and ev["translation"]["median_px"] < 1.0
+
+
+def test_streamed_reconstruction_does_not_depend_on_chunks(particles40):
+    ps = read_particles(particles40)
+    keep = np.ones(len(ps), dtype=bool)
+    keep[::7] = False
+    args = (ps, ps.rotations, ps.shifts, ps.half_set, keep, float(ps.apix[0]), torch.device("cpu"))
+    one = reconstruct_maps(*args, read_chunk=len(ps))
+    streamed = reconstruct_maps(*args, read_chunk=13)
+    for a, b in zip(one, streamed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_local_matching_stops_where_a_step_moves_a_sample_by_the_set_motion():
+    from cryofastar_core.refine.config import RefineConfig, step_limited_shells
+
+    cfg = RefineConfig(step_motion_px=1.0)
+    assert step_limited_shells(31.0, 7.5, cfg) == pytest.approx(1 / np.radians(7.5))    # 7.6 shells
+    assert step_limited_shells(25.0, 1.875, cfg) == 25.0                                # a fine step: the band
+    assert step_limited_shells(31.0, 45.0, cfg) == cfg.min_shells                        # never below min_shells
+    assert step_limited_shells(3.0, 45.0, cfg) == 3.0                                    # nor above the band
+    assert step_limited_shells(31.0, 7.5, RefineConfig()) == 31.0                       # off by default

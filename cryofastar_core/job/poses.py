@@ -13,14 +13,17 @@ from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.job.config import JobConfig
-from cryofastar_core.job.work_scale import WorkScale, cropped_loader, plan_work
-from cryofastar_core.physics.fourier import fourier_pad_volume
+from cryofastar_core.job.work_scale import AB_INITIO_BOX, WorkScale, cropped_loader, plan_work
+from cryofastar_core.physics.fourier import fourier_crop_volume, fourier_pad_volume
 from cryofastar_core.refine.driver import RefineConfig, RefineResult, refine_poses
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
+
+# The verdict's thresholds were calibrated on box-64 particles (bench/results/2026-12-05-quality-calibration.md).
+JUDGING_BOX = AB_INITIO_BOX
 
 
 def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int,
@@ -149,11 +152,16 @@ def _refine_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray,
 def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                    keep: np.ndarray, half_maps: tuple[torch.Tensor, torch.Tensor], device: torch.device,
                    ) -> PoseQuality:
-    """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.evaluation.verdict`)."""
+    """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.evaluation.verdict`),
+    judged at the box it was calibrated at (``JUDGING_BOX``, or the input box when smaller): images and half
+    maps Fourier-cropped, shifts and pixel size scaled (at box 256 the full-box verdict took longer than the
+    reconstruction, ``bench/results/2026-12-06-scale.md``)."""
     idx = np.flatnonzero(keep)
-    log.info("judging the poses of up to %d particles against the half maps", min(len(idx), 2000))
-    load = cropped_loader(particles, idx, particles.box, torch.device("cpu"))
+    box = min(particles.box, JUDGING_BOX)
+    to_box = box / particles.box
+    log.info("judging the poses of up to %d particles against the half maps (box %d)", min(len(idx), 2000), box)
+    load = cropped_loader(particles, idx, box, torch.device("cpu"))
     ctf = particles.ctf_params(idx) if particles.ctf is not None else None
-    return assess_poses(load, ctf, float(particles.apix[0]), rotations[idx], shifts[idx], half[idx], half_maps,
-                        device=device)
-
+    maps = tuple(fourier_crop_volume(m, box) if box < particles.box else m for m in half_maps)
+    return assess_poses(load, ctf, float(particles.apix[0]) / to_box, rotations[idx], shifts[idx] * to_box, half[idx],
+                        maps, device=device)

@@ -160,3 +160,21 @@ def test_subset_path_shared_over_two_ranks(particles40):
     ang = rotation_angle_deg(torch.as_tensor(one["R"]), torch.as_tensor(r0["R"]))
     print(f"2 ranks vs 1 process: rotation diff median {float(ang.median()):.2e} max {float(ang.max()):.2e} deg")
     assert float(ang.median()) < 0.05
+
+
+def test_verdict_judges_a_large_box_at_the_calibrated_box(tmp_path, tiny_map_file):
+    """Particles at box 96 are judged at box 64 (cropped images and half maps): their true poses pass and
+    random poses fail, as at the box the thresholds were calibrated at."""
+    from cryofastar_core.geometry import random_rotations
+    from cryofastar_core.job.poses import assess_quality
+
+    star = simulate(SimulateConfig(out_dir=tmp_path / "sim96", n=400, box=96, snr=1.0, seed=11,
+                                   map_path=tiny_map_file, ctf=True, max_shift=2.0))
+    ps = read_particles(star)
+    keep = np.ones(len(ps), dtype=bool)
+    apix, cpu = float(ps.apix[0]), torch.device("cpu")
+    for rotations, expected in ((ps.rotations, "ok"),
+                                (random_rotations(len(ps), torch.Generator().manual_seed(2)).double().numpy(), "failed")):
+        _, h1, h2 = reconstruct_maps(ps, rotations, ps.shifts, ps.half_set, keep, apix, cpu)
+        quality = assess_quality(ps, rotations, ps.shifts, ps.half_set, keep, (h1, h2), cpu)
+        assert quality.verdict == expected, quality.reasons

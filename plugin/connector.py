@@ -431,7 +431,8 @@ def _log_plots(server, project: str, job: str, out: Path, report: Report) -> Non
     fsc_text = fsc_caption(report)
     plots = [("fsc.png", fsc_text, fsc_table),
              ("viewing_directions.png", "Viewing directions", None),
-             ("confidence.png", "Per-particle confidence", None)]
+             ("confidence.png", "Per-particle confidence", None),
+             ("junk.png", "Junk: each particle's evidence for its pose (red: set apart)", None)]
     for filename, text, raw in plots:
         if (out / filename).is_file():
             server.log_plot(project, job, out / filename, text, raw_data=raw)

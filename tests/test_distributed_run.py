@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from _ranks import on_two_ranks
 from cryofastar_core.geometry import rotation_angle_deg
 from cryofastar_core.runtime.communicator import Communicator, PeerFailure
 from cryofastar_core.io import read_particles
@@ -135,10 +136,8 @@ def test_an_error_on_one_rank_stops_every_rank(sim_star, tiny_weights, tmp_path)
     assert not (out / "report.json").exists() and not (out / "map.mrc").exists()
 
 
-def _ranks_main(rank: int, world: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    comm = Communicator.from_process_group()
+def _collectives_on_rank(comm: Communicator) -> dict:
+    rank = comm.rank
     out = {"gather": comm.gather(lambda: rank * 10)}
     out["main"] = comm.on_main(lambda: "from rank 0")
     t = torch.full((3,), float(rank + 1), dtype=torch.complex64)
@@ -156,22 +155,11 @@ def _ranks_main(rank: int, world: int, port: int, results) -> None:
         out["peer"] = (exc.rank, exc.exit_code, str(exc))
     except ValueError as exc:
         out["own"] = str(exc)
-    torch.distributed.destroy_process_group()
-    results[rank] = out
+    return out
 
 
 def test_communicator_collectives_and_failure_agreement():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_ranks_main, args=(2, port, results), nprocs=2, join=True)
-    r0, r1 = results[0], results[1]
+    r0, r1 = on_two_ranks(_collectives_on_rank)
     assert r0["gather"] == r1["gather"] == [0, 10]
     assert r0["main"] == r1["main"] == "from rank 0"
     assert r0["reduced"] == [3.0, 3.0, 3.0]  # summed into rank 0 (other ranks' buffers are scratch)

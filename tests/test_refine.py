@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _ranks import on_two_ranks, one_thread
 from _volumes import blob_particles, blob_volume
 
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotvec_to_matrix
@@ -269,35 +270,22 @@ def test_half_two_is_brought_into_half_one_frame(dataset):
     assert err[True] < 2.5 and err[False] > 4.5, err
 
 
-def _refine_on_rank(rank: int, world: int, port: int, data: dict, cfg: RefineConfig, results) -> None:
-    import os
-
-    from cryofastar_core.runtime.communicator import Communicator
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _refine_on_rank(comm, data: dict, cfg: RefineConfig) -> dict:
     read: list[np.ndarray] = []
 
     def load(idx: np.ndarray) -> torch.Tensor:
         read.append(np.array(idx))
         return data["images"][torch.as_tensor(idx)]
 
-    res = refine_poses(load, data["ctf"], APIX, data["R0"], data["s0"], data["half"], cfg,
-                       comm=Communicator.from_process_group())
-    torch.distributed.destroy_process_group()
-    results[rank] = dict(R=res.rotations, s=res.shifts, full=res.full, half1=res.half1,
-                         history=[{k: v for k, v in h.items() if k != "seconds"} for h in res.history],
-                         read=np.concatenate(read), calls=len(read))
+    res = refine_poses(load, data["ctf"], APIX, data["R0"], data["s0"], data["half"], cfg, comm=comm)
+    return dict(R=res.rotations, s=res.shifts, full=res.full, half1=res.half1,
+                history=[{k: v for k, v in h.items() if k != "seconds"} for h in res.history],
+                read=np.concatenate(read), calls=len(read))
 
 
 def test_two_ranks_share_the_work_and_equal_one_process(dataset):
     """Every pass over the data is split between two ranks (each reads only its own block of particles),
     and both come out with the same poses and maps as one process, up to the order of the sums."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     # Without the translation search of the half-frame registration: on 80-particle half maps its 0.05 px
     # grid can tip to a neighbouring point under a different order of the sums (measured: 0.6 deg for
     # half 2); both ranks still agree exactly, which is what this test is about.
@@ -306,18 +294,9 @@ def test_two_ranks_share_the_work_and_equal_one_process(dataset):
                 s0=dataset["s0"][:n], half=dataset["half"][:n])
     # One thread, as each rank: with more, the one process sums in yet another order, and the half-frame
     # registration (continuous in the maps) carries that into the poses (measured: 1e-2 deg at 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = refine_poses(_loader(data["images"]), data["ctf"], APIX, data["R0"], data["s0"], data["half"], cfg)
-    finally:
-        torch.set_num_threads(threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_refine_on_rank, args=(2, port, data, cfg, results), nprocs=2, join=True)
-    r0, r1 = results[0], results[1]
+    one = one_thread(refine_poses, _loader(data["images"]), data["ctf"], APIX, data["R0"], data["s0"], data["half"],
+                     cfg)
+    r0, r1 = on_two_ranks(_refine_on_rank, data, cfg)
     passes = len(one.history) + 1  # start, global, local 1, local 2, the rebuild at the centred origin
     assert [h["stage"] for h in r0["history"]] == [h["stage"] for h in one.history]
     for rank, r in enumerate((r0, r1)):

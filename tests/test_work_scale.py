@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _ranks import on_two_ranks, one_thread
 from cryofastar_core.evaluation.against_truth import evaluate
 from cryofastar_core.io import read_particles
 from cryofastar_core.job import JobConfig, run
@@ -107,21 +108,7 @@ def test_local_matching_stops_where_a_step_moves_a_sample_by_the_set_motion():
     assert step_limited_shells(31.0, 7.5, RefineConfig()) == 31.0                       # off by default
 
 
-def _refine_kept_on_rank(rank: int, world: int, port: int, star: str, start: dict, results) -> None:
-    import os
-
-    from cryofastar_core.runtime.communicator import Communicator
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results[rank] = _refine_kept(star, start, Communicator.from_process_group())
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _refine_kept(star: str, start: dict, comm=None) -> dict:
+def _refine_kept(comm, star: str, start: dict) -> dict:
     from cryofastar_core.job.poses import refine_kept
 
     ps = read_particles(star)
@@ -136,26 +123,12 @@ def _refine_kept(star: str, start: dict, comm=None) -> dict:
 def test_subset_path_shared_over_two_ranks(particles40):
     """The subset's ab initio and the every-particle passes under two ranks: both ranks come out with the same
     poses, and with one process's up to the order of the sums."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from cryofastar_core.geometry import rotation_angle_deg
 
     ps = read_particles(particles40)
     start = dict(R=ps.rotations, s=ps.shifts, half=ps.half_set.astype(np.int64))  # start at the truth: signal
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: one process would otherwise sum in yet another order
-    try:
-        one = _refine_kept(str(particles40), start)
-    finally:
-        torch.set_num_threads(threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_refine_kept_on_rank, args=(2, port, str(particles40), start, results), nprocs=2, join=True)
-    r0, r1 = results[0], results[1]
+    one = one_thread(_refine_kept, None, str(particles40), start)
+    r0, r1 = on_two_ranks(_refine_kept, str(particles40), start)
     assert np.array_equal(r0["R"], r1["R"]) and np.array_equal(r0["s"], r1["s"]) and r0["stages"] == one["stages"]
     ang = rotation_angle_deg(torch.as_tensor(one["R"]), torch.as_tensor(r0["R"]))
     print(f"2 ranks vs 1 process: rotation diff median {float(ang.median()):.2e} max {float(ang.max()):.2e} deg")

@@ -34,6 +34,7 @@ from datasets import DatasetSpec, build_dataset  # noqa: E402
 
 from cryofastar_core.io import read_particles  # noqa: E402
 from cryofastar_core.job import JobConfig, assess_quality, reconstruct_maps, run  # noqa: E402
+from cryofastar_core.job.work_scale import cropped_loader  # noqa: E402
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.evaluation.metrics import apply_alignment, rotation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
@@ -69,8 +70,7 @@ def pose_sets(particles, ds: Path, work: Path, threads: int, half: np.ndarray,
 
 def _refined(particles, R0: np.ndarray, half: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """``R0`` (true shifts) after the job's default refinement."""
-    def load(idx: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(particles.read_images(idx) * particles.sign[idx, None, None], dtype=torch.float32)
+    load = cropped_loader(particles, np.arange(len(particles)), particles.box, torch.device("cpu"))
 
     res = refine_poses(load, particles.ctf_params(), float(particles.apix[0]), R0, particles.shifts, half,
                        RefineConfig(iterations=3))

@@ -37,6 +37,7 @@ from cryofastar_core.geometry import rotation_angle_deg, rotations_at_angle  # n
 from cryofastar_core.io import read_map, read_particles, write_map  # noqa: E402
 from cryofastar_core.physics.shift import shift_volume  # noqa: E402
 from cryofastar_core.job.maps import reconstruct_maps  # noqa: E402
+from cryofastar_core.job.work_scale import cropped_loader  # noqa: E402
 from cryofastar_core.evaluation.metrics import align_map_to_truth, align_rotations, apply_alignment, map_resolution, rotation_errors, translation_errors  # noqa: E402
 from cryofastar_core.reconstruct import half_sets  # noqa: E402
 from cryofastar_core.refine.driver import RefineConfig, refine_poses  # noqa: E402
@@ -78,8 +79,7 @@ def score(R, s, full, truth_R, truth_s, truth_map, apix) -> dict:
 
 
 def run_ours(particles, R0, s0, half, apix, truth_R, truth_s, truth_map, cfg: RefineConfig) -> dict:
-    def load(idx: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(particles.read_images(idx) * particles.sign[idx, None, None], dtype=torch.float32)
+    load = cropped_loader(particles, np.arange(len(particles)), particles.box, torch.device("cpu"))
 
     errors = []  # the truth's view of each stage (the engine never sees it)
 

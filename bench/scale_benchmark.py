@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.datasets import DatasetSpec, build_dataset  # noqa: E402
+from cryofastar_core.evaluation.against_truth import evaluate  # noqa: E402
 
 
 def _cli(args: list[str], threads: int, log: Path) -> float:
@@ -58,13 +59,6 @@ def true_pose_map(data: Path, threads: int) -> Path:
     return out / "map.mrc"
 
 
-def _fsc_res(map_path: Path, truth: Path, data: Path, pred: Path | None = None) -> dict:
-    from cryofastar_core.evaluation.against_truth import evaluate
-
-    ev = evaluate(pred or (data / "particles.star"), data / "particles.star", map_path, truth, project_dir=data)
-    return ev
-
-
 def run_case(spec: DatasetSpec, root: Path, label: str, settings: dict, threads: int) -> dict:
     data = build_dataset(spec, root)
     out = root / "runs" / spec.name / label
@@ -76,8 +70,9 @@ def run_case(spec: DatasetSpec, root: Path, label: str, settings: dict, threads:
     wall = _cli(["run", "--particles", str(data / "particles.star"), "--o", str(out), "--threads", str(threads),
                  *flags], threads, out.parent / f"{label}.log")
     report = json.loads((out / "report.json").read_text())
-    ev = _fsc_res(out / "map.mrc", data / "truth.mrc", data, out / "particles.star")
-    ref = _fsc_res(true_pose_map(data, threads), data / "truth.mrc", data)
+    truth = data / "particles.star"
+    ev = evaluate(out / "particles.star", truth, out / "map.mrc", data / "truth.mrc", project_dir=data)
+    ref = evaluate(truth, truth, true_pose_map(data, threads), data / "truth.mrc", project_dir=data)
     ours05, true05 = ev["map"]["resolution_fsc0.5"], ref["map"]["resolution_fsc0.5"]
     return dict(case=spec.name, label=label, settings=settings, threads=threads, wall_s=round(wall, 1),
                 timings_s=report["timings_s"], peak_memory_mb=report.get("peak_memory_mb", {}),

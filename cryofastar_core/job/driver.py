@@ -50,10 +50,10 @@ log = logging.getLogger(__name__)
 class _Timer:
     """Each stage's wall time and peak memory (``report.json``: ``timings_s``, ``peak_memory_mb``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuda: bool = False) -> None:
         self.timings: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
-        self.cuda = False  # set by _Context from its device
+        self.cuda = cuda  # also the GPU's peak per stage
 
     def stage(self, name: str) -> "_Stage":
         return _Stage(self, name)
@@ -98,9 +98,6 @@ class _Context:
     progress: Progress | None  # None on every rank but 0: only rank 0 reports progress
     t_start: float
     timer: _Timer = field(default_factory=_Timer)
-
-    def __post_init__(self) -> None:
-        self.timer.cuda = self.device.type == "cuda"
 
     @property
     def out(self) -> Path:
@@ -167,7 +164,7 @@ def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | Non
     device = cfg.torch_device()
     if comm.distributed and device.type == "cuda" and device.index is None:
         device = torch.device(rank_device("cuda", dist_env()))
-    return _Context(cfg, comm, device, progress if comm.is_main else None, t_start)
+    return _Context(cfg, comm, device, progress if comm.is_main else None, t_start, _Timer(device.type == "cuda"))
 
 
 def _read_inputs(ctx: _Context) -> _Inputs:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cryofastar_core.io import ParticleSet
+from cryofastar_core.job.work_scale import cropped_loader
 from cryofastar_core.reconstruct import Backprojector, ParticleChunk, fsc, insert_half_sets, resolution_at
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.progress import Progress
@@ -67,9 +68,11 @@ def particle_chunks(particles: ParticleSet, rotations: np.ndarray, shifts: np.nd
                     on_chunk: Callable[[int], None] | None = None):
     ctf_all = particles.ctf_params() if particles.ctf is not None else None
     indices = np.flatnonzero(keep)
-    for idx, images in particles.iter_chunks(read_chunk, indices):
-        images = torch.as_tensor(images * particles.sign[idx, None, None], dtype=torch.float32, device=device)
-        yield ParticleChunk(images=images, rotations=torch.as_tensor(rotations[idx], dtype=torch.float32, device=device),
+    load = cropped_loader(particles, indices, particles.box, device)  # the input box: sign applied, no crop
+    for start in range(0, len(indices), read_chunk):
+        local = np.arange(start, min(start + read_chunk, len(indices)))
+        idx = indices[local]
+        yield ParticleChunk(images=load(local), rotations=torch.as_tensor(rotations[idx], dtype=torch.float32, device=device),
                             half_sets=half[idx], shifts=torch.as_tensor(shifts[idx], dtype=torch.float32, device=device),
                             ctf=None if ctf_all is None else ctf_all.index(torch.as_tensor(idx)).to(device), apix=apix)
         if on_chunk:

@@ -76,8 +76,14 @@ def slice_coordinates(rotations: Tensor, box: int, scale: float) -> Tensor:
     """
     k = freq_1d(box, device=rotations.device, dtype=rotations.dtype) * scale
     ky, kx = torch.meshgrid(k, k, indexing="ij")
-    # R @ (kx, ky, 0) = kx * R[:, :, 0] + ky * R[:, :, 1]
-    return kx[None, :, :, None] * rotations[:, None, None, :, 0] + ky[None, :, :, None] * rotations[:, None, None, :, 1]
+    return _rotated_plane(rotations, kx, ky)
+
+
+def _rotated_plane(rotations: Tensor, kx: Tensor, ky: Tensor) -> Tensor:
+    """``R (kx, ky, 0)`` ``(B, *S, 3)`` for rotations ``(B, 3, 3)`` and in-plane positions ``kx``, ``ky`` of any
+    shape ``S``: ``kx * R[:, :, 0] + ky * R[:, :, 1]``."""
+    axes = (rotations.shape[0],) + (1,) * kx.ndim + (3,)
+    return kx[None, ..., None] * rotations[:, :, 0].reshape(axes) + ky[None, ..., None] * rotations[:, :, 1].reshape(axes)
 
 
 def trilinear_corners(coords: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -127,8 +133,7 @@ def project_at(vft: VolumeFT, rotations: Tensor, index: Tensor) -> Tensor:
     rotations = rotations.to(device=vft.ft.device, dtype=vft.ft.real.dtype)
     k = freq_1d(vft.box, device=rotations.device, dtype=rotations.dtype) * float(vft.padded_box)
     index = index.to(rotations.device)
-    kx, ky = k[index % vft.box], k[index // vft.box]
-    coords = kx[None, :, None] * rotations[:, None, :, 0] + ky[None, :, None] * rotations[:, None, :, 1]
+    coords = _rotated_plane(rotations, k[index % vft.box], k[index // vft.box])
     return sample_ft(vft, coords[:, None])[:, 0]
 
 

@@ -212,7 +212,7 @@ def record(st: RefineState, entry: dict) -> None:
     st.history.append(entry)
     name = "global pass" if entry["stage"] == "global" else "local iteration"
     junk = entry.get("junk")
-    flagged = f", {junk['n_flagged']} particles without evidence for any pose (junk)" if junk and junk.get("n_flagged") else ""
+    flagged = f", {junk['n_flagged']} particles without evidence for any pose (junk)" if (junk or {}).get("n_flagged") else ""
     log.info("refinement %s %d: poses moved %.1f deg (median), half-map FSC 0.143 at %.1f Å, %.1f s%s", name,
              entry["iteration"], entry["median_rotation_change_deg"], entry["resolution_0143"], entry["seconds"],
              flagged)

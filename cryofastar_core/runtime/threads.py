@@ -2,8 +2,8 @@
 
 Cluster nodes are shared: a Slurm step, a container or ``taskset`` gives a process fewer CPUs than the
 machine has. :func:`usable_cpus` counts what this process may really run on (its CPU affinity, and a
-cgroup CPU quota where one is set), and :func:`default_threads` is what a run uses when the user gives
-no thread count. Torch's own default is the machine's physical cores, which oversubscribes a process
+cgroup CPU quota where one is set), and :func:`set_thread_count` uses that when the user gives no
+thread count. Torch's own default is the machine's physical cores, which oversubscribes a process
 held to fewer.
 
 Idle OpenMP threads spin by default, so a thread that shares its core with another process burns that
@@ -54,18 +54,13 @@ def usable_cpus(root: Path = _CGROUP) -> int:
     return max(1, n)
 
 
-def default_threads() -> int:
-    """The thread count of a run the user gave none: :func:`usable_cpus`."""
-    return usable_cpus()
-
-
 def set_thread_count(threads: int | None) -> int:
     """Set torch's intra-op thread count and return it: ``threads`` if given; else ``OMP_NUM_THREADS`` if
-    set (torchrun sets 1 per process; torch already read it); else :func:`default_threads`."""
+    set (torchrun sets 1 per process; torch already read it); else :func:`usable_cpus`."""
     import torch
 
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = default_threads()
+        threads = usable_cpus()
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

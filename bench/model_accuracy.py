@@ -13,10 +13,15 @@ network is trained hand-invariantly; the job resolves the hand with anchors).
     python bench/model_accuracy.py --ladder --samples 8 --out bench/results/ladder
     python bench/model_accuracy.py --ladder --samples 256 --weights runs/X/weights.pt --baseline default \
         --out bench/results/compare
+    python bench/model_accuracy.py --ladder --weights common-lines --baseline default --out bench/results/cl
+
+``--weights common-lines`` measures the classical estimator (:mod:`cryofastar_core.commonlines`) on the
+same draws as any weights file, so the network and the geometry compare pair by pair.
 
 ``--ladder`` measures the three rungs of the training curriculum's targets instead of a grid:
 1 = clean, no CTF, no shifts, 16 views; 2 = SNR 1, CTF, shifts ±3 px, 32 views; 3 = SNR 0.1, CTF,
-shifts ±3 px, 128 views.
+shifts ±3 px, 128 views; and two 128-view cells where classical common lines are the yardstick:
+4 = clean, no CTF, no shifts; 5 = SNR 1, CTF, shifts ±3 px.
 
 ``--baseline`` evaluates a second weights file on the very same draws and adds, per cell, the paired
 difference of the medians with its bootstrap interval and verdict, and the shipping decision
@@ -40,7 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``bench`` importable when run as a script
 
 from bench.ladder_compare import paired_median_difference, ship_decision
-from cryofastar_core.model import load_weights
+from cryofastar_core.commonlines import COMMON_LINES
+from cryofastar_core.inference.pose_model import load_pose_model
 from cryofastar_core.physics.centre import centroid_shifts
 from cryofastar_core.training.config import StageConfig
 from cryofastar_core.training.data import BatchSimulator, VolumeFTCache
@@ -50,7 +56,8 @@ from cryofastar_core.weights import resolve_weights
 
 EVAL_STREAM = 7  # a random stream of its own: never the training or validation draws
 # rung -> (snr or None for clean, ctf, max shift px, views)
-LADDER = {1: (None, False, 0.0, 16), 2: (1.0, True, 3.0, 32), 3: (0.1, True, 3.0, 128)}
+LADDER = {1: (None, False, 0.0, 16), 2: (1.0, True, 3.0, 32), 3: (0.1, True, 3.0, 128),
+          4: (None, False, 0.0, 128), 5: (1.0, True, 3.0, 128)}
 # One measured cell: (rung or None, snr or None for clean, ctf, max shift px, views, max tilt deg).
 Cell = tuple[int | None, float | None, bool, float, int, float]
 
@@ -83,9 +90,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cells = _cells(args)
-    path = resolve_weights(args.weights)
-    model = load_weights(path, device=args.device)
-    baseline = load_weights(resolve_weights(args.baseline), device=args.device) if args.baseline else None
+    path = _identity(args.weights)
+    model = load_pose_model(args.weights, device=args.device)
+    baseline = load_pose_model(args.baseline, device=args.device) if args.baseline else None
     t0 = time.perf_counter()
     rows = _evaluate_splits(args, cells, model, baseline)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,10 +105,15 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def _identity(weights: str) -> Path | str:
+    """The weights file a name resolves to, or ``common-lines`` (no file)."""
+    return weights if weights == COMMON_LINES else resolve_weights(weights)
+
+
 def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="default")
-    ap.add_argument("--baseline", default=None, help="weights to compare with on the same draws (e.g. default)")
+    ap.add_argument("--weights", default="default", help="weights name or file, or common-lines (classical, no learning)")
+    ap.add_argument("--baseline", default=None, help="weights to compare with on the same draws (e.g. default, common-lines)")
     ap.add_argument("--splits", nargs="+", default=["heldout", "eval"])
     ap.add_argument("--snr", type=float, nargs="+", default=[10.0, 1.0, 0.1],
                     help="signal-to-noise ratios; inf: clean images")
@@ -166,7 +178,7 @@ def _meta(args: argparse.Namespace, path: Path, box: int, compared: bool, rows: 
     meta = {"weights": str(path), "box": box, "samples_per_cell": args.samples, "ladder": args.ladder,
             "seed": args.seed, "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
     if compared:
-        meta["baseline"] = str(resolve_weights(args.baseline))
+        meta["baseline"] = str(_identity(args.baseline))
         meta["ship"] = ship_decision([r["paired"]["verdict"] for r in rows])
     return meta
 

@@ -208,3 +208,24 @@ def _skew(v: torch.Tensor) -> torch.Tensor:
     x, y, z = v.unbind(-1)
     o = torch.zeros_like(x)
     return torch.stack([torch.stack([o, -z, y], -1), torch.stack([z, o, -x], -1), torch.stack([-y, x, o], -1)], -2)
+
+
+def compose_class_pose(class_rotations: torch.Tensor, class_shifts: torch.Tensor, in_plane: torch.Tensor,
+                       in_plane_shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A particle's 3D pose from its 2D class average's and its own 2D alignment against that average.
+
+    RELION's 2D classification is its 3D code with ``rot = tilt = 0``: a particle is its class average
+    turned by ``A2 = A(0, 0, ψ)`` and moved by its origin ``o``. A class average seen at ``A_c`` with
+    origin ``o_c`` therefore gives the particle ``A = A2 A_c`` and origin ``o + A2 o_c`` (the class's
+    origin turned with the image). Internally (``R = Aᵀ``): ``R = R_c R2`` and
+    ``s = s2 + R2ᵀ[:2, :2] s_c``, with ``R2`` the internal rotation of ``(0, 0, ψ)`` as read from the
+    particle STAR (:func:`relion_euler_to_matrix`). tests/test_class_route.py checks this on real
+    RELION Class2D output against the simulated truth.
+
+    ``class_rotations`` ``(N, 3, 3)`` and ``class_shifts`` ``(N, 2)`` px: each particle's class pose;
+    ``in_plane`` ``(N, 3, 3)`` and ``in_plane_shifts`` ``(N, 2)`` px: its 2D alignment. Returns
+    ``(rotations (N, 3, 3), shifts (N, 2))``.
+    """
+    rotations = class_rotations @ in_plane
+    turned = (in_plane.transpose(-1, -2)[..., :2, :2] @ class_shifts[..., None])[..., 0]
+    return rotations, in_plane_shifts + turned

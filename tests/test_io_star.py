@@ -131,16 +131,20 @@ def test_path_resolution_falls_back_to_star_folder(tmp_path, monkeypatch):
     assert read_particles(star).image_files[0] == (tmp_path / "proj/Extract/job002/a.mrcs").resolve()
 
 
-def test_path_resolution_error_names_both_places(tmp_path, monkeypatch):
+def test_path_resolution_from_elsewhere_and_the_error_naming_every_place(tmp_path, monkeypatch):
     star, _ = relion31_project(tmp_path / "proj")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    # a job's STAR (Select/job003/particles.star) names images from the project folder, two levels up
+    assert read_particles(star).image_files[0] == (tmp_path / "proj/Extract/job002/a.mrcs").resolve()
+    (tmp_path / "proj/Extract/job002/a.mrcs").unlink()
     with pytest.raises(InputError) as e:
         read_particles(star)
     msg = str(e.value)
     assert str(elsewhere / "Extract/job002/a.mrcs") in msg
     assert str(tmp_path / "proj/Select/job003/Extract/job002/a.mrcs") in msg
+    assert str(tmp_path / "proj/Extract/job002/a.mrcs") in msg
     assert "rlnImageName" in msg
 
 

@@ -29,7 +29,8 @@ def _sample(opt):
     if opt.type is bool:
         return not opt.default
     if opt.choices:
-        return next(c for c in opt.choices if c != opt.default and c in ("cpu", "uniform"))
+        others = [c for c in opt.choices if c != opt.default]
+        return next((c for c in others if c in ("cpu", "uniform")), others[0])
     if opt.type is int:
         return (opt.default if opt.default is not None else opt.minimum or 1) + 1
     if opt.type is float:

@@ -28,6 +28,7 @@ from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.model.fpm import denormalize
 from cryofastar_core.model.kabsch import kabsch
+from cryofastar_core.inference.pose_model import model_device
 from cryofastar_core.physics.centre import centroid_shifts
 from cryofastar_core.runtime.progress import Progress
 
@@ -129,7 +130,7 @@ def estimate_poses(model: torch.nn.Module, load: LoadFn, n_particles: int, cfg: 
     order = rng.permutation(n_particles)
     candidates = order[: min(cfg.candidates, n_particles - n_aux)]
     aux = order[len(candidates): len(candidates) + n_aux]
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     choice = choose_reference(model, load, candidates, aux, cfg, comm, device)
     anchors, anchor_rot = pick_anchors(choice.first, aux, cfg.anchors)

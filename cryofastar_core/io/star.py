@@ -149,7 +149,10 @@ def _image_locations(path: Path, names: pd.Series, project_dir: Path | None
         raise InputError(path, IMAGE_NAME, f"bad image name '{names.iloc[int(np.argmax(bad))]}'",
                          "use RELION's N@stack form with N counted from 1")
     codes, uniques = pd.factorize(files)
-    bases = [Path(project_dir) if project_dir is not None else Path.cwd(), path.parent]
+    # A RELION job's STAR (Class2D/job010/run_it025_data.star) names images from the project folder,
+    # two levels up: found from anywhere, not only when run from the project folder.
+    bases = [Path(project_dir) if project_dir is not None else Path.cwd(), path.parent, path.parent.parent,
+             path.parent.parent.parent]
     resolved = [resolve_image_path(strip_cryosparc_prefix(u), bases, path, IMAGE_NAME) for u in uniques]
     # Different spellings of one file (./a.mrcs, a.mrcs) become one entry.
     rcodes, image_files = pd.factorize(pd.Series([str(p) for p in resolved]))

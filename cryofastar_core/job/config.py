@@ -21,7 +21,8 @@ class JobConfig:
     # appended where it is shown. particles, out_dir and project_dir are set by each front end its own way.
     particles: Path
     out_dir: Path
-    weights: str = option("default", "shipped weights name or a weights file")
+    weights: str = option("default", "shipped weights name or a weights file, or common-lines (classical common "
+                          "lines, no weights: for clean or class-average-like images)")
     project_dir: Path | None = None
     box: int | None = option(None, "model box; must match the weights", default_text="the weights' box")
     views: int = option(128, "images per forward pass: reference + anchors + new particles", minimum=4,
@@ -33,6 +34,13 @@ class JobConfig:
                                    fix="use e.g. 4")
     weighting: str = option("confidence", "how each view's pose is fitted to the network's output: confidence "
                             "(each pixel weighted by its confidence) or uniform", choices=("confidence", "uniform"))
+    # The class-average route (job/class_route.py): on the class averages' SNR the classical estimator is far
+    # more accurate than the shipped network (bench/model_accuracy.py; the model card's table).
+    class_averages: str = option("auto", "particles from a RELION Class2D or Select job: pose their class averages "
+                                 "and give each particle its class's pose turned by its own 2D alignment (auto), "
+                                 "or ignore the 2D classification (off)", choices=("auto", "off"))
+    class_poses: str = option("common-lines", "how class averages are posed: common-lines, or a weights name or "
+                              "file as for --weights")
     # On by default: the feed-forward poses alone are tens of degrees off and refinement brings them to a
     # few degrees (bench/refine_benchmark.py; the results under bench/results/).
     refine_iters: int = option(3, "refinement iterations after the feed-forward poses and the global passes "

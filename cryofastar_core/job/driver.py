@@ -35,14 +35,13 @@ from cryofastar_core.job.maps import accumulate_shard, finalize_halves, with_fsc
 from cryofastar_core.job.outputs import refuse_overwriting_inputs, write_outputs
 from cryofastar_core.job.poses import assess_quality, estimate_feed_forward, kept_by_confidence, refine_kept
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
-from cryofastar_core.job.resume import decide_resume, poses_file, run_fingerprint, save_poses, weights_identity
-from cryofastar_core.model import load_weights
+from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
+from cryofastar_core.job.resume import decide_resume, poses_file, run_fingerprint, save_poses
 from cryofastar_core.reconstruct import half_sets
 from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
 from cryofastar_core.runtime.threads import set_thread_count
-from cryofastar_core.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +193,12 @@ def _load_weights(ctx: _Context) -> tuple[torch.nn.Module, int, dict]:
     """Stage load_weights: the model, its box (checked against ``box``) and the weights' identity."""
     cfg = ctx.cfg
     with ctx.timer.stage("load_weights"):
-        weights_path = resolve_weights(cfg.weights)
-        model = load_weights(weights_path, device=ctx.device)
+        model = load_pose_model(cfg.weights, device=ctx.device)
         model_box = int(model.cfg.box)
         if cfg.box is not None and cfg.box != model_box:
-            raise InputError(weights_path, "box", f"the weights were trained at box {model_box}, not {cfg.box}",
+            raise InputError(cfg.weights, "box", f"the pose model works at box {model_box}, not {cfg.box}",
                              f"use --box {model_box} or weights trained at box {cfg.box}")
-        weights_info = weights_identity(weights_path)
+        weights_info = pose_model_identity(cfg.weights, model)
     return model, model_box, weights_info
 
 

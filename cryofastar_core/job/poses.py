@@ -12,6 +12,8 @@ from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
+from cryofastar_core.io.class2d import find_class_averages
+from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.work_scale import AB_INITIO_BOX, WorkScale, cropped_loader, plan_work
 from cryofastar_core.physics.fourier import fourier_crop_volume, fourier_pad_volume
@@ -28,6 +30,11 @@ JUDGING_BOX = AB_INITIO_BOX
 
 def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int,
                           device: torch.device, progress: Progress | None, comm: Communicator | None = None) -> dict:
+    """Every particle's pose: through its 2D class average when the particles carry a RELION 2D
+    classification (and ``class_averages`` is auto), else from the particles themselves."""
+    classes = find_class_averages(particles) if cfg.class_averages == "auto" else None
+    if classes is not None:
+        return estimate_from_class_averages(cfg, particles, classes, device, progress)
     n = len(particles)
 
     ctf_correction = model.cfg.ctf_correction

@@ -13,7 +13,6 @@ from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
 from cryofastar_core.job.report import REPORT, Report
-from cryofastar_core.model.checkpoint import read_weights_file
 
 
 STATE_DIR = ".cryofastar"
@@ -48,12 +47,6 @@ def save_poses(path: Path, fingerprint: str, est: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         np.savez(tmp, fingerprint=fingerprint, **{k: v for k, v in est.items() if k != "fingerprint"})
-
-
-def weights_identity(path: Path) -> dict:
-    content = read_weights_file(path)
-    h = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"path": str(path), "sha256": h, "config": content.get("config"), "provenance": content.get("extra", {})}
 
 
 def run_fingerprint(cfg: JobConfig, particles: ParticleSet, weights: dict) -> str:

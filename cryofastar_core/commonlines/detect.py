@@ -1,0 +1,95 @@
+"""The common line of every pair of views: the pair of half-lines whose contents agree best.
+
+For views ``i < j`` the search runs over all ``L`` half-lines of ``i`` and the first ``L/2`` of
+``j`` (line ``φ + π`` of ``j`` is the conjugate of line ``φ``, and conjugating both halves gives the
+same score, so the other half adds nothing), and over a small relative shift ``s`` along the line
+(a shift of an image moves each of its lines by its projection on the line: after centring, what
+is left is small). The score is the real part of the normalised inner product of the two lines'
+samples over the band, each radius whitened by its mean power over all views.
+
+The two angles are refined below a line step by a parabola through the neighbouring scores. The
+angles returned are *consistent*: ``R_i u(angles[i, j]) = R_j u(angles[j, i])`` (the same 3D
+direction, not its opposite), which the synchronisation relies on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CommonLines:
+    """``angles`` ``(N, N)`` radians: ``angles[i, j]`` is the in-plane angle in view ``i`` of its
+    common line with view ``j`` (diagonal 0); ``score`` ``(N, N)`` symmetric, the matched lines'
+    normalised correlation (diagonal 0); ``shift`` ``(N, N)`` px, the relative shift found."""
+
+    angles: Tensor
+    score: Tensor
+    shift: Tensor
+
+
+def line_features(lines: Tensor, whiten: float = 1.0) -> Tensor:
+    """Lines ``(N, L, K)`` complex -> unit-norm complex features ``(N, L, K)``: each radius divided by
+    its mean power over all views and angles to the power ``whiten / 2`` (1: every radius counts
+    alike; 0: as the images' spectrum falls), then each line scaled to norm 1."""
+    power = lines.abs().pow(2).mean(dim=(0, 1)).clamp_min(1e-20)
+    white = lines / power.pow(whiten / 2)
+    white = white / torch.linalg.vector_norm(white, dim=-1, keepdim=True).clamp_min(1e-20)
+    return white
+
+
+def _as_real(z: Tensor) -> Tensor:
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def detect_common_lines(lines: Tensor, radii: Tensor | tuple[float, ...], box: int,
+                        shifts: tuple[float, ...] = (0.0,), whiten: float = 1.0) -> CommonLines:
+    """Common lines of every pair of views from their lines ``(N, L, K)`` complex at ``radii``
+    ``(K,)`` Fourier pixels of a ``box``-pixel image; ``shifts``: relative shifts (px) searched."""
+    n, n_lines, k = lines.shape
+    half = n_lines // 2
+    dev = lines.device
+    feats = line_features(lines, whiten)
+    radii_t = torch.as_tensor(radii, dtype=torch.float32, device=dev)
+    s = torch.as_tensor(shifts, dtype=torch.float32, device=dev)
+    # line φ of j moved by s along itself: multiply by exp(2πi r s / D), (N, S, L/2, K)
+    ramps = torch.polar(torch.ones(len(s), k, device=dev), 2 * math.pi * s[:, None] * radii_t[None, :] / box)
+    moved = _as_real(feats[:, None, :half, :] * ramps[None, :, None, :])  # (N, S, L/2, 2K)
+    mine = _as_real(feats)  # (N, L, 2K)
+    angles = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    score = torch.zeros(n, n, dtype=torch.float32, device=dev)
+    shift = torch.zeros(n, n, dtype=torch.float32, device=dev)
+    step = 2 * math.pi / n_lines
+    for i in range(n - 1):
+        others = moved[i + 1:]  # (M, S, L/2, 2K)
+        m = others.shape[0]
+        corr = torch.einsum("lc,mspc->mslp", mine[i], others)  # (M, S, L, L/2)
+        flat = corr.reshape(m, -1)
+        best, where = flat.max(dim=1)
+        si, rest = where // (n_lines * half), where % (n_lines * half)
+        li, pj = rest // half, rest % half
+        # sub-step refinement of each angle by a parabola through its neighbours (cyclic in θ;
+        # φ's neighbours past the half turn are the conjugate lines, i.e. θ shifted by π)
+        rows = torch.arange(m, device=dev)
+        plane = corr[rows, si]  # (M, L, L/2)
+        d_theta = _parabola(plane[rows, (li - 1) % n_lines, pj], best, plane[rows, (li + 1) % n_lines, pj])
+        lo_phi = torch.where(pj > 0, plane[rows, li, (pj - 1).clamp_min(0)], plane[rows, (li + half) % n_lines, half - 1])
+        hi_phi = torch.where(pj < half - 1, plane[rows, li, (pj + 1).clamp_max(half - 1)], plane[rows, (li + half) % n_lines, 0])
+        d_phi = _parabola(lo_phi, best, hi_phi)
+        angles[i, i + 1:] = (li.double() + d_theta.double()) * step
+        angles[i + 1:, i] = (pj.double() + d_phi.double()) * step
+        score[i, i + 1:] = best
+        score[i + 1:, i] = best
+        shift[i, i + 1:] = s[si]
+        shift[i + 1:, i] = -s[si]
+    return CommonLines(angles=angles, score=score, shift=shift)
+
+
+def _parabola(lo: Tensor, mid: Tensor, hi: Tensor) -> Tensor:
+    """Offset in ``[-0.5, 0.5]`` steps of the vertex of the parabola through three equally spaced values."""
+    den = lo - 2 * mid + hi
+    off = torch.where(den < 0, 0.5 * (lo - hi) / den.where(den < 0, torch.ones_like(den)), torch.zeros_like(den))
+    return off.clamp(-0.5, 0.5)

@@ -1,0 +1,47 @@
+"""What ``--weights`` names: a trained network (a shipped name or a weights file) or classical common lines.
+
+``common-lines`` (:data:`~cryofastar_core.commonlines.COMMON_LINES`) selects
+:class:`~cryofastar_core.commonlines.CommonLinesPoser`: no file, nothing learned, the same interface,
+so the job, the benchmarks and the model ladder treat both alike.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cryofastar_core.commonlines import COMMON_LINES, CommonLinesConfig, CommonLinesPoser
+from cryofastar_core.model import load_weights
+from cryofastar_core.model.checkpoint import read_weights_file
+from cryofastar_core.weights import resolve_weights
+
+
+def load_pose_model(weights: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The pose model ``weights`` names, on ``device``."""
+    if str(weights) == COMMON_LINES:
+        return CommonLinesPoser(CommonLinesConfig()).to(device)
+    return load_weights(resolve_weights(weights), device=device)
+
+
+def pose_model_identity(weights: str | Path, model: nn.Module) -> dict:
+    """What the report and the resume fingerprint record of the pose model: for a weights file its
+    path, hash, configuration and provenance; for common lines its settings (hashed in their place)."""
+    if str(weights) == COMMON_LINES:
+        config = asdict(model.cfg)
+        digest = hashlib.sha256(json.dumps({"method": COMMON_LINES, **config}, sort_keys=True).encode()).hexdigest()
+        return {"path": COMMON_LINES, "sha256": digest, "config": config, "provenance": {"method": COMMON_LINES}}
+    path = resolve_weights(weights)
+    content = read_weights_file(path)
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "config": content.get("config"), "provenance": content.get("extra", {})}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device a pose model runs on (its first parameter's or, parameter-free, its first buffer's)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,110 @@
+"""A RELION 2D classification beside a particle STAR: the class averages and each particle's 2D alignment.
+
+RELION's Class2D writes ``run_itNNN_data.star`` (every particle's ``rlnClassNumber``, in-plane
+``rlnAnglePsi`` and ``rlnOriginX/YAngst`` against its class average) next to ``run_itNNN_model.star``
+(``model_classes``: ``rlnReferenceImage`` = ``k@run_itNNN_classes.mrcs`` for class ``k``, and
+``rlnClassDistribution``); a Select job writes ``particles.star`` (the chosen classes' particles,
+class numbers unchanged) next to ``class_averages.star`` (the chosen averages, named the same way).
+Given either particle STAR, :func:`find_class_averages` finds the averages as RELION names them.
+
+Class averages are in RELION's CTF-corrected form and in the particles' contrast: they take the
+model's preprocessing without a CTF correction. Class images paths are relative to the RELION project
+folder (a job folder's grandparent), or to the STAR's own folder when moved together.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryofastar_core.io.mrc import StackReader
+from cryofastar_core.io.particle_set import ParticleSet
+from cryofastar_core.io.paths import resolve_image_path
+from cryofastar_core.runtime.errors import InputError
+
+CLASS = "rlnClassNumber"
+REFERENCE_IMAGE = "rlnReferenceImage"
+_DATA_SUFFIX = re.compile(r"_data\.star$")
+
+
+@dataclass
+class ClassAverages:
+    """The class averages that have members: ``numbers`` ``(C,)`` RELION class numbers (1-based),
+    ``images`` ``(C, D, D)`` float32 raw pixels; ``member`` ``(N,)`` each particle's row in
+    ``numbers``; ``source`` the STAR that named the averages."""
+
+    numbers: np.ndarray
+    images: np.ndarray
+    member: np.ndarray
+    source: Path
+
+
+def averages_star_for(particles_star: Path) -> Path | None:
+    """The STAR RELION writes beside ``particles_star`` that names its class averages, if there is one:
+    ``X_model.star`` for ``X_data.star`` (Class2D), ``class_averages.star`` for a Select job's output."""
+    candidates = []
+    if _DATA_SUFFIX.search(particles_star.name):
+        candidates.append(particles_star.with_name(_DATA_SUFFIX.sub("_model.star", particles_star.name)))
+    candidates.append(particles_star.with_name("class_averages.star"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def find_class_averages(particles: ParticleSet) -> ClassAverages | None:
+    """The 2D classification of a RELION particle STAR, or ``None`` when it has none (no
+    ``rlnClassNumber``, no averages STAR beside it, or a 3D model STAR)."""
+    if particles.source_format not in ("relion31", "relion30") or CLASS not in particles.table.columns:
+        return None
+    averages_star = averages_star_for(Path(particles.source))
+    if averages_star is None:
+        return None
+    table = _reference_table(averages_star)
+    if table is None:
+        return None
+    classes = particles.table[CLASS].to_numpy()
+    if not np.issubdtype(classes.dtype, np.integer) or classes.min() < 1:
+        raise InputError(particles.source, CLASS, "class numbers must be whole numbers from 1",
+                         "give the particle STAR exactly as RELION's Class2D or Select job wrote it")
+    named = _class_images(averages_star, table)
+    missing = sorted(set(classes.tolist()) - set(named))
+    if missing:
+        raise InputError(particles.source, CLASS, f"particles belong to classes {missing[:5]} that {averages_star.name} "
+                         "does not list", "give the particles and class averages of the same Class2D iteration or "
+                         "Select job")
+    numbers = np.array(sorted(set(classes.tolist())), dtype=np.int64)
+    reader = StackReader()
+    images = np.stack([reader.read(named[c][0], np.array([named[c][1]]))[0] for c in numbers]).astype(np.float32)
+    reader.close()
+    if images.shape[-1] != particles.box:
+        raise InputError(averages_star, REFERENCE_IMAGE, f"class averages are {images.shape[-1]} px, the particles "
+                         f"{particles.box} px", "give the class averages made from these particles")
+    member = np.searchsorted(numbers, classes)
+    return ClassAverages(numbers=numbers, images=images, member=member, source=averages_star)
+
+
+def _reference_table(path: Path) -> pd.DataFrame | None:
+    """The table listing 2D class averages, or ``None`` for a 3D model (``rlnReferenceDimensionality`` 3)."""
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # starfile raises a variety of parser errors
+        raise InputError(path, None, f"not a readable STAR file ({exc})", "give the STAR exactly as RELION wrote it") from exc
+    general = blocks.get("model_general")
+    if isinstance(general, dict) and int(general.get("rlnReferenceDimensionality", 2)) != 2:
+        return None
+    return next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and REFERENCE_IMAGE in b.columns), None)
+
+
+def _class_images(star: Path, table: pd.DataFrame) -> dict[int, tuple[Path, int]]:
+    """Class number -> (stack, 0-based slice): class ``k`` is slice ``k`` of the classes stack."""
+    bases = [star.parent, star.parent.parent, star.parent.parent.parent]
+    out: dict[int, tuple[Path, int]] = {}
+    for name in table[REFERENCE_IMAGE].astype(str):
+        index, _, stack = name.partition("@")
+        if not index.isdigit() or not stack:
+            raise InputError(star, REFERENCE_IMAGE, f"'{name}' is not of the form N@stack.mrcs",
+                             "give the STAR exactly as RELION wrote it")
+        out[int(index)] = (resolve_image_path(stack, bases, star, REFERENCE_IMAGE), int(index) - 1)
+    return out

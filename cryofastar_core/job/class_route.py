@@ -1,0 +1,78 @@
+"""Poses through 2D class averages: pose the averages, then give each particle its class's pose.
+
+Raw particles at SNR 0.01–0.1 are beyond any common-lines estimator; the class averages a 2D
+classification makes of them (tens to hundreds of particles each) are not. So when the particles
+carry a RELION 2D classification (:func:`cryofastar_core.io.class2d.find_class_averages`), the job
+poses the averages of the classes that have members (through the same estimator and pose model
+interface as particles: chunks, anchors, hand check), then composes each particle's pose from its
+class's and its own in-plane angle and shift (:func:`cryofastar_core.geometry.compose_class_pose`).
+Refinement, reconstruction and the verdict then run on the particles as on any other estimate.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from cryofastar_core.geometry import compose_class_pose
+from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
+from cryofastar_core.inference.pose_model import load_pose_model
+from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
+from cryofastar_core.io import ParticleSet
+from cryofastar_core.io.class2d import ClassAverages
+from cryofastar_core.io.poses import euler_to_rotations
+from cryofastar_core.job.config import JobConfig
+from cryofastar_core.runtime.errors import InputError
+from cryofastar_core.runtime.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MIN_CLASSES = 8  # below this, three-view triangles are too few for a stable synchronisation
+
+
+def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes: ClassAverages,
+                                 device: torch.device, progress: Progress | None = None) -> dict:
+    """Every particle's pose from its class average's (the same dict as the feed-forward estimate, plus
+    ``class_route``: what was posed and how). Every rank computes the same (a few hundred images at most)."""
+    n_classes = len(classes.numbers)
+    if n_classes < MIN_CLASSES:
+        raise InputError(classes.source, "rlnClassNumber", f"only {n_classes} class averages have particles; the "
+                         f"class-average route needs at least {MIN_CLASSES}",
+                         "run Class2D with more classes (50 is usual), or pass --class-averages off")
+    model = load_pose_model(cfg.class_poses, device=device)
+    model_box = int(model.cfg.box)
+    # an average has its members' contrast: take the sign of one member per class
+    sign = particles.sign[[int(np.flatnonzero(classes.member == c)[0]) for c in range(n_classes)]]
+
+    def load(indices: np.ndarray) -> torch.Tensor:
+        return to_model_input(classes.images[indices], model_box, sign[indices], device=device)
+
+    views = min(cfg.views, n_classes)
+    ecfg = EstimatorConfig(views=views, candidates=min(cfg.candidates, n_classes), anchors=min(cfg.anchors, views - 2),
+                           chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
+    log.info("class-average route: posing %d class averages (%s) with %s", n_classes, classes.source, cfg.class_poses)
+    est = estimate_poses(model, load, n_classes, ecfg, progress=progress)
+    class_shift = est.shifts * model_px_to_input_px(particles.box, model_box)
+    in_plane, in_plane_shift = _alignments_2d(particles)
+    m = classes.member
+    rotations, shifts = compose_class_pose(torch.from_numpy(est.rotations[m]), torch.from_numpy(class_shift[m]),
+                                           torch.from_numpy(in_plane), torch.from_numpy(in_plane_shift))
+    return {"rotations": rotations.numpy(), "shifts": shifts.numpy(), "confidence": est.confidence[m],
+            "residual": est.residual[m], "reference": int(np.flatnonzero(m == est.reference)[0]),
+            "anchors": np.array([np.flatnonzero(m == a)[0] for a in est.anchors]),
+            "flipped_chunks": est.flipped_chunks, "n_chunks": est.n_chunks,
+            "candidate_scores": est.candidate_scores, "reference_scoring_s": est.reference_scoring_s,
+            "class_numbers": classes.numbers, "class_rotations": est.rotations, "class_shifts": class_shift}
+
+
+def _alignments_2d(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's in-plane rotation (internal, from ``rlnAnglePsi``) and shift (px) against its class."""
+    table = particles.table
+    if "rlnAnglePsi" not in table.columns:
+        raise InputError(particles.source, "rlnAnglePsi", "2D classes without in-plane angles",
+                         "give the particle STAR exactly as RELION's Class2D or Select job wrote it")
+    psi = table["rlnAnglePsi"].to_numpy(dtype=np.float64)
+    zeros = np.zeros_like(psi)
+    shifts = particles.shifts if particles.shifts is not None else np.zeros((len(psi), 2))
+    return euler_to_rotations(zeros, zeros, psi), np.asarray(shifts, dtype=np.float64)

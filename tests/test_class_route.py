@@ -1,0 +1,107 @@
+"""The class-average route on real RELION 3.1 Class2D output (tests/_class2d.py: a simulated set of a
+few viewing directions at random in-plane angles and shifts, classified by relion_refine).
+
+Known answers: (1) the composition convention, against the simulated truth: the class pose each
+member implies is the same for all members of a class only with the right convention; (2) the job
+gives every particle exactly its class's pose composed with its own 2D alignment."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryofastar_core.geometry import compose_class_pose, relion_euler_to_matrix, rotation_angle_deg
+from cryofastar_core.io import read_particles
+from cryofastar_core.io.class2d import averages_star_for, find_class_averages
+from cryofastar_core.job.class_route import estimate_from_class_averages
+from cryofastar_core.job.config import JobConfig
+from cryofastar_core.runtime.errors import InputError
+
+from _class2d import discrete_view_particles, run_class2d
+
+pytestmark = pytest.mark.relion
+PER_VIEW = 16
+
+
+@pytest.fixture(scope="module")
+def classified(tmp_path_factory, relion) -> tuple[Path, Path]:
+    """``(Class2D run_it008_data.star, truth.star)``: 10 views x 16 particles, box 32, SNR 3, K = 10."""
+    root = tmp_path_factory.mktemp("class2d")
+    _, truth = discrete_view_particles(root, n_views=10, per_view=PER_VIEW, box=32, snr=3.0)
+    return run_class2d(root, classes=10, iterations=8, diameter_angst=90), truth
+
+
+def _spread_deg(implied: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Per class, the median angle of its members' implied class rotations from their chordal mean."""
+    out = []
+    for k in np.unique(member):
+        r = torch.from_numpy(implied[member == k])
+        u, _, vh = torch.linalg.svd(r.mean(0))
+        mean = u @ torch.diag(torch.tensor([1.0, 1.0, float(torch.linalg.det(u @ vh))], dtype=r.dtype)) @ vh
+        out.append(float(rotation_angle_deg(r, mean.expand_as(r)).median()))
+    return np.array(out)
+
+
+def test_relion_class2d_output_is_found_beside_the_particles(classified):
+    data_star, _ = classified
+    assert averages_star_for(data_star) == data_star.with_name("run_it008_model.star")
+    particles = read_particles(data_star)
+    classes = find_class_averages(particles)
+    assert classes is not None and classes.images.shape[1:] == (32, 32)
+    assert len(classes.member) == len(particles) and classes.member.max() < len(classes.numbers)
+    assert find_class_averages(read_particles(data_star.parent.parent / "particles.star")) is None  # no 2D classes
+
+
+def test_composition_convention_against_the_truth(classified):
+    """Members of a class that holds one viewing direction imply one class pose (a degree or two of
+    Class2D error); the transposed in-plane convention scatters them by tens of degrees."""
+    data_star, truth_star = classified
+    particles, truth = read_particles(data_star), read_particles(truth_star)
+    classes = find_class_averages(particles)
+    view = np.arange(len(particles)) // PER_VIEW
+    pure = np.array([len(np.unique(view[classes.member == k])) == 1 for k in range(len(classes.numbers))])
+    assert pure.sum() >= 6, "Class2D should separate most of the ten directions"
+    in_plane = particles.rotations  # (0, 0, psi) as read
+    right = _spread_deg(truth.rotations @ np.transpose(in_plane, (0, 2, 1)), classes.member)[pure]
+    wrong = _spread_deg(truth.rotations @ in_plane, classes.member)[pure]
+    assert np.median(right) < 3.0 and np.median(wrong) > 20.0
+    # shifts: s = s2 + R2ᵀ[:2, :2] s_c, so R2[:2, :2] (s - s2) is one s_c per class
+    implied = np.einsum("nab,nb->na", in_plane[:, :2, :2], truth.shifts - particles.shifts)
+    spread = [np.median(np.linalg.norm(implied[classes.member == k] - np.median(implied[classes.member == k], 0), axis=1))
+              for k in np.flatnonzero(pure)]
+    assert np.median(spread) < 0.5
+    # and compose_class_pose undoes what the implied pose was built from
+    k = classes.member
+    class_rot = torch.from_numpy(truth.rotations @ np.transpose(in_plane, (0, 2, 1)))
+    rot, _ = compose_class_pose(class_rot, torch.zeros(len(k), 2, dtype=torch.float64), torch.from_numpy(in_plane),
+                                torch.zeros(len(k), 2, dtype=torch.float64))
+    assert float(rotation_angle_deg(rot, torch.from_numpy(truth.rotations)).max()) < 1e-4  # arccos near 1
+
+
+def test_route_gives_each_particle_its_class_pose_turned_by_its_own_alignment(classified, tmp_path):
+    data_star, _ = classified
+    particles = read_particles(data_star)
+    classes = find_class_averages(particles)
+    cfg = JobConfig(particles=data_star, out_dir=tmp_path / "out")
+    est = estimate_from_class_averages(cfg, particles, classes, torch.device("cpu"))
+    psi = particles.table["rlnAnglePsi"].to_numpy(dtype=np.float64)
+    zeros = torch.zeros(len(psi), dtype=torch.float64)
+    r2 = relion_euler_to_matrix(zeros, zeros, torch.tensor(psi)).numpy()
+    m = classes.member
+    expected = est["class_rotations"][m] @ r2
+    assert np.allclose(est["rotations"], expected, atol=1e-9)
+    turned = np.einsum("nba,nb->na", r2[:, :2, :2], est["class_shifts"][m])  # R2ᵀ[:2, :2] s_c
+    assert np.allclose(est["shifts"], particles.shifts + turned, atol=1e-9)
+    assert all(np.ptp(est["confidence"][m == k]) == 0 for k in np.unique(m))  # a class's confidence, shared
+
+
+def test_too_few_classes_is_one_clear_error(classified, tmp_path):
+    data_star, _ = classified
+    particles = read_particles(data_star)
+    classes = find_class_averages(particles)
+    few = type(classes)(numbers=classes.numbers[:3], images=classes.images[:3], member=classes.member % 3,
+                        source=classes.source)
+    with pytest.raises(InputError, match="class averages have particles"):
+        estimate_from_class_averages(JobConfig(particles=data_star, out_dir=tmp_path), particles, few, torch.device("cpu"))

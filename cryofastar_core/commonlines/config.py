@@ -17,7 +17,10 @@ class CommonLinesConfig:
     ``max_shift_px`` / ``shift_step_px``: the 1D search over a pair's relative shift along its common
     line, after every image is centred on its centroid. ``vote_sigma_deg``: width of the kernel the
     votes for an angle between two views are smoothed with; ``refine_iterations``: sweeps of the robust
-least-squares fit that follows the spectral synchronisation (:func:`~.sync.refine_rotations`). ``ctf_correction`` is the job's
+least-squares fit that follows the spectral synchronisation (:func:`~.sync.refine_rotations`).
+``whiten``: how far each radius is evened out before lines are compared (:func:`~.detect.line_features`;
+1: fully, which lets radii without signal, such as a class average's beyond its resolution, count as much
+as the rest; 0.5 chosen on the model ladder's heldout split and on RELION class averages: docs/model-history.md). ``ctf_correction`` is the job's
     preprocessing contract (phase flipping keeps the sign of every common line's samples)."""
 
     box: int = 64
@@ -28,7 +31,7 @@ least-squares fit that follows the spectral synchronisation (:func:`~.sync.refin
     shift_step_px: float = 1.0
     vote_sigma_deg: float = 3.0
     refine_iterations: int = 30
-    whiten: float = 1.0
+    whiten: float = 0.5
     ctf_correction: str = "phase_flip"
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ Refinement, reconstruction and the verdict then run on the particles as on any o
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from cryofastar_core.geometry import compose_class_pose
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
-from cryofastar_core.inference.pose_model import load_pose_model
+from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import ClassAverages
@@ -28,13 +29,15 @@ from cryofastar_core.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
-MIN_CLASSES = 8  # below this, three-view triangles are too few for a stable synchronisation
+MIN_CLASSES = 6  # each pair's angle is voted by the other views: with fewer than four voters a wrong line wins
 
 
 def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes: ClassAverages,
                                  device: torch.device, progress: Progress | None = None) -> dict:
-    """Every particle's pose from its class average's (the same dict as the feed-forward estimate, plus
-    ``class_route``: what was posed and how). Every rank computes the same (a few hundred images at most)."""
+    """Every particle's pose from its class average's: the same dict as the feed-forward estimate, plus the
+    classes posed (``class_numbers``, ``class_rotations``, ``class_shifts`` in input px), the averages'
+    STAR (``class_source``) and the pose model's identity as JSON (``class_pose_model``). Every rank
+    computes the same (a few hundred images at most)."""
     n_classes = len(classes.numbers)
     if n_classes < MIN_CLASSES:
         raise InputError(classes.source, "rlnClassNumber", f"only {n_classes} class averages have particles; the "
@@ -63,7 +66,9 @@ def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes
             "anchors": np.array([np.flatnonzero(m == a)[0] for a in est.anchors]),
             "flipped_chunks": est.flipped_chunks, "n_chunks": est.n_chunks,
             "candidate_scores": est.candidate_scores, "reference_scoring_s": est.reference_scoring_s,
-            "class_numbers": classes.numbers, "class_rotations": est.rotations, "class_shifts": class_shift}
+            "class_numbers": classes.numbers, "class_rotations": est.rotations, "class_shifts": class_shift,
+            "class_source": str(classes.source),
+            "class_pose_model": json.dumps(pose_model_identity(cfg.class_poses, model), default=str)}
 
 
 def _alignments_2d(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:

@@ -332,13 +332,28 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
         resolution_0143=None if quality.verdict == "failed" else float(res), timings_s=ctx.timer.timings,
         refinement=poses.refinement, outputs=outputs + [REPORT], resumed_from_poses=poses.resumed,
         junk=_junk_summary(ctx, poses), work_scale=poses.work_scale, peak_memory_mb=ctx.timer.peak_mb,
-        processes=ctx.comm.world_size, pose_warning=pose_trust_note(weights_info["provenance"], refined=ctx.cfg.refine_iters > 0),
-        quality=quality.to_dict())
+        processes=ctx.comm.world_size, pose_warning=pose_trust_note(_posed_by(est, weights_info)["provenance"],
+                                                                    refined=ctx.cfg.refine_iters > 0),
+        quality=quality.to_dict(), class_averages=_class_summary(est))
     payload = json.loads(report.to_json())
     payload["fingerprint"] = inputs.fingerprint
     with atomic_output(ctx.out / REPORT) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
     return report
+
+
+def _posed_by(est: dict, weights_info: dict) -> dict:
+    """The identity of the pose model that gave the feed-forward poses: the class averages' on the
+    class-average route, else the weights'."""
+    return json.loads(str(est["class_pose_model"])) if "class_pose_model" in est else weights_info
+
+
+def _class_summary(est: dict) -> dict:
+    """``report.json`` → ``class_averages``: empty unless the poses came through 2D class averages."""
+    if "class_numbers" not in est:
+        return {}
+    return {"source": str(est["class_source"]), "n_classes": int(len(est["class_numbers"])),
+            "posed_by": _posed_by(est, {})["path"]}
 
 
 def _junk_summary(ctx: _Context, poses: _Poses) -> dict:

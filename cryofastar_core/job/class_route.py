@@ -29,7 +29,9 @@ from cryofastar_core.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
-MIN_CLASSES = 6  # each pair's angle is voted by the other views: with fewer than four voters a wrong line wins
+# A floor by judgement, not measured: each pair's angle is voted by the other views, and with fewer than
+# four voters one wrong common line outvotes the rest.
+MIN_CLASSES = 6
 
 
 def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes: ClassAverages,

@@ -105,3 +105,24 @@ def test_too_few_classes_is_one_clear_error(classified, tmp_path):
                         source=classes.source)
     with pytest.raises(InputError, match="class averages have particles"):
         estimate_from_class_averages(JobConfig(particles=data_star, out_dir=tmp_path), particles, few, torch.device("cpu"))
+
+
+def test_cryofastar_run_takes_the_class2d_star_and_says_so(classified, tmp_path, run_cli):
+    """The whole job on the Class2D output: the route is taken, recorded, and the warning names common lines."""
+    import json
+
+    data_star, _ = classified
+    out = tmp_path / "run"
+    done = run_cli("run", "--particles", data_star, "--o", out, "--refine-iters", "0", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    n_classes = len(find_class_averages(read_particles(data_star)).numbers)
+    summary = report["class_averages"]
+    assert {k: summary[k] for k in ("source", "n_classes", "posed_by")} == {
+        "source": str(data_star.with_name("run_it008_model.star")), "n_classes": n_classes, "posed_by": "common-lines"}
+    assert 0 <= summary["median_support"] <= 1
+    assert report["pose_warning"].startswith("FEED-FORWARD POSES FROM CLASSICAL COMMON LINES")
+    off = run_cli("run", "--particles", data_star, "--o", tmp_path / "off", "--refine-iters", "0", "--threads", "1",
+                  "--class-averages", "off", "--views", "16", "--candidates", "2")
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert json.loads((tmp_path / "off" / "report.json").read_text())["class_averages"] == {}

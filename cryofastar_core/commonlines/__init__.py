@@ -14,10 +14,10 @@ Three steps, each a module:
 anchors, Kabsch and hand check run unchanged (``--weights common-lines``). Measured against the
 shipped network and ASPIRE on the model ladder: ``bench/model_accuracy.py --weights common-lines``.
 """
-from cryofastar_core.commonlines.config import CommonLinesConfig
+from cryofastar_core.commonlines.config import COMMON_LINES, CommonLinesConfig
 from cryofastar_core.commonlines.detect import CommonLines, detect_common_lines
 from cryofastar_core.commonlines.polar import fourier_lines
-from cryofastar_core.commonlines.poser import COMMON_LINES, CommonLinesPoser, estimate_rotations
+from cryofastar_core.commonlines.poser import CommonLinesPoser, estimate_rotations
 from cryofastar_core.commonlines.sync import synchronize, vote_dihedral_angles
 
 __all__ = ["COMMON_LINES", "CommonLines", "CommonLinesConfig", "CommonLinesPoser", "detect_common_lines",

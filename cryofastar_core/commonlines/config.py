@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from cryofastar_core.physics.ctf import CTF_CORRECTIONS
 
+COMMON_LINES = "common-lines"  # the ``--weights`` name that selects this estimator (no weights file)
+
 
 @dataclass
 class CommonLinesConfig:
@@ -17,10 +19,11 @@ class CommonLinesConfig:
     ``max_shift_px`` / ``shift_step_px``: the 1D search over a pair's relative shift along its common
     line, after every image is centred on its centroid. ``vote_sigma_deg``: width of the kernel the
     votes for an angle between two views are smoothed with; ``refine_iterations``: sweeps of the robust
-least-squares fit that follows the spectral synchronisation (:func:`~.sync.refine_rotations`).
-``whiten``: how far each radius is evened out before lines are compared (:func:`~.detect.line_features`;
-1: fully, which lets radii without signal, such as a class average's beyond its resolution, count as much
-as the rest; 0.5 chosen on the model ladder's heldout split and on RELION class averages: docs/model-history.md). ``ctf_correction`` is the job's
+    least-squares fit that follows the spectral synchronisation (:func:`~.sync.refine_rotations`).
+    ``whiten``: how far each radius is evened out before lines are compared (:func:`~.detect.line_features`;
+    1: fully, which lets radii without signal, such as a class average's beyond its resolution, count as
+    much as the rest; 0.5 chosen on the model ladder's heldout split and on RELION class averages:
+    docs/model-history.md, session 10). ``ctf_correction`` is the job's
     preprocessing contract (phase flipping keeps the sign of every common line's samples)."""
 
     box: int = 64

@@ -5,7 +5,7 @@ For views ``i < j`` the search runs over all ``L`` half-lines of ``i`` and the f
 same score, so the other half adds nothing), and over a small relative shift ``s`` along the line
 (a shift of an image moves each of its lines by its projection on the line: after centring, what
 is left is small). The score is the real part of the normalised inner product of the two lines'
-samples over the band, each radius whitened by its mean power over all views.
+samples over the band, each radius divided by a power of its mean power over all views (``whiten``).
 
 The two angles are refined below a line step by a parabola through the neighbouring scores. The
 angles returned are *consistent*: ``R_i u(angles[i, j]) = R_j u(angles[j, i])`` (the same 3D
@@ -24,11 +24,10 @@ from torch import Tensor
 class CommonLines:
     """``angles`` ``(N, N)`` radians: ``angles[i, j]`` is the in-plane angle in view ``i`` of its
     common line with view ``j`` (diagonal 0); ``score`` ``(N, N)`` symmetric, the matched lines'
-    normalised correlation (diagonal 0); ``shift`` ``(N, N)`` px, the relative shift found."""
+    normalised correlation (diagonal 0), for diagnostics."""
 
     angles: Tensor
     score: Tensor
-    shift: Tensor
 
 
 def line_features(lines: Tensor, whiten: float = 1.0) -> Tensor:
@@ -61,7 +60,6 @@ def detect_common_lines(lines: Tensor, radii: Tensor | tuple[float, ...], box: i
     mine = _as_real(feats)  # (N, L, 2K)
     angles = torch.zeros(n, n, dtype=torch.float64, device=dev)
     score = torch.zeros(n, n, dtype=torch.float32, device=dev)
-    shift = torch.zeros(n, n, dtype=torch.float32, device=dev)
     step = 2 * math.pi / n_lines
     for i in range(n - 1):
         others = moved[i + 1:]  # (M, S, L/2, 2K)
@@ -83,9 +81,7 @@ def detect_common_lines(lines: Tensor, radii: Tensor | tuple[float, ...], box: i
         angles[i + 1:, i] = (pj.double() + d_phi.double()) * step
         score[i, i + 1:] = best
         score[i + 1:, i] = best
-        shift[i, i + 1:] = s[si]
-        shift[i + 1:, i] = -s[si]
-    return CommonLines(angles=angles, score=score, shift=shift)
+    return CommonLines(angles=angles, score=score)
 
 
 def _parabola(lo: Tensor, mid: Tensor, hi: Tensor) -> Tensor:

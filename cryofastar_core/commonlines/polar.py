@@ -12,15 +12,15 @@ twice so that bilinear sampling on the polar grid interpolates a finely sampled 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from cryofastar_core.physics.centre import centroid_shifts
 from cryofastar_core.physics.fourier import fft2c, pad_centred
+from cryofastar_core.physics.line_transform import line_angles
 from cryofastar_core.physics.shift import shift_images
+from cryofastar_core.reconstruct.mask import soft_circle_mask
 
 MASK_EDGE_PX = 3.0  # width of the mask's cosine edge
 
@@ -52,10 +52,7 @@ def fit_mask_radius(images: Tensor, floor: float = 0.1) -> float:
 
 def soft_mask(box: int, radius: float, device=None) -> Tensor:
     """``(D, D)`` 1 inside ``radius`` px of the centre, a cosine edge of :data:`MASK_EDGE_PX`, 0 beyond."""
-    c = torch.arange(box, dtype=torch.float32, device=device) - box // 2
-    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-    t = ((r - radius) / MASK_EDGE_PX).clamp(0, 1)
-    return 0.5 * (1 + torch.cos(math.pi * t))
+    return soft_circle_mask(box, radius, MASK_EDGE_PX, device=device)
 
 
 def fourier_lines(images: Tensor, n_lines: int, radii: Tensor | tuple[float, ...]) -> Tensor:
@@ -65,7 +62,7 @@ def fourier_lines(images: Tensor, n_lines: int, radii: Tensor | tuple[float, ...
     radii = torch.as_tensor(radii, dtype=torch.float32, device=images.device)
     padded = 2 * d
     ft = fft2c(pad_centred(images.float(), padded, 2))  # DC at index ``d``
-    theta = torch.arange(n_lines, dtype=torch.float64, device=images.device) * (2 * math.pi / n_lines)
+    theta = line_angles(n_lines, device=images.device, dtype=torch.float64)
     # padded index of radius r along u_θ: d + 2 r u_θ; grid_sample's x is the column, y the row
     x = d + 2 * radii[None, :].double() * torch.cos(theta)[:, None]
     y = d + 2 * radii[None, :].double() * torch.sin(theta)[:, None]

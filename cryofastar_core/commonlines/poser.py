@@ -23,7 +23,6 @@ from cryofastar_core.model.fpm import fpm_targets
 from cryofastar_core.model.lines.head import polar_grid
 from cryofastar_core.model.output import ModelOutput
 
-COMMON_LINES = "common-lines"  # the ``--weights`` name that selects this estimator (no weights file)
 _GRID = (8, 4)  # in-plane points of the exact FPMs handed to Kabsch (any non-collinear set is exact)
 
 

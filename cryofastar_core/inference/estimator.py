@@ -28,7 +28,6 @@ from cryofastar_core.geometry import mirror_rotations, rotation_angle_deg
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.model.fpm import denormalize
 from cryofastar_core.model.kabsch import kabsch
-from cryofastar_core.inference.pose_model import model_device
 from cryofastar_core.physics.centre import centroid_shifts
 from cryofastar_core.runtime.progress import Progress
 
@@ -92,6 +91,13 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, weighting: str =
     k = kabsch(xyz, conf if weighting == "confidence" else None, box, out.grid)
     shift = centroid_shifts(images.reshape(-1, box, box).float()).reshape(*images.shape[:-2], 2)
     return ViewPrediction(k.rotation, shift, conf.mean(dim=(-1, -2)), k.residual)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a pose model runs on: its first parameter's or, parameter-free (common lines), its first buffer's."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def confidence_score(mean_conf: torch.Tensor) -> np.ndarray:

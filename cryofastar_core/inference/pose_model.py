@@ -38,10 +38,3 @@ def pose_model_identity(weights: str | Path, model: nn.Module) -> dict:
     content = read_weights_file(path)
     return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "config": content.get("config"), "provenance": content.get("extra", {})}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device a pose model runs on (its first parameter's or, parameter-free, its first buffer's)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")

@@ -68,7 +68,7 @@ def find_class_averages(particles: ParticleSet) -> ClassAverages | None:
     if not np.issubdtype(classes.dtype, np.integer) or classes.min() < 1:
         raise InputError(particles.source, CLASS, "class numbers must be whole numbers from 1",
                          "give the particle STAR exactly as RELION's Class2D or Select job wrote it")
-    named = _class_images(averages_star, table)
+    named = _class_images(averages_star, table, particles.project_dir)
     missing = sorted(set(classes.tolist()) - set(named))
     if missing:
         raise InputError(particles.source, CLASS, f"particles belong to classes {missing[:5]} that {averages_star.name} "
@@ -97,9 +97,12 @@ def _reference_table(path: Path) -> pd.DataFrame | None:
     return next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and REFERENCE_IMAGE in b.columns), None)
 
 
-def _class_images(star: Path, table: pd.DataFrame) -> dict[int, tuple[Path, int]]:
-    """Class number -> (stack, 0-based slice): class ``k`` is slice ``k`` of the classes stack."""
-    bases = [star.parent, star.parent.parent, star.parent.parent.parent]
+def _class_images(star: Path, table: pd.DataFrame, project_dir: Path | None) -> dict[int, tuple[Path, int]]:
+    """Class number -> (stack, 0-based slice): class ``k`` is slice ``k`` of the classes stack. Paths are
+    looked up as the particles' are (``--project-dir`` or the working directory first, then the STAR's
+    folder and the job folder's project folder)."""
+    bases = [Path(project_dir) if project_dir is not None else Path.cwd(), star.parent, star.parent.parent,
+             star.parent.parent.parent]
     out: dict[int, tuple[Path, int]] = {}
     for name in table[REFERENCE_IMAGE].astype(str):
         index, _, stack = name.partition("@")

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 # A floor by judgement, not measured: each pair's angle is voted by the other views, and with fewer than
 # four voters one wrong common line outvotes the rest.
 MIN_CLASSES = 6
+# The confidence of a common-lines pose is its share of agreeing votes: 0.8-0.9 on clean projections, 0.25-0.3
+# on seven RELION class averages of an SNR 3 set that were posed to ~2 degrees (two of them mixing views),
+# 0.13 on the averages of SNR 0.1 particles that posed nothing (docs/model-history.md, session 10;
+# bench/results/2026-12-06-class-averages.md). Below this the log says the averages disagree.
+LOW_SUPPORT = 0.2
 
 
 def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes: ClassAverages,
@@ -58,6 +63,10 @@ def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes
                            chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
     log.info("class-average route: posing %d class averages (%s) with %s", n_classes, classes.source, cfg.class_poses)
     est = estimate_poses(model, load, n_classes, ecfg, progress=progress)
+    support = float(np.median(est.confidence))
+    (log.warning if support < LOW_SUPPORT else log.info)(
+        "class averages: median agreement of their poses %.2f (0-1)%s", support,
+        ": the averages disagree, as averages that mix views do; check the 2D classes" if support < LOW_SUPPORT else "")
     class_shift = est.shifts * model_px_to_input_px(particles.box, model_box)
     in_plane, in_plane_shift = _alignments_2d(particles)
     m = classes.member
@@ -69,7 +78,7 @@ def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes
             "flipped_chunks": est.flipped_chunks, "n_chunks": est.n_chunks,
             "candidate_scores": est.candidate_scores, "reference_scoring_s": est.reference_scoring_s,
             "class_numbers": classes.numbers, "class_rotations": est.rotations, "class_shifts": class_shift,
-            "class_source": str(classes.source),
+            "class_source": str(classes.source), "class_support": support,
             "class_pose_model": json.dumps(pose_model_identity(cfg.class_poses, model), default=str)}
 
 

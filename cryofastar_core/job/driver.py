@@ -353,7 +353,7 @@ def _class_summary(est: dict) -> dict:
     if "class_numbers" not in est:
         return {}
     return {"source": str(est["class_source"]), "n_classes": int(len(est["class_numbers"])),
-            "posed_by": _posed_by(est, {})["path"]}
+            "posed_by": _posed_by(est, {})["path"], "median_support": round(float(est["class_support"]), 3)}
 
 
 def _junk_summary(ctx: _Context, poses: _Poses) -> dict:

@@ -31,10 +31,14 @@ JUDGING_BOX = AB_INITIO_BOX
 def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int,
                           device: torch.device, progress: Progress | None, comm: Communicator | None = None) -> dict:
     """Every particle's pose: through its 2D class average when the particles carry a RELION 2D
-    classification (and ``class_averages`` is auto), else from the particles themselves."""
-    classes = find_class_averages(particles) if cfg.class_averages == "auto" else None
-    if classes is not None:
-        return estimate_from_class_averages(cfg, particles, classes, device, progress)
+    classification (and ``class_averages`` is auto), else from the particles themselves.
+
+    The route is decided, and the averages posed, on rank 0 alone and shared (a few hundred images at
+    most): every rank then takes the same route with the same poses, and a failure is raised on all."""
+    comm = comm or Communicator()
+    routed = comm.on_main(lambda: _through_class_averages(cfg, particles, device, progress))
+    if routed is not None:
+        return routed
     n = len(particles)
 
     ctf_correction = model.cfg.ctf_correction
@@ -56,6 +60,14 @@ def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.n
             "residual": est.residual, "reference": est.reference, "anchors": est.anchors,
             "flipped_chunks": est.flipped_chunks, "n_chunks": est.n_chunks,
             "candidate_scores": est.candidate_scores, "reference_scoring_s": est.reference_scoring_s}
+
+
+def _through_class_averages(cfg: JobConfig, particles: ParticleSet, device: torch.device,
+                            progress: Progress | None) -> dict | None:
+    """The class-average route's estimate, or None when it does not apply (``class_averages`` off, or no
+    RELION 2D classification beside the particles)."""
+    classes = find_class_averages(particles) if cfg.class_averages == "auto" else None
+    return None if classes is None else estimate_from_class_averages(cfg, particles, classes, device, progress)
 
 
 def kept_by_confidence(cfg: JobConfig, confidence: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from cryofastar_core.commonlines import COMMON_LINES
+from cryofastar_core.commonlines.config import COMMON_LINES
 
 
 REPORT = "report.json"
@@ -73,9 +73,9 @@ def pose_trust_note(provenance: dict, refined: bool = False) -> str:
             "the half-map resolution measures consistency, not correctness. Rerun with --refine-iters 3, or "
             "refine globally in RELION or CryoSPARC from this map, before building on it.")
     if classical:
-        return ("FEED-FORWARD POSES FROM CLASSICAL COMMON LINES: within a degree or two on class averages and on "
-                "images at SNR 1 or better on the model ladder (see the model card), near chance on raw particles at "
-                f"SNR 0.1; {then}")
+        return ("FEED-FORWARD POSES FROM CLASSICAL COMMON LINES: within a few degrees on clean class averages and "
+                "on images at SNR 1 or better (model card), but only as good as the 2D classes (averages that mix "
+                f"views give chance) and near chance on raw particles at SNR 0.1; {then}")
     if not isinstance(heldout, dict) or "median_rot_deg" not in heldout:
         return f"FEED-FORWARD POSES NOT VALIDATED: these weights carry no held-out accuracy; {then}"
     return (f"FEED-FORWARD POSES NOT YET RELIABLE: on unseen simulated structures these weights' median rotation "

@@ -106,3 +106,15 @@ def test_a_failed_verdict_presents_no_resolution():
     text = _report("failed").resolution_text
     assert "Å" not in text and "no resolution" in text
     assert _report("failed").verdict_lines == ["POSE QUALITY: FAILED: because failed"]
+
+
+def test_disagreeing_class_averages_make_an_unrefined_ok_doubtful():
+    from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement
+
+    ok = PoseQuality(verdict="ok", reasons=["fine"], significance=1.0, sharpness=1.0, coverage=1.0,
+                     half_map_fsc_0143_A=5.0, n_particles_scored=100)
+    assert with_class_disagreement(ok, 0.5, 0.2, refined=False) == ok  # agreeing averages: untouched
+    low = with_class_disagreement(ok, 0.12, 0.2, refined=False)
+    assert low.verdict == "doubtful" and "mix views" in low.reasons[0]
+    refined = with_class_disagreement(ok, 0.12, 0.2, refined=True)
+    assert refined.verdict == "ok" and "mix views" in refined.reasons[-1]

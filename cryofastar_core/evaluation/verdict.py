@@ -270,3 +270,19 @@ def with_junk(quality: PoseQuality, n_junk: int, n_judged: int, in_maps: bool) -
     if quality.verdict == "ok" and fraction > JUNK_IN_MAPS_DOUBTFUL:
         return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])
     return replace(quality, reasons=[*quality.reasons, line])
+
+
+def with_class_disagreement(quality: PoseQuality, support: float, threshold: float, refined: bool) -> PoseQuality:
+    """``quality`` told that the poses came from 2D class averages whose common-lines poses agree only to
+    ``support`` (median vote share, 0-1). Particles of one class share one pose, so a map built from wrong
+    class poses still fits them better than random poses: the data-only figures cannot see it (on 3HSY at
+    SNR 0.1 they read ``ok`` at 141 degrees from the truth, bench/results/2026-12-06-class-averages.md).
+    Below ``threshold`` an unrefined ``ok`` becomes ``doubtful``; refined poses keep their verdict, with
+    the reason line."""
+    if support >= threshold:
+        return quality
+    line = (f"the class averages' poses agree poorly (median vote support {support:.2f}, below {threshold:.2f}): "
+            "the 2D classes probably mix views")
+    if quality.verdict == "ok" and not refined:
+        return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])
+    return replace(quality, reasons=[*quality.reasons, line])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cryofastar_core import __version__
-from cryofastar_core.evaluation.verdict import PoseQuality, with_junk
+from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_junk
 from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
@@ -36,6 +36,7 @@ from cryofastar_core.job.outputs import refuse_overwriting_inputs, write_outputs
 from cryofastar_core.job.poses import assess_quality, estimate_feed_forward, kept_by_confidence, refine_kept
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
+from cryofastar_core.job.class_route import LOW_SUPPORT
 from cryofastar_core.job.resume import decide_resume, poses_file, run_fingerprint, save_poses
 from cryofastar_core.reconstruct import half_sets
 from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
@@ -313,6 +314,9 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
                                  (half1, half2), ctx.device)
     if poses.junk_rule:
         quality = with_junk(quality, *_junk_counts(poses), in_maps=ctx.cfg.keep_junk)
+    if "class_support" in poses.est:
+        quality = with_class_disagreement(quality, float(poses.est["class_support"]), LOW_SUPPORT,
+                                          refined=ctx.cfg.refine_iters > 0)
     return quality
 
 

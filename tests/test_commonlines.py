@@ -80,3 +80,10 @@ def test_clean_projections_give_subdegree_poses_and_exact_kabsch_planes():
     rel = est.rotations[:1].transpose(-1, -2) @ est.rotations
     assert float(rotation_angle_deg(fit.rotation[0], rel).max()) < 1e-3
     assert np.allclose(1 - 1 / out.conf[0, :, 0, 0].numpy(), est.support.clamp(0, 0.999).numpy(), atol=1e-5)
+
+
+def test_common_lines_score_one_reference_candidate(tiny_weights):
+    from cryofastar_core.inference.pose_model import load_pose_model, reference_candidates
+
+    assert reference_candidates(CommonLinesPoser(), 64) == 1  # every candidate would be a full closed-form solve
+    assert reference_candidates(load_pose_model(tiny_weights), 64) == 64

@@ -38,3 +38,10 @@ def pose_model_identity(weights: str | Path, model: nn.Module) -> dict:
     content = read_weights_file(path)
     return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "config": content.get("config"), "provenance": content.get("extra", {})}
+
+
+def reference_candidates(model: nn.Module, requested: int) -> int:
+    """How many reference candidates are worth scoring with ``model``: the network's answer depends on
+    the reference, so ``requested``; common lines solve every pass in closed form and their confidence is
+    the same vote share whichever view is first, so one (64 candidates would mean 64 full solves)."""
+    return 1 if isinstance(model, CommonLinesPoser) else requested

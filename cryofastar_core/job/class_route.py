@@ -18,7 +18,7 @@ import torch
 
 from cryofastar_core.geometry import compose_class_pose
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
-from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
+from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity, reference_candidates
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import ClassAverages
@@ -59,7 +59,8 @@ def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes
         return to_model_input(classes.images[indices], model_box, sign[indices], device=device)
 
     views = min(cfg.views, n_classes)
-    ecfg = EstimatorConfig(views=views, candidates=min(cfg.candidates, n_classes), anchors=min(cfg.anchors, views - 2),
+    ecfg = EstimatorConfig(views=views, candidates=min(reference_candidates(model, cfg.candidates), n_classes),
+                           anchors=min(cfg.anchors, views - 2),
                            chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
     log.info("class-average route: posing %d class averages (%s) with %s", n_classes, classes.source, cfg.class_poses)
     est = estimate_poses(model, load, n_classes, ecfg, progress=progress)

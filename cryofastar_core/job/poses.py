@@ -10,6 +10,7 @@ import torch
 
 from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
+from cryofastar_core.inference.pose_model import reference_candidates
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import find_class_averages
@@ -50,7 +51,7 @@ def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.n
                               ctf=particles.ctf_params(indices) if use_ctf else None,
                               apix=torch.as_tensor(particles.apix[indices]), ctf_correction=ctf_correction)
 
-    ecfg = EstimatorConfig(views=cfg.views, candidates=cfg.candidates, anchors=cfg.anchors,
+    ecfg = EstimatorConfig(views=cfg.views, candidates=reference_candidates(model, cfg.candidates), anchors=cfg.anchors,
                            chunks_per_batch=cfg.chunks_per_batch, weighting=cfg.weighting, seed=cfg.seed)
     est = estimate_poses(model, load, n, ecfg, progress=progress, comm=comm)
     scale = model_px_to_input_px(particles.box, model_box)

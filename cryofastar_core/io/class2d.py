@@ -23,7 +23,7 @@ import starfile
 
 from cryofastar_core.io.mrc import StackReader
 from cryofastar_core.io.particle_set import ParticleSet
-from cryofastar_core.io.paths import resolve_image_path
+from cryofastar_core.io.paths import relion_bases, resolve_image_path
 from cryofastar_core.runtime.errors import InputError
 
 CLASS = "rlnClassNumber"
@@ -99,10 +99,8 @@ def _reference_table(path: Path) -> pd.DataFrame | None:
 
 def _class_images(star: Path, table: pd.DataFrame, project_dir: Path | None) -> dict[int, tuple[Path, int]]:
     """Class number -> (stack, 0-based slice): class ``k`` is slice ``k`` of the classes stack. Paths are
-    looked up as the particles' are (``--project-dir`` or the working directory first, then the STAR's
-    folder and the job folder's project folder)."""
-    bases = [Path(project_dir) if project_dir is not None else Path.cwd(), star.parent, star.parent.parent,
-             star.parent.parent.parent]
+    looked up as the particles' are (:func:`~cryofastar_core.io.paths.relion_bases`)."""
+    bases = relion_bases(star, project_dir)
     out: dict[int, tuple[Path, int]] = {}
     for name in table[REFERENCE_IMAGE].astype(str):
         index, _, stack = name.partition("@")

@@ -12,6 +12,14 @@ def strip_cryosparc_prefix(name: str) -> str:
     return name[1:] if name.startswith(">") else name
 
 
+def relion_bases(table_file: Path, project_dir: Path | None) -> list[Path]:
+    """Where RELION-named paths in ``table_file`` are looked for, in order: ``project_dir`` (default: the
+    working directory, as RELION runs from the project folder), the table's own folder, then the two above
+    it (a job's STAR, ``Class2D/job010/run_it025_data.star``, names files from the project folder)."""
+    return [Path(project_dir) if project_dir is not None else Path.cwd(), table_file.parent, table_file.parent.parent,
+            table_file.parent.parent.parent]
+
+
 def resolve_image_path(name: str, bases: Sequence[Path], table_file: Path, field: str) -> Path:
     """First existing ``base / name`` over ``bases`` (absolute names are taken as they are).
 

@@ -19,7 +19,7 @@ from cryofastar_core.io import poses
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.io.cs import dataset_to_relion31
 from cryofastar_core.io.particle_set import ParticleSet, as_indices, check_stacks
-from cryofastar_core.io.paths import resolve_image_path, strip_cryosparc_prefix
+from cryofastar_core.io.paths import relion_bases, resolve_image_path, strip_cryosparc_prefix
 from cryofastar_core.io.relion_tables import (ANGLES, IMAGE_NAME, OPTICS_GROUP, OPTICS_LABELS_30, ORIGINS_ANGST,
                                               ORIGINS_PX, RANDOM_SUBSET, build_optics)
 
@@ -149,10 +149,7 @@ def _image_locations(path: Path, names: pd.Series, project_dir: Path | None
         raise InputError(path, IMAGE_NAME, f"bad image name '{names.iloc[int(np.argmax(bad))]}'",
                          "use RELION's N@stack form with N counted from 1")
     codes, uniques = pd.factorize(files)
-    # A RELION job's STAR (Class2D/job010/run_it025_data.star) names images from the project folder,
-    # two levels up: found from anywhere, not only when run from the project folder.
-    bases = [Path(project_dir) if project_dir is not None else Path.cwd(), path.parent, path.parent.parent,
-             path.parent.parent.parent]
+    bases = relion_bases(path, project_dir)
     resolved = [resolve_image_path(strip_cryosparc_prefix(u), bases, path, IMAGE_NAME) for u in uniques]
     # Different spellings of one file (./a.mrcs, a.mrcs) become one entry.
     rcodes, image_files = pd.factorize(pd.Series([str(p) for p in resolved]))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cryofastar_core.refine.grids import parabola_vertex
+
 
 @dataclass
 class CommonLines:
@@ -73,19 +75,12 @@ def detect_common_lines(lines: Tensor, radii: Tensor | tuple[float, ...], box: i
         # φ's neighbours past the half turn are the conjugate lines, i.e. θ shifted by π)
         rows = torch.arange(m, device=dev)
         plane = corr[rows, si]  # (M, L, L/2)
-        d_theta = _parabola(plane[rows, (li - 1) % n_lines, pj], best, plane[rows, (li + 1) % n_lines, pj])
+        d_theta = parabola_vertex(plane[rows, (li - 1) % n_lines, pj], best, plane[rows, (li + 1) % n_lines, pj])
         lo_phi = torch.where(pj > 0, plane[rows, li, (pj - 1).clamp_min(0)], plane[rows, (li + half) % n_lines, half - 1])
         hi_phi = torch.where(pj < half - 1, plane[rows, li, (pj + 1).clamp_max(half - 1)], plane[rows, (li + half) % n_lines, 0])
-        d_phi = _parabola(lo_phi, best, hi_phi)
+        d_phi = parabola_vertex(lo_phi, best, hi_phi)
         angles[i, i + 1:] = (li.double() + d_theta.double()) * step
         angles[i + 1:, i] = (pj.double() + d_phi.double()) * step
         score[i, i + 1:] = best
         score[i + 1:, i] = best
     return CommonLines(angles=angles, score=score)
-
-
-def _parabola(lo: Tensor, mid: Tensor, hi: Tensor) -> Tensor:
-    """Offset in ``[-0.5, 0.5]`` steps of the vertex of the parabola through three equally spaced values."""
-    den = lo - 2 * mid + hi
-    off = torch.where(den < 0, 0.5 * (lo - hi) / den.where(den < 0, torch.ones_like(den)), torch.zeros_like(den))
-    return off.clamp(-0.5, 0.5)

@@ -56,23 +56,23 @@ def _cross2(p: Tensor, q: Tensor) -> Tensor:
     return p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]
 
 
-def triangle_cosines(angles: Tensor, min_sine: float = 0.1) -> tuple[Tensor, Tensor]:
-    """``cos θ_ij`` as voted by each third view ``k``: ``(N, N, N)`` indexed ``[i, j, k]``, and a
-    validity mask of the same shape (``k`` distinct from ``i, j``, both in-plane angles of the
-    triangle farther than ``asin(min_sine)`` from 0 and π, and ``|cos θ| ≤ 1`` up to rounding)."""
+def triangle_cosines(angles: Tensor, i: int, min_sine: float = 0.1) -> tuple[Tensor, Tensor]:
+    """``cos θ_ij`` of view ``i`` with every view ``j`` as voted by each third view ``k``: ``(N, N)``
+    indexed ``[j, k]``, and a validity mask of the same shape (``k`` distinct from ``i, j``, both in-plane
+    angles of the triangle farther than ``asin(min_sine)`` from 0 and π, and ``|cos θ| ≤ 1`` up to
+    rounding). One view at a time: memory ``N²``, not ``N³`` (hundreds of class averages)."""
     n = angles.shape[0]
     c = _directions(angles.double())  # (N, N, 2) c[i, j]
-    dots = torch.einsum("ijd,ikd->ijk", c, c)  # dots[i, j, k] = c_ij · c_ik
-    sines = _cross2(c[:, :, None, :], c[:, None, :, :])  # sines[i, j, k] = c_ij × c_ik
-    a = dots  # [i, j, k] = c_ij·c_ik
-    b = dots.transpose(0, 1)  # [i, j, k] = c_ji·c_jk
-    cc = dots.permute(1, 2, 0)  # [i, j, k] = dots[k, i, j] = c_ki·c_kj
-    s_i = sines
-    s_j = sines.transpose(0, 1)
+    ci, to_i = c[i], c[:, i]  # c_ij (N, 2) over j; c_ji (N, 2) over j
+    a = ci @ ci.T  # [j, k] = c_ij · c_ik
+    b = torch.einsum("jd,jkd->jk", to_i, c)  # [j, k] = c_ji · c_jk
+    cc = torch.einsum("kd,kjd->jk", to_i, c)  # [j, k] = c_ki · c_kj
+    s_i = _cross2(ci[:, None, :], ci[None, :, :])  # [j, k] = c_ij × c_ik
+    s_j = _cross2(to_i[:, None, :], c)  # [j, k] = c_ji × c_jk
     den = s_i * s_j
     cos = (cc - a * b) / torch.where(den.abs() > 0, den, torch.ones_like(den))
-    eye = torch.eye(n, dtype=torch.bool, device=angles.device)
-    distinct = ~(eye[:, :, None] | eye[:, None, :] | eye[None, :, :])
+    idx = torch.arange(n, device=angles.device)
+    distinct = (idx[:, None] != idx[None, :]) & (idx[:, None] != i) & (idx[None, :] != i)
     valid = distinct & (s_i.abs() > min_sine) & (s_j.abs() > min_sine) & (cos.abs() <= 1 + 1e-6)
     return cos.clamp(-1, 1), valid
 
@@ -82,17 +82,16 @@ def vote_dihedral_angles(angles: Tensor, sigma_deg: float = 3.0, bins: int = 180
     [0, 1] (the share of third views whose vote lies within ``2 σ`` of the peak), from the common-line
     angles ``(N, N)`` (:class:`~.detect.CommonLines`). Diagonal: cos 1, weight 0."""
     n = angles.shape[0]
-    cos, valid = triangle_cosines(angles)
-    theta = torch.arccos(cos)  # (N, N, N) in [0, π]
     sigma = math.radians(sigma_deg)
-    grid = torch.linspace(0, math.pi, bins, dtype=theta.dtype, device=theta.device)
-    out_cos = torch.ones(n, n, dtype=theta.dtype, device=theta.device)
-    weight = torch.zeros(n, n, dtype=theta.dtype, device=theta.device)
+    grid = torch.linspace(0, math.pi, bins, dtype=torch.float64, device=angles.device)
+    out_cos = torch.ones(n, n, dtype=torch.float64, device=angles.device)
+    weight = torch.zeros(n, n, dtype=torch.float64, device=angles.device)
     for i in range(n):  # one row of pairs at a time keeps memory at N² × bins
-        t, v = theta[i], valid[i].to(theta.dtype)  # (N, N)
+        cos, valid = triangle_cosines(angles, i)
+        t, v = torch.arccos(cos), valid.to(torch.float64)  # (N, N) [j, k], θ in [0, π]
         density = (torch.exp(-0.5 * ((t[..., None] - grid) / sigma) ** 2) * v[..., None]).sum(1)  # (N, bins)
         peak = grid[density.argmax(-1)]  # (N,)
-        near = v * ((t - peak[:, None]).abs() < 2 * sigma).to(theta.dtype)
+        near = v * ((t - peak[:, None]).abs() < 2 * sigma).to(t.dtype)
         votes = near.sum(-1)
         mean = (t * near).sum(-1) / votes.clamp_min(1)
         out_cos[i] = torch.where(votes > 0, torch.cos(mean), torch.ones_like(mean))

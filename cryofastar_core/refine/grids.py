@@ -1,6 +1,6 @@
 """Integer balls of search offsets, shared by the local refinement (rotations and shifts, with each
 point's grid neighbours for the parabolic sub-grid peak), the global pass (shifts) and the map
-registration (rotations)."""
+registration (rotations); and the parabolic vertex by which a peak on a grid is placed between its points."""
 from __future__ import annotations
 
 import math
@@ -44,3 +44,13 @@ def shift_grid(step_px: float, radius_px: float) -> Tensor:
     zero first."""
     g, _ = ball_grid(2, radius_px / step_px)
     return g.double() * step_px
+
+
+def parabola_vertex(lo: Tensor, mid: Tensor, hi: Tensor) -> Tensor:
+    """Offset, in grid steps within ``[-0.5, 0.5]``, of the vertex of the parabola through three equally
+    spaced values (``lo`` at -1, ``mid`` at 0, ``hi`` at +1; any broadcastable shapes); 0 where the three
+    do not bend downwards (no peak in between)."""
+    curv = lo - 2 * mid + hi
+    ok = curv < 0
+    off = 0.5 * (lo - hi) / torch.where(ok, curv, torch.ones_like(curv))
+    return torch.where(ok, off.clamp(-0.5, 0.5), torch.zeros_like(off))

@@ -18,7 +18,7 @@ from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.refine.config import matching_shells, step_limited_shells
 from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, so3_grid
-from cryofastar_core.refine.grids import ball_grid, shift_grid
+from cryofastar_core.refine.grids import ball_grid, parabola_vertex, shift_grid
 from cryofastar_core.refine.junk import flag_junk, randomised_phases
 from cryofastar_core.refine.matching import FourierBand, candidate_scores
 from cryofastar_core.refine.scan import (PassPlan, PassTally, band_fields, frame_fields, fsc_entry, fsc_filter,
@@ -323,12 +323,8 @@ def _parabolic_peak(s0: Tensor, nb: Tensor, sc: Tensor) -> Tensor:
     the offset is 0); ``sc`` ``(m, ndim, 2)``: the scores at ``nb`` (any value where there is none). Clamped
     to half a step, i.e. the point stays in the best grid cell.
     """
-    have = (nb >= 0).all(-1)
-    sm, sp = sc[..., 0], sc[..., 1]
-    curv = sm - 2 * s0[:, None] + sp
-    ok = have & (curv < 0)
-    off = 0.5 * (sm - sp) / torch.where(ok, curv, torch.ones_like(curv))
-    return torch.where(ok, off.clamp(-0.5, 0.5), torch.zeros_like(off))
+    off = parabola_vertex(sc[..., 0], s0[:, None], sc[..., 1])
+    return torch.where((nb >= 0).all(-1), off, torch.zeros_like(off))
 
 
 def _orthonormalise(R: Tensor) -> Tensor:

@@ -179,3 +179,15 @@ def test_bound_messages(settings, problem, tmp_path):
     assert err.value.problem == problem
     JobConfig(particles=tmp_path / "p", out_dir=tmp_path / "o", keep_fraction=1.0, min_confidence=0.0,
               anchors=126, views=128, device="cpu").validate()
+
+
+def test_class_poses_is_checked_with_the_weights(tmp_path):
+    """A --class-poses that names no pose model is refused with the weights (stage load_weights), not after
+    the particles are read and their class averages found."""
+    with pytest.raises(InputError) as err:
+        JobConfig(particles=tmp_path / "p", out_dir=tmp_path / "o", class_poses=str(tmp_path / "none.pt")).check_class_poses()
+    assert err.value.field == "class_poses" and "common-lines" in err.value.fix
+    JobConfig(particles=tmp_path / "p", out_dir=tmp_path / "o", class_poses="default").check_class_poses()
+    # Ignored (and so not checked) when the class-average route is off.
+    JobConfig(particles=tmp_path / "p", out_dir=tmp_path / "o", class_averages="off",
+              class_poses=str(tmp_path / "none.pt")).check_class_poses()

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from cryofastar_core.commonlines.config import COMMON_LINES
 from cryofastar_core.job.options import JobOption, option, options_of
-from cryofastar_core.runtime.errors import InputError
+from cryofastar_core.runtime.errors import InputError, WeightsError
+from cryofastar_core.weights import resolve_weights
 
 
 @dataclass
@@ -89,6 +91,17 @@ class JobConfig:
                              "use 1 to views - 2 anchors")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(None, "device", "CUDA was asked for but no GPU is visible", "use auto or cpu")
+
+    def check_class_poses(self) -> None:
+        """Raises InputError when ``class_poses`` names no pose model (checked with the weights, before the
+        particles are posed, whether or not they carry class averages; not checked when the route is off)."""
+        if self.class_averages == "off" or self.class_poses == COMMON_LINES:
+            return
+        try:
+            resolve_weights(self.class_poses)
+        except WeightsError:
+            raise InputError(self.class_poses, "class_poses", "neither common lines nor a weights file or shipped "
+                             "weights name", f"use {COMMON_LINES} or a file written by `cryofastar train`") from None
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -194,6 +194,7 @@ def _load_weights(ctx: _Context) -> tuple[torch.nn.Module, int, dict]:
     """Stage load_weights: the model, its box (checked against ``box``) and the weights' identity."""
     cfg = ctx.cfg
     with ctx.timer.stage("load_weights"):
+        cfg.check_class_poses()
         model = load_pose_model(cfg.weights, device=ctx.device)
         model_box = int(model.cfg.box)
         if cfg.box is not None and cfg.box != model_box:
@@ -240,9 +241,10 @@ def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
     with ctx.timer.stage("select"):
         confidence = poses.confidence
         keep = poses.keep = kept_by_confidence(ctx.cfg, confidence)
-        q10, q50, q90 = np.quantile(confidence, [0.1, 0.5, 0.9])
-        log.info("keeping %d of %d particles (confidence 0-1: median %.3f, 10-90%% %.3f-%.3f)", int(keep.sum()),
-                 len(keep), q50, q10, q90)
+        posed = np.isfinite(confidence)
+        q10, q50, q90 = np.quantile(confidence[posed], [0.1, 0.5, 0.9])
+        log.info("keeping %d of %d particles (confidence 0-1 of the %d posed feed-forward: median %.3f, 10-90%% "
+                 "%.3f-%.3f)", int(keep.sum()), len(keep), int(posed.sum()), q50, q10, q90)
         poses.half = half_sets(inputs.particles.half_set, len(inputs.particles), str(ctx.cfg.particles))
 
 
@@ -255,7 +257,7 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
                               inputs.apix, ctx.device, ctx.progress, ctx.comm)
     poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, refined.history
     poses.junk, poses.junk_score, poses.junk_rule = refined.junk, refined.junk_score, refined.junk_rule
-    poses.work_scale = refined.scale
+    poses.work_scale = dict(refined.scale, feed_forward_particles=int(np.isfinite(poses.confidence).sum()))
     _set_junk_apart(ctx, poses)
     return refined.maps
 

@@ -72,7 +72,14 @@ def test_subset_then_every_particle(particles40, tiny_weights, tmp_path):
     report = run(JobConfig(particles=particles40, out_dir=out, weights=str(tiny_weights), views=16, candidates=3,
                            anchors=4, device="cpu", refine_iters=2, target_resolution=9.0, ab_initio_particles=300))
     data = json.loads((out / "report.json").read_text())
-    assert data["work_scale"] == {"input_box": BOX, "ab_initio_box": 32, "local_box": 32, "ab_initio_particles": 300}
+    assert data["work_scale"] == {"input_box": BOX, "ab_initio_box": 32, "local_box": 32, "ab_initio_particles": 300,
+                                  "feed_forward_particles": 300}
+    # The network posed only the subset refinement started from (the same draw); the others carry no confidence.
+    saved = np.load(out / ".cryofastar" / "poses.npz")
+    ff = saved["feed_forward_posed"]
+    assert int(ff.sum()) == 300 and np.isfinite(saved["confidence"][ff]).all() and np.isnan(saved["confidence"][~ff]).all()
+    from cryofastar_core.job.work_scale import balanced_subset
+    np.testing.assert_array_equal(np.flatnonzero(ff), balanced_subset(read_particles(particles40).half_set, 300, 0))
     stages = [(h.get("particles"), h["stage"]) for h in data["refinement"]]
     assert stages[0] == ("ab initio subset", "start") and ("ab initio subset", "global") in stages
     assert stages[-1] == (None, "local") and sum(s == (None, "global") for s in stages) == 1

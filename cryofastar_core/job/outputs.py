@@ -31,7 +31,9 @@ def write_outputs(out: Path, particles: ParticleSet, rotations: np.ndarray, shif
     ``junk_score`` ``(N,)``: every particle's evidence score, written as ``rlnParticleSelectZScore`` where
     known; ``junk_rule``: the decision's figures (:mod:`cryofastar_core.refine.junk`), for ``junk.png``."""
     with staged_output_dir(out) as stage:
-        columns = {CONFIDENCE_LABEL: confidence}
+        # Particles the feed-forward did not pose (outside the ab initio subset) have no confidence: 0 in the
+        # STAR column, which RELION programs read as a number.
+        columns = {CONFIDENCE_LABEL: np.nan_to_num(confidence, nan=0.0)}
         if junk_score is not None and np.isfinite(junk_score).any():
             columns[JUNK_SCORE_LABEL] = np.nan_to_num(junk_score, nan=0.0)
         _write_particles(stage, "particles", particles, rotations, shifts, half, keep, columns)

@@ -16,8 +16,9 @@ from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import find_class_averages
 from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
-from cryofastar_core.job.work_scale import AB_INITIO_BOX, WorkScale, cropped_loader, plan_work
+from cryofastar_core.job.work_scale import AB_INITIO_BOX, WorkScale, balanced_subset, cropped_loader, plan_work
 from cryofastar_core.physics.fourier import fourier_crop_volume, fourier_pad_volume
+from cryofastar_core.reconstruct import half_sets
 from cryofastar_core.refine.driver import RefineConfig, RefineResult, refine_poses
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.errors import InputError
@@ -35,17 +36,59 @@ def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.n
     classification (and ``class_averages`` is auto), else from the particles themselves.
 
     The route is decided, and the averages posed, on rank 0 alone and shared (a few hundred images at
-    most): every rank then takes the same route with the same poses, and a failure is raised on all."""
+    most): every rank then takes the same route with the same poses, and a failure is raised on all.
+
+    From the particles themselves, only the ab initio subset is posed when refinement will start from it
+    and assign every other particle globally anyway (:func:`feed_forward_positions`): the others get the
+    identity, no shift and a NaN confidence, and ``est["feed_forward_posed"]`` ``(N,)`` says which are which."""
     comm = comm or Communicator()
     routed = comm.on_main(lambda: _through_class_averages(cfg, particles, device, progress))
     if routed is not None:
         return routed
-    n = len(particles)
+    only = feed_forward_positions(cfg, particles)
+    if only is None:
+        return _network_poses(cfg, particles, np.arange(len(particles)), model, model_box, device, progress, comm)
+    log.info("feed-forward poses for the %d particles of the ab initio subset (refinement assigns the other %d "
+             "globally)", len(only), len(particles) - len(only))
+    return _scattered(_network_poses(cfg, particles, only, model, model_box, device, progress, comm), only,
+                      len(particles))
+
+
+def feed_forward_positions(cfg: JobConfig, particles: ParticleSet) -> np.ndarray | None:
+    """The particles the network must pose, or ``None`` for all of them. Only the ab initio subset's
+    poses are read when refinement runs its global passes on a subset first and no selection by confidence
+    needs every particle's (``bench/results/2026-12-06-scale.md``: the feed-forward of the rest was 15 % of a
+    10,000-particle run)."""
+    if cfg.refine_iters <= 0 or not cfg.refine_global or cfg.keep_fraction is not None or cfg.min_confidence is not None:
+        return None
+    return balanced_subset(half_sets(particles.half_set, len(particles), str(cfg.particles)), cfg.ab_initio_particles,
+                            cfg.seed)
+
+
+def _scattered(est: dict, only: np.ndarray, n: int) -> dict:
+    """The estimate of the particles ``only`` put at their places among ``n``; the rest unposed."""
+    rotations = np.tile(np.eye(3), (n, 1, 1)).astype(est["rotations"].dtype)
+    shifts = np.zeros((n, 2), dtype=est["shifts"].dtype)
+    confidence, residual = np.full(n, np.nan), np.full(n, np.nan)
+    rotations[only], shifts[only], confidence[only], residual[only] = (est["rotations"], est["shifts"],
+                                                                       est["confidence"], est["residual"])
+    posed = np.zeros(n, dtype=bool)
+    posed[only] = True
+    return dict(est, rotations=rotations, shifts=shifts, confidence=confidence, residual=residual,
+                reference=int(only[est["reference"]]), anchors=only[np.asarray(est["anchors"], dtype=np.int64)],
+                feed_forward_posed=posed)
+
+
+def _network_poses(cfg: JobConfig, particles: ParticleSet, only: np.ndarray, model: torch.nn.Module, model_box: int,
+                   device: torch.device, progress: Progress | None, comm: Communicator) -> dict:
+    """The pose model's estimate for the particles ``only`` (their positions in the set), in their order."""
+    n = len(only)
 
     ctf_correction = model.cfg.ctf_correction
     use_ctf = ctf_correction != "none" and particles.ctf is not None
 
-    def load(indices: np.ndarray) -> torch.Tensor:
+    def load(local: np.ndarray) -> torch.Tensor:
+        indices = only[local]
         images = particles.read_images(indices)
         return to_model_input(images, model_box, particles.sign[indices], device=device,
                               ctf=particles.ctf_params(indices) if use_ctf else None,

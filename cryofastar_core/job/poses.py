@@ -3,7 +3,7 @@ and the data-only verdict on them. Each takes the particle set and returns array
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -16,10 +16,11 @@ from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import find_class_averages
 from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
-from cryofastar_core.job.work_scale import AB_INITIO_BOX, WorkScale, balanced_subset, cropped_loader, plan_work
-from cryofastar_core.physics.fourier import fourier_crop_volume, fourier_pad_volume
+from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
+from cryofastar_core.job.work_scale import AB_INITIO_BOX, balanced_subset, cropped_loader, plan_work
+from cryofastar_core.physics.fourier import fourier_crop_volume
 from cryofastar_core.reconstruct import half_sets
-from cryofastar_core.refine.driver import RefineConfig, RefineResult, refine_poses
+from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
@@ -131,24 +132,6 @@ def kept_by_confidence(cfg: JobConfig, confidence: np.ndarray) -> np.ndarray:
     return keep
 
 
-@dataclass
-class Refined:
-    """What the refine stage gives the run, over all ``N`` particles: new ``rotations`` ``(N, 3, 3)`` and
-    ``shifts`` ``(N, 2)`` (unchanged where not refined), the refinement ``history``, its last
-    ``(full, half1, half2)`` maps (without the junk unless ``keep_junk``), ``junk`` ``(N,)`` bool (particles
-    with no evidence for any pose), ``junk_score`` ``(N,)`` (their evidence in SDs of the good particles';
-    NaN where not refined) and ``junk_rule`` (:mod:`cryofastar_core.refine.junk`; empty without a global pass)."""
-
-    rotations: np.ndarray
-    shifts: np.ndarray
-    history: list[dict]
-    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    junk: np.ndarray
-    junk_score: np.ndarray
-    junk_rule: dict = field(default_factory=dict)
-    scale: dict = field(default_factory=dict)
-
-
 def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
                 keep: np.ndarray, apix: float, device: torch.device, progress: Progress | None = None,
                 comm: Communicator | None = None) -> Refined:
@@ -163,11 +146,11 @@ def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, s
     R, s = rotations[idx].copy(), shifts[idx].copy()
     initial, history = None, []
     if scale.subset is not None and rcfg.global_step_deg is not None:
-        initial, history = _ab_initio_on_subset(particles, idx, scale, R, s, half, apix, rcfg, device, progress, comm)
+        initial, history = ab_initio_on_subset(particles, idx, scale, R, s, half, apix, rcfg, device, progress, comm)
         # Then one global assignment of every particle against the settled maps, and the local search at scale.
         rcfg = replace(rcfg, global_passes=1, **scale.local_search)
     log.info("refining %d particles at box %d (input %d)", len(idx), scale.local_box, particles.box)
-    result = _refine_at(particles, idx, scale.local_box, R, s, half[idx], apix, rcfg, initial, device, progress,
+    result = refine_at(particles, idx, scale.local_box, R, s, half[idx], apix, rcfg, initial, device, progress,
                         comm)
     rotations, shifts = rotations.copy(), shifts.copy()
     rotations[idx], shifts[idx] = result.rotations, result.shifts
@@ -179,37 +162,6 @@ def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, s
     maps = (result.full, result.half1, result.half2) if scale.local_box == particles.box else None
     return Refined(rotations, shifts, history + [dict(h) for h in result.history], maps, junk, score,
                    dict(result.junk_rule), scale.to_dict())
-
-
-def _ab_initio_on_subset(particles: ParticleSet, idx: np.ndarray, scale: WorkScale, R: np.ndarray, s: np.ndarray,
-                         half: np.ndarray, apix: float, rcfg: RefineConfig, device: torch.device,
-                         progress: Progress | None, comm: Communicator | None) -> tuple[tuple, list[dict]]:
-    """The global passes on the subset ``scale.subset`` (positions into ``idx``) at the ab initio box, until
-    the map settles. Writes the subset's new poses into ``R`` ``(n, 3, 3)`` and ``s`` ``(n, 2)`` (input px);
-    returns the two half maps brought to the local box, and the passes' history."""
-    sub = idx[scale.subset]
-    log.info("ab initio on %d of %d particles at box %d", len(sub), len(idx), scale.ab_initio_box)
-    ab = _refine_at(particles, sub, scale.ab_initio_box, R[scale.subset], s[scale.subset], half[sub], apix,
-                    replace(rcfg, iterations=0, centre_origin=False), None, device, progress, comm)
-    R[scale.subset], s[scale.subset] = ab.rotations, ab.shifts
-    maps = tuple(fourier_pad_volume(m, scale.local_box) if scale.local_box > scale.ab_initio_box else m
-                 for m in (ab.half1, ab.half2))
-    return maps, [dict(h, particles="ab initio subset") for h in ab.history]
-
-
-def _refine_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,
-               apix: float, rcfg: RefineConfig, initial: tuple | None, device: torch.device,
-               progress: Progress | None, comm: Communicator | None) -> RefineResult:
-    """:func:`~cryofastar_core.refine.driver.refine_poses` of the particles ``idx`` at ``box`` (images
-    Fourier-cropped as read; shifts ``s`` in and out in input pixels, scaled to the box inside)."""
-    to_box = box / particles.box
-    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
-    result = refine_poses(cropped_loader(particles, idx, box, device), ctf, apix / to_box, R,
-                          np.asarray(s) * to_box, half, rcfg, device=device, progress=progress,
-                          initial_half_maps=initial, comm=comm)
-    result.rotations = np.asarray(result.rotations)
-    result.shifts = np.asarray(result.shifts) / to_box
-    return result
 
 
 def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,

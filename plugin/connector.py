@@ -214,10 +214,12 @@ def _publish_outputs(server: Any, project: str, job: str, out: Path, particles: 
     Returns the number of particles saved and the map paths."""
     saved = _save_particles(server, project, job, out / "particles.cs", particles)
     map_paths = _save_volume(server, project, job, out)
+    class_volumes = _save_class_volumes(server, project, job, out, report)
     _log_plots(server, project, job, out, report)
     server.set_tile_image(project, job, write_tile_image(out / VOLUME_FILES["map"], out / TILE_FILE))
     job_log(f"outputs: '{PARTICLES_OUTPUT}' ({saved} particles, alignments3D + passthrough) and "
-            f"'{VOLUME_OUTPUT}' (map, half maps). Continue with Homogeneous Reconstruction Only, or Local "
+            f"'{VOLUME_OUTPUT}' (map, half maps{'; class 1 of ' + str(len(report.classes)) if report.classes else ''})"
+            f"{''.join(f', {n!r}' for n in class_volumes)}. Continue with Homogeneous Reconstruction Only, or Local "
             "Refinement (with a mask), or use the map as the initial model of a Homogeneous/NU refinement.")
     for line in report.verdict_lines:  # last in the job log, where the user looks
         job_log(line)
@@ -379,25 +381,43 @@ def _save_particles(server, project: str, job: str, result_cs: Path, source: Dat
     return len(out)
 
 
-def _save_volume(server, project: str, job: str, out: Path) -> dict[str, str]:
-    """Upload map and half maps into the job folder and save the ``volume`` output pointing at them."""
+def _save_volume(server, project: str, job: str, out: Path, files: dict[str, str] = VOLUME_FILES,
+                 name: str = VOLUME_OUTPUT, title: str = "CryoFastAR map and half maps") -> dict[str, str]:
+    """Upload map and half maps (``files``: slot -> file in ``out``) into the job folder and save the volume
+    output ``name`` pointing at them."""
     paths: dict[str, str] = {}
     shapes: dict[str, tuple[int, int, int]] = {}
     apix = {}
-    for slot, filename in VOLUME_FILES.items():
+    for slot, filename in files.items():
         data, apix[slot] = read_map(out / filename)
         shapes[slot] = data.shape
-        paths[slot] = server.upload_mrc(project, job, f"cryofastar_{slot}.mrc", data, apix[slot])
-    vol = server.add_output(project, job, type="volume", name=VOLUME_OUTPUT, slots=VOLUME_SLOTS, passthrough=None,
-                            title="CryoFastAR map and half maps", alloc=1)
-    for slot in VOLUME_FILES:
+        upload = f"cryofastar_{slot}.mrc" if name == VOLUME_OUTPUT else f"cryofastar_{name}_{slot}.mrc"
+        paths[slot] = server.upload_mrc(project, job, upload, data, apix[slot])
+    vol = server.add_output(project, job, type="volume", name=name, slots=VOLUME_SLOTS, passthrough=None,
+                            title=title, alloc=1)
+    for slot in files:
         vol[f"{slot}/path"] = np.array([paths[slot]], dtype=object)
         if f"{slot}/shape" in vol.fields():
             vol[f"{slot}/shape"] = np.array([shapes[slot]])
         if f"{slot}/psize_A" in vol.fields():
             vol[f"{slot}/psize_A"] = apix[slot]
-    server.save_output(project, job, VOLUME_OUTPUT, vol)
+    server.save_output(project, job, name, vol)
     return paths
+
+
+def _save_class_volumes(server, project: str, job: str, out: Path, report: Report) -> list[str]:
+    """Several classes: one volume output per further class (``volume_class002``, ...; class 1 is
+    ``volume``), so CryoSPARC's own jobs can take any class's map. Returns the outputs' names."""
+    names = []
+    for c in report.classes[1:]:
+        if not c["files"]:
+            continue
+        stem = f"class{c['number']:03d}"
+        files = {slot: f"{stem}_{VOLUME_FILES[slot]}" for slot in VOLUME_FILES}
+        title = f"CryoFastAR class {c['number']} ({c['particles']} particles{', sink' if c['sink'] else ''})"
+        _save_volume(server, project, job, out, files, f"volume_{stem}", title)
+        names.append(f"volume_{stem}")
+    return names
 
 
 def fsc_caption(report: Report) -> str:

@@ -102,7 +102,15 @@ def write_output_nodes(job_dir: str | Path, nodes: list[OutputNode], version: in
 
 def job_output_nodes(out_dir: str) -> list[OutputNode]:
     """Our outputs as RELION nodes: particles, the full map, and half map 1 (RELION's convention: tools
-    that take half maps are given half 1 and find half 2 by replacing ``half1`` with ``half2``)."""
+    that take half maps are given half 1 and find half 2 by replacing ``half1`` with ``half2``), and the
+    same two of every further class found in ``out_dir`` (relative to the project folder, where RELION runs
+    the job)."""
     prefix = out_dir if out_dir.endswith("/") else out_dir + "/"
-    return [OutputNode(prefix + "particles.star", "particles"), OutputNode(prefix + "map.mrc", "map"),
-            OutputNode(prefix + "half1.mrc", "halfmap")]
+    nodes = [OutputNode(prefix + "particles.star", "particles"), OutputNode(prefix + "map.mrc", "map"),
+             OutputNode(prefix + "half1.mrc", "halfmap")]
+    # Several classes: class 1 is map.mrc; every further class's map and half map 1 are nodes too, so the
+    # user can pick one up in the next job (classNNN_half1.mrc -> classNNN_half2.mrc by RELION's rule).
+    for path in sorted(Path(out_dir).glob("class[0-9][0-9][0-9]_map.mrc")):
+        stem = path.name[: -len("_map.mrc")]
+        nodes += [OutputNode(prefix + path.name, "map"), OutputNode(prefix + f"{stem}_half1.mrc", "halfmap")]
+    return nodes

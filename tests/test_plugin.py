@@ -461,3 +461,32 @@ def test_bad_references_fail_before_any_job_is_created(cs_project, tmp_path, cap
     assert cli.main([*args, "--particles", "J42.particles", "--views", "2"], connect=lambda c: fake) == 2
     assert "--views" in capsys.readouterr().err
     assert "create_external_job" not in fake.names()
+
+
+def test_every_further_class_is_a_volume_output(cs_project, tmp_path):
+    """With several classes, class 1 is the ``volume`` output and every further class (with maps) one more
+    volume output of its own, pointing at its uploaded map and half maps."""
+    from types import SimpleNamespace
+
+    from cryofastar_core.io import write_map
+    from plugin.connector import _save_class_volumes
+
+    out = tmp_path / "work"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("class002_map.mrc", "class002_half1.mrc", "class002_half2.mrc"):
+        write_map(out / name, rng.standard_normal((BOX, BOX, BOX)).astype(np.float32), 3.0)
+    classes = [{"number": 1, "particles": 30, "sink": False, "files": ["map.mrc"]},
+               {"number": 2, "particles": 9, "sink": True, "files": ["class002_map.mrc"]},
+               {"number": 3, "particles": 1, "sink": True, "files": []}]   # too small to have maps
+    fake = FakeServer(cs_project["root"], cs_project["cs"], tmp_path / "server")
+    assert _save_class_volumes(fake, PROJECT, EXT, out, SimpleNamespace(classes=classes)) == ["volume_class002"]
+    added = [kw for name, kw in fake.calls if name == "add_output"]
+    assert [(a["name"], a["title"]) for a in added] == [("volume_class002", "CryoFastAR class 2 (9 particles, sink)")]
+    vol = fake.saved["volume_class002"]
+    for slot, local in (("map", "class002_map.mrc"), ("map_half_A", "class002_half1.mrc"),
+                        ("map_half_B", "class002_half2.mrc")):
+        assert vol[f"{slot}/path"][0] == f"{EXT}/cryofastar_volume_class002_{slot}.mrc"
+        _, uploaded = cs_mrc.read(str(tmp_path / "server" / vol[f"{slot}/path"][0]))
+        with mrcfile.open(out / local) as m:
+            assert np.allclose(uploaded, m.data)

@@ -199,6 +199,20 @@ def test_nodes_file_has_int_types_and_the_versions_labels(tmp_path, version, lab
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_every_further_class_is_a_node(tmp_path, monkeypatch):
+    """With several classes, class 1 is map.mrc and every further class's map and half map 1 are nodes."""
+    job = tmp_path / "External" / "job012"
+    job.mkdir(parents=True)
+    for name in ("map.mrc", "half1.mrc", "class002_map.mrc", "class002_half1.mrc", "class003_map.mrc",
+                 "class003_half1.mrc"):
+        (job / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # RELION runs the job from the project folder
+    nodes = job_output_nodes("External/job012/")
+    assert [(n.name, n.kind) for n in nodes[3:]] == [
+        ("External/job012/class002_map.mrc", "map"), ("External/job012/class002_half1.mrc", "halfmap"),
+        ("External/job012/class003_map.mrc", "map"), ("External/job012/class003_half1.mrc", "halfmap")]
+
+
 def test_node_names_with_spaces_are_refused():
     with pytest.raises(ValueError, match="white space"):
         render_output_nodes([OutputNode("External/job 1/map.mrc", "map")], 3)

@@ -9,6 +9,7 @@ import torch
 
 from cryofastar_core.commonlines.config import COMMON_LINES
 from cryofastar_core.job.options import JobOption, option, options_of
+from cryofastar_core.refine.classes import MAX_CLASSES
 from cryofastar_core.runtime.errors import InputError, WeightsError
 from cryofastar_core.weights import resolve_weights
 
@@ -62,6 +63,11 @@ class JobConfig:
                                       fix="use 0 (all) or e.g. 5000")
     keep_junk: bool = option(False, "when refining, keep in the maps the particles that show no evidence for any "
                              "pose (junk); they are found and reported either way")
+    # Several classes (refine/classes.py): the one-class global passes settle a consensus, then the classes
+    # are found by global passes that weigh each particle into every class (tests/test_classes.py).
+    classes: int = option(1, "classes in the ab initio: several conformations (or junk of another protein) each "
+                          "build their own map; maps, FSC and verdict per class, rlnClassNumber per particle",
+                          minimum=1, maximum=MAX_CLASSES, fix=f"use 1 to {MAX_CLASSES} classes")
     keep_fraction: float | None = option(None, "keep only this fraction of the most confident particles, e.g. 0.8",
                                          default_text="keep all", minimum=0, maximum=1, open_min=True,
                                          fix="use e.g. 0.8 to keep 80 %")
@@ -89,6 +95,9 @@ class JobConfig:
         if not self.anchors <= self.views - 2:
             raise InputError(None, "anchors", f"{self.anchors} does not fit in {self.views} views",
                              "use 1 to views - 2 anchors")
+        if self.classes > 1 and (self.refine_iters == 0 or not self.refine_global):
+            raise InputError(None, "classes", "classes are found by refinement's global passes, which are off",
+                             "refine (refine_iters 1 or more, refine_global on) or use 1 class")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(None, "device", "CUDA was asked for but no GPU is visible", "use auto or cpu")
 

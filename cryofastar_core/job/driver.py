@@ -32,7 +32,7 @@ from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
 from cryofastar_core.job.maps import accumulate_shard, finalize_halves, with_fsc
-from cryofastar_core.job.outputs import refuse_overwriting_inputs, write_outputs
+from cryofastar_core.job.outputs import ClassOutput, class_summary, refuse_overwriting_inputs, write_outputs
 from cryofastar_core.job.poses import assess_quality, estimate_feed_forward, kept_by_confidence, refine_kept
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
@@ -132,6 +132,8 @@ class _Poses:
     junk_score: np.ndarray | None = None  # (N,) evidence in SDs of the good particles' (NaN: not refined)
     junk_rule: dict = field(default_factory=dict)
     work_scale: dict = field(default_factory=dict)  # where refinement worked (job/work_scale.py)
+    classes: np.ndarray | None = None  # (N,) class 1..K of each particle with several classes (job/classes.py)
+    class_maps: list = field(default_factory=list)  # refinement's (full, half1, half2) per class, None where absent
 
 
 def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
@@ -154,7 +156,8 @@ def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | N
     _select_particles(ctx, inputs, poses)
     refined_maps = _refine_shared(ctx, inputs, poses) if cfg.refine_iters > 0 else None
     maps = _reconstruct(ctx, inputs, poses, refined_maps)
-    return ctx.comm.on_main(lambda: _judge_and_write(ctx, inputs, poses, maps))
+    others = _reconstruct_other_classes(ctx, inputs, poses)
+    return ctx.comm.on_main(lambda: _judge_and_write(ctx, inputs, poses, maps, others))
 
 
 def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | None) -> _Context:
@@ -258,6 +261,7 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, refined.history
     poses.junk, poses.junk_score, poses.junk_rule = refined.junk, refined.junk_score, refined.junk_rule
     poses.work_scale = dict(refined.scale, feed_forward_particles=int(np.isfinite(poses.confidence).sum()))
+    poses.classes, poses.class_maps = refined.classes, refined.class_maps or []
     _set_junk_apart(ctx, poses)
     return refined.maps
 
@@ -285,25 +289,56 @@ def _set_junk_apart(ctx: _Context, poses: _Poses) -> None:
 
 
 def _reconstruct(ctx: _Context, inputs: _Inputs, poses: _Poses, refined_maps: tuple | None) -> tuple | None:
-    """Stage reconstruct: rank 0's ``(full, half1, half2, freq, curve, resolution)`` (None on the other ranks).
+    """Stage reconstruct: rank 0's ``(full, half1, half2, freq, curve, resolution)`` (None on the other ranks)
+    of the kept particles (with several classes: of class 1's).
 
     ``refined_maps``: refinement's last maps, the same on every rank (see :func:`_refine_shared`), or None
     without refinement."""
-    apix = inputs.apix
     with ctx.timer.stage("reconstruct"):
-        if refined_maps is not None:
-            # Refinement's last pass already inserted every kept particle at its final pose into half-set
-            # accumulators like the ones below: reuse those maps instead of reading the particles again.
-            return ctx.comm.on_main(lambda: with_fsc(refined_maps, apix), share=False)
-        halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep, apix,
-                                   ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
-        return ctx.comm.on_main(lambda: with_fsc(finalize_halves(halves), apix), share=False)
+        return _maps_of(ctx, inputs, poses, _members(poses, 1), refined_maps)
 
 
-def _judge_and_write(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> Report:
-    """Stages quality and write (rank 0): the verdict, the outputs, report.json, then the closing log lines."""
+def _members(poses: _Poses, number: int) -> np.ndarray:
+    """The kept particles of class ``number`` (all the kept ones with one class)."""
+    return poses.keep if poses.classes is None else poses.keep & (poses.classes == number)
+
+
+def _maps_of(ctx: _Context, inputs: _Inputs, poses: _Poses, members: np.ndarray, refined_maps: tuple | None):
+    """Rank 0's maps with their FSC of the particles ``members``: refinement's when it made them at the input
+    box (its last pass inserted them at their final poses: no second read), else reconstructed (every rank)."""
+    apix = inputs.apix
+    if refined_maps is not None:
+        return ctx.comm.on_main(lambda: with_fsc(refined_maps, apix), share=False)
+    halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, members, apix,
+                               ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
+    return ctx.comm.on_main(lambda: with_fsc(finalize_halves(halves), apix), share=False)
+
+
+def _reconstruct_other_classes(ctx: _Context, inputs: _Inputs, poses: _Poses) -> list[tuple[int, tuple | None]]:
+    """Stage reconstruct_classes (several classes only): ``(number, maps)`` of classes 2..K as
+    :func:`_reconstruct` (``maps`` None for a class with fewer than 2 kept particles)."""
+    if poses.classes is None:
+        return []
+    out = []
+    with ctx.timer.stage("reconstruct_classes"):
+        for number in range(2, ctx.cfg.classes + 1):
+            members = _members(poses, number)
+            if members.sum() < 2:
+                out.append((number, None))
+                continue
+            given = poses.class_maps[number - 1] if len(poses.class_maps) >= number else None
+            out.append((number, _maps_of(ctx, inputs, poses, members, given)))
+    return out
+
+
+def _judge_and_write(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple,
+                     others: list[tuple[int, tuple | None]]) -> Report:
+    """Stages quality and write (rank 0): the verdict (of class 1 and of every other class), the outputs,
+    report.json, then the closing log lines."""
     quality = _judge_poses(ctx, inputs, poses, maps)
-    report = _write_run(ctx, inputs, poses, maps, quality)
+    classes = [ClassOutput(number, m, None if m is None else _judge_class(ctx, inputs, poses, number, m))
+               for number, m in others]
+    report = _write_run(ctx, inputs, poses, maps, quality, classes)
     _log_verdict(report, quality)
     return report
 
@@ -312,7 +347,7 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     """Stage quality: the data-only verdict on the kept particles' poses against the half maps."""
     _, half1, half2, *_ = maps
     with ctx.timer.stage("quality"):
-        quality = assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+        quality = assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, _members(poses, 1),
                                  (half1, half2), ctx.device)
     if poses.junk_rule:
         quality = with_junk(quality, *_junk_counts(poses), in_maps=ctx.cfg.keep_junk)
@@ -322,13 +357,22 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     return quality
 
 
-def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality) -> Report:
+def _judge_class(ctx: _Context, inputs: _Inputs, poses: _Poses, number: int, maps: tuple) -> PoseQuality:
+    """The verdict on class ``number``'s poses against its own half maps."""
+    _, half1, half2, *_ = maps
+    with ctx.timer.stage("quality_classes"):
+        return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, _members(poses, number),
+                              (half1, half2), ctx.device)
+
+
+def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality,
+               classes: list[ClassOutput]) -> Report:
     """Stage write: every output moved into place together, then report.json (with the fingerprint) last."""
     full, half1, half2, freq, curve, res = maps
     with ctx.timer.stage("write"):
         outputs = write_outputs(ctx.out, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
                                 poses.confidence, poses.est, full, half1, half2, freq, curve, inputs.apix, quality,
-                                poses.junk, poses.junk_score, poses.junk_rule)
+                                poses.junk, poses.junk_score, poses.junk_rule, poses.classes, classes)
     ctx.timer.timings["total"] = round(time.perf_counter() - ctx.t_start, 3)
     est, particles, weights_info = poses.est, inputs.particles, inputs.weights_info
     report = Report(
@@ -340,7 +384,8 @@ def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quali
         junk=_junk_summary(ctx, poses), work_scale=poses.work_scale, peak_memory_mb=ctx.timer.peak_mb,
         processes=ctx.comm.world_size, pose_warning=pose_trust_note(_posed_by(est, weights_info)["provenance"],
                                                                     refined=ctx.cfg.refine_iters > 0),
-        quality=quality.to_dict(), class_averages=_class_summary(est))
+        quality=quality.to_dict(), class_averages=_class_summary(est),
+        classes=class_summary(poses.classes, poses.keep, (1, maps, quality), classes))
     payload = json.loads(report.to_json())
     payload["fingerprint"] = inputs.fingerprint
     with atomic_output(ctx.out / REPORT) as tmp:

@@ -16,6 +16,7 @@ from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import find_class_averages
 from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
+from cryofastar_core.job.classes import refine_classes
 from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
 from cryofastar_core.job.work_scale import AB_INITIO_BOX, balanced_subset, cropped_loader, plan_work
 from cryofastar_core.physics.fourier import fourier_crop_volume
@@ -138,7 +139,10 @@ def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, s
     """Refine the ``keep`` particles' poses (:func:`cryofastar_core.refine.driver.refine_poses`), finding junk
     in the global passes (``cfg.keep_junk`` keeps it in the maps), at the sizes of
     :mod:`cryofastar_core.job.work_scale`: the ab initio passes on a subset first if asked, then every particle.
-    ``maps`` is None when refinement did not work at the input box (the job then reconstructs there)."""
+    ``maps`` is None when refinement did not work at the input box (the job then reconstructs there).
+    With ``cfg.classes`` > 1: :func:`cryofastar_core.job.classes.refine_classes`."""
+    if cfg.classes > 1:
+        return refine_classes(cfg, particles, rotations, shifts, half, keep, apix, device, progress, comm)
     idx = np.flatnonzero(keep)
     scale = plan_work(particles.box, apix, half[idx], cfg.target_resolution, cfg.ab_initio_particles, cfg.seed)
     rcfg = RefineConfig(iterations=cfg.refine_iters, exclude_junk=not cfg.keep_junk,

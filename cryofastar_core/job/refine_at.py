@@ -25,7 +25,10 @@ class Refined:
     ``shifts`` ``(N, 2)`` (unchanged where not refined), the refinement ``history``, its last
     ``(full, half1, half2)`` maps (without the junk unless ``keep_junk``), ``junk`` ``(N,)`` bool (particles
     with no evidence for any pose), ``junk_score`` ``(N,)`` (their evidence in SDs of the good particles';
-    NaN where not refined) and ``junk_rule`` (:mod:`cryofastar_core.refine.junk`; empty without a global pass)."""
+    NaN where not refined) and ``junk_rule`` (:mod:`cryofastar_core.refine.junk`; empty without a global pass).
+    With several classes (:mod:`cryofastar_core.job.classes`): ``classes`` ``(N,)`` each particle's class
+    (1..K by size, 0 where not refined), ``class_maps`` every class's ``(full, half1, half2)`` (``maps`` is
+    class 1's; ``None`` as ``maps``, or for a class too small to refine)."""
 
     rotations: np.ndarray
     shifts: np.ndarray
@@ -35,6 +38,8 @@ class Refined:
     junk_score: np.ndarray
     junk_rule: dict = field(default_factory=dict)
     scale: dict = field(default_factory=dict)
+    classes: np.ndarray | None = None
+    class_maps: list[tuple | None] | None = None
 
 
 def ab_initio_on_subset(particles: ParticleSet, idx: np.ndarray, scale: WorkScale, R: np.ndarray, s: np.ndarray,

@@ -42,6 +42,9 @@ class Report:
     peak_memory_mb: dict = field(default_factory=dict)
     # The class-average route (job/class_route.py): the averages' STAR, how many were posed and by what.
     class_averages: dict = field(default_factory=dict)
+    # Several classes (job/classes.py): per class its number, particles, resolution, verdict, files, and
+    # whether it is a sink (too few particles to be a conformation of its own).
+    classes: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)

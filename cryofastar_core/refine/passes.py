@@ -161,7 +161,7 @@ def global_pass(st: RefineState, number: int) -> dict:
                  **frame_fields(plan.frame),
                  fraction_moved=_fraction_moved(st, moved_deg))
     if cfg.detect_junk:
-        entry.update(junk=_decide_junk(st, *values[2:]))
+        entry.update(junk=decide_junk(st, *values[2:]))
     record(st, entry)
     return entry
 
@@ -175,7 +175,7 @@ def _fraction_moved(st: RefineState, moved_deg: Tensor) -> float:
     return float(moved.double().mean())
 
 
-def _decide_junk(st: RefineState, evidence: Tensor, null: Tensor, null_mask: Tensor) -> dict:
+def decide_junk(st: RefineState, evidence: Tensor, null: Tensor, null_mask: Tensor) -> dict:
     """This pass's junk decision from every particle's ``evidence`` ``(N,)`` and the null scores ``null``
     where ``null_mask`` ``(N,)`` is 1; kept in the state for the next pass's maps. Returns the rule for the
     history."""

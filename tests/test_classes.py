@@ -1,0 +1,154 @@
+"""Several classes in one ab initio (cryofastar_core/refine/classes.py, cryofastar_core/job/classes.py): two
+conformations of one small volume (the same blobs, two of them gone in the second) separate into two
+classes, through the engine and through the whole job."""
+from __future__ import annotations
+
+import json
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from _volumes import blob_volume
+
+from cryofastar_core.evaluation.metrics import rotation_errors
+from cryofastar_core.geometry import random_rotations, rotvec_to_matrix
+from cryofastar_core.io import read_particles, write_map
+from cryofastar_core.job import JobConfig, run
+from cryofastar_core.refine.classes import _best_permutation, classify_poses, dealt_labels
+from cryofastar_core.refine.driver import RefineConfig
+from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
+
+BOX, APIX, PER_CLASS = 32, 3.0, 300
+
+
+def _conformations() -> list[torch.Tensor]:
+    """Twelve blobs, and the same first eight: one frame, a change of a third of the mass."""
+    return [blob_volume(BOX, n_blobs=12, seed=0), blob_volume(BOX, n_blobs=8, seed=0)]
+
+
+def _accuracy(labels: np.ndarray, truth: np.ndarray) -> float:
+    """Share of particles in the right class, under the better naming of the two classes."""
+    a = float((labels == truth).mean())
+    return max(a, 1 - a)
+
+
+def test_classes_are_dealt_evenly_and_matched_by_correlation():
+    half = np.array([1] * 9 + [2] * 7)
+    labels = dealt_labels(half, 3, seed=1)
+    for k in (1, 2):
+        counts = np.bincount(labels[torch.as_tensor(half == k)].numpy(), minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert torch.equal(labels, dealt_labels(half, 3, seed=1))  # every rank deals the same
+    corr = np.array([[0.1, 0.9, 0.0], [0.2, 0.1, 0.8], [0.7, 0.3, 0.1]])
+    assert _best_permutation(corr) == [1, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def two_conformations():
+    """``PER_CLASS`` views of each conformation (SNR 1, CTF, shifts), shuffled together; poses 3-6 degrees
+    from the truth, as the job's one-class consensus leaves them."""
+    from cryofastar_core.physics.ctf import CTFParams
+    from cryofastar_core.physics.projection import prepare_volume
+    from cryofastar_core.simulation.images import simulate_images
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * PER_CLASS
+    R = random_rotations(n, g, dtype=torch.float64)
+    s = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 2
+    dfu = 4000 + 6000 * torch.rand(n, generator=g, dtype=torch.float64)
+    ctf = CTFParams.from_arrays(dict(defocus_u=dfu, defocus_v=dfu - 300, defocus_angle=torch.rand(n, generator=g) * 180,
+                                     voltage=300.0, cs=2.7, amplitude_contrast=0.1))
+    truth = torch.randperm(n, generator=g) % 2
+    images = torch.empty(n, BOX, BOX)
+    for c, vol in enumerate(_conformations()):
+        m = torch.nonzero(truth == c).flatten()
+        _, images[m] = simulate_images(prepare_volume(vol), R[m].float(), s[m].float(), ctf.index(m), APIX, snr=1.0,
+                                       generator=g)
+    axis = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    R0 = R @ rotvec_to_matrix(axis * torch.deg2rad(3 + 3 * torch.rand(n, 1, generator=g, dtype=torch.float64)))
+    return dict(images=images, ctf=ctf, R=R, s=s, R0=R0, truth=truth.numpy(), half=np.arange(n) % 2 + 1)
+
+
+def test_two_conformations_separate_into_two_classes(two_conformations):
+    data = two_conformations
+    images = data["images"]
+    cfg = RefineConfig(chunk_size=200, global_passes=8)
+    out = classify_poses(lambda idx: images[torch.as_tensor(idx)], data["ctf"], APIX, data["R0"], data["s"],
+                         data["half"], 2, cfg)
+    labels = out.labels.numpy()
+    acc = _accuracy(labels, data["truth"])
+    print(f"right class {acc:.3f}; per pass {[h['fraction_changed_class'] for h in out.history]}")
+    assert acc >= 0.9
+    assert all(h["stage"] == "classes" and len(h["classes"]) == 2 for h in out.history)
+    # Each class's poses stay near the truth (the grid's spacing is 15 degrees), in both halves.
+    for c in (0, 1):
+        m = torch.as_tensor(labels == c)
+        assert rotation_errors(out.rotations[m], data["R"][m])["median_deg"] < 10
+    # Each class's map is its own conformation's: it correlates better with that truth than with the other.
+    own = np.bincount(data["truth"][labels == 0], minlength=2).argmax()
+    truths = _conformations()
+    for c, t in ((0, own), (1, 1 - own)):
+        full = out.maps[c][0] + out.maps[c][1]
+        corr = [float(torch.corrcoef(torch.stack([full.flatten(), v.flatten()]))[0, 1]) for v in truths]
+        assert corr[t] > corr[1 - t], (c, corr)
+
+
+def test_refining_needs_global_passes_for_classes(tmp_path):
+    from cryofastar_core.runtime.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        JobConfig(particles=tmp_path / "p", out_dir=tmp_path / "o", classes=2, refine_iters=0).validate()
+    assert err.value.field == "classes"
+    with pytest.raises(ValueError):
+        classify_poses(lambda idx: torch.zeros(len(idx), 8, 8), None, 1.0, torch.eye(3)[None].repeat(4, 1, 1),
+                       torch.zeros(4, 2), np.array([1, 2, 1, 2]), 1)
+
+
+@pytest.fixture(scope="module")
+def mixed_star(tmp_path_factory):
+    """A STAR of both conformations simulated by the project's simulator (SNR 1, CTF, shifts), one after the
+    other in the table (each row's image name says which)."""
+    root = tmp_path_factory.mktemp("classes")
+    tables = []
+    for c, vol in enumerate(_conformations()):
+        write_map(root / f"conf{c}.mrc", vol.numpy(), APIX)
+        star = simulate(SimulateConfig(out_dir=root / f"conf{c}", n=PER_CLASS, box=BOX, snr=1.0, seed=11 + c,
+                                       map_path=root / f"conf{c}.mrc", ctf=True, max_shift=1.5))
+        t = starfile.read(star, always_dict=True)
+        t["particles"]["rlnImageName"] = [f"{name.split('@')[0]}@conf{c}/{name.split('@')[1]}"
+                                          for name in t["particles"]["rlnImageName"]]
+        tables.append(t)
+    both = {"optics": tables[0]["optics"], "particles": pd.concat([t["particles"] for t in tables], ignore_index=True)}
+    starfile.write(both, root / "particles.star", overwrite=True)
+    return root / "particles.star"
+
+
+def test_job_with_two_classes(mixed_star, tmp_path):
+    """``classes 2`` through the whole job: every particle gets a class (rlnClassNumber), each class its maps,
+    FSC and verdict; the two conformations land in different classes. The shipped weights start it (their
+    poses are near chance here, but spread over the sphere, which the consensus needs: untrained weights
+    give every view almost the same pose)."""
+    star = mixed_star
+    out = tmp_path / "job"
+    report = run(JobConfig(particles=star, out_dir=out, views=16, candidates=3, anchors=4, device="cpu",
+                           refine_iters=1, classes=2))
+    data = json.loads((out / "report.json").read_text())
+    classes = data["classes"]
+    assert [c["number"] for c in classes] == [1, 2] and classes[0]["particles"] >= classes[1]["particles"]
+    assert classes[1]["files"] == ["class002_map.mrc", "class002_half1.mrc", "class002_half2.mrc", "class002_fsc.tsv"]
+    for name in classes[1]["files"]:
+        assert (out / name).exists()
+    assert mrcfile.read(out / "class002_map.mrc").shape == (BOX, BOX, BOX)
+    rows = starfile.read(out / "particles.star", always_dict=True)["particles"]
+    posed = read_particles(out / "particles.star", star.parent)
+    assert set(rows["rlnClassNumber"]) <= {1, 2} and len(rows) == report.n_kept
+    # particles.star keeps the input's order: its image names say which conformation each row is.
+    conf = np.array([1 if "conf1/" in name else 0 for name in rows["rlnImageName"]])
+    acc = _accuracy(rows["rlnClassNumber"].to_numpy() - 1, conf)
+    print(f"job: right class {acc:.3f}; classes {classes}")
+    assert acc >= 0.9
+    assert len(posed) == len(rows)

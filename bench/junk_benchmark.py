@@ -101,6 +101,14 @@ def judge(case_dir: Path, labels: np.ndarray, names: list[str], seconds: float) 
     for name, k in (("good_lost", 0), ("noise_caught", 1), ("other_caught", 2)):
         n = int((labels == k).sum())
         row[name] = round(float(is_flagged[labels == k].mean()), 4) if n else None
+    table = starfile.read(out / "particles.star", always_dict=True)["particles"]
+    if "rlnClassNumber" in table:
+        # With several classes another protein may gather in a class of its own: the share of each kind
+        # outside class 1 (the largest, whose map is map.mrc) or set apart as junk.
+        number = dict(zip(table["rlnImageName"], table["rlnClassNumber"]))
+        outside = np.array([number.get(n, 0) != 1 for n in names])
+        for name, k in (("good_outside_class1", 0), ("noise_outside_class1", 1), ("other_outside_class1", 2)):
+            row[name] = round(float(outside[labels == k].mean()), 4) if (labels == k).any() else None
     ev = evaluate(out / "particles.star", case_dir / "truth.star", out / "map.mrc", case_dir.parent / "good" / "truth.mrc",
                   project_dir=case_dir)
     report = json.loads((out / "report.json").read_text())
@@ -118,6 +126,7 @@ def main() -> None:
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--classes", type=int, default=1, help="--classes of the job (another protein may gather in a class)")
     p.add_argument("--out", type=Path, default=Path("bench/results/junk"))
     args = p.parse_args()
     cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases]
@@ -125,11 +134,11 @@ def main() -> None:
     good, other = simulate_sources(args.out, args.n_good, n_other, args.snr, args.seed)
     results = {}
     for kind, fraction in cases:
-        case_dir = args.out / f"{kind}-{fraction:g}"
+        case_dir = args.out / (f"{kind}-{fraction:g}" + (f"-k{args.classes}" if args.classes > 1 else ""))
         mixed = mix(case_dir, good, other, kind, fraction, args.seed + 2)
         t0 = time.perf_counter()
         run(JobConfig(particles=case_dir / "particles.star", out_dir=case_dir / "run", threads=args.threads,
-                      project_dir=case_dir))
+                      project_dir=case_dir, classes=args.classes))
         results[case_dir.name] = judge(case_dir, mixed["labels"], mixed["names"], time.perf_counter() - t0)
         print(case_dir.name, json.dumps(results[case_dir.name]), flush=True)
     (args.out / "junk.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "cases": results},

@@ -167,6 +167,7 @@ def usage() -> str:
             f"input nodes: {', '.join('--' + f for f in INPUT_FLAGS)} (only --in_parts is used)\n"
             f"parameters (typed without dashes as the GUI's labels): {params}\n"
             "outputs in --o: particles.star, map.mrc, half1.mrc, half2.mrc, fsc.*, plots, report.json,\n"
+            "with classes > 1 also classNNN_map.mrc, _half1.mrc, _half2.mrc, _fsc.tsv per further class,\n"
             "RELION_OUTPUT_NODES.star and one RELION_JOB_EXIT_* marker.\n")
 
 

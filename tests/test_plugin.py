@@ -490,3 +490,24 @@ def test_every_further_class_is_a_volume_output(cs_project, tmp_path):
         _, uploaded = cs_mrc.read(str(tmp_path / "server" / vol[f"{slot}/path"][0]))
         with mrcfile.open(out / local) as m:
             assert np.allclose(uploaded, m.data)
+
+
+def test_classes_reach_the_cs_as_cryosparc_numbers_them(cs_project, tmp_path):
+    """With several classes a CryoSPARC input's particles.cs carries each particle's class in
+    ``alignments3D/class``, from 0 as CryoSPARC numbers 3D classes (the STAR's rlnClassNumber is from 1)."""
+    from cryofastar_core.io import CONFIDENCE_LABEL, read_particles
+    from cryofastar_core.job.outputs import CLASS_LABEL, _write_particles
+
+    ps = read_particles(cs_project["cs"], cs_project["root"])
+    n = len(ps)
+    classes = np.arange(n) % 3 + 1
+    keep = np.ones(n, dtype=bool)
+    keep[::5] = False
+    R = geometry.random_rotations(n, torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    _write_particles(tmp_path, "particles", ps, R, np.zeros((n, 2)), np.arange(n) % 2 + 1, keep,
+                     {CONFIDENCE_LABEL: np.full(n, 0.5), CLASS_LABEL: classes})
+    cs = Dataset.load(tmp_path / "particles.cs")
+    assert cs["alignments3D/class"].dtype == np.uint32
+    assert np.array_equal(np.asarray(cs["alignments3D/class"]), classes[keep] - 1)
+    star = starfile.read(tmp_path / "particles.star", always_dict=True)["particles"]
+    assert np.array_equal(star[CLASS_LABEL].to_numpy(), classes[keep])

@@ -92,6 +92,14 @@ class ParticleSet:
             out[pos] = imgs
         return out
 
+    def read_signed_images(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """:meth:`read_images` with each particle's contrast ``sign`` applied: the images every reconstruction
+        and refinement reads (one place that knows the sign, not one per reader)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        sign = np.asarray(self.sign, dtype=np.float32).reshape(-1)
+        per_particle = sign[idx] if sign.size > 1 else np.full(idx.shape[0], float(sign[0]), np.float32)
+        return self.read_images(idx) * per_particle[:, None, None]
+
     def iter_chunks(self, chunk_size: int, indices: np.ndarray | None = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(indices, images)`` in chunks of at most ``chunk_size``; memory stays bounded by one chunk."""

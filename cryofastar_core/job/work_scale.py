@@ -97,7 +97,7 @@ def cropped_loader(particles: ParticleSet, indices: np.ndarray, box: int,
 
     def load(local: np.ndarray) -> torch.Tensor:
         g = indices[local]
-        images = torch.as_tensor(particles.read_images(g) * particles.sign[g, None, None], dtype=torch.float32,
+        images = torch.as_tensor(particles.read_signed_images(g), dtype=torch.float32,
                                  device=device)
         return images if box == particles.box else fourier_crop(images, box)
 

@@ -128,21 +128,19 @@ def _back_project(cfg: ReconstructConfig, ps: ParticleSet, half: np.ndarray, use
     n = len(ps)
     rotations = torch.as_tensor(np.asarray(ps.rotations), dtype=torch.float32)
     shifts = torch.zeros(n, 2) if ps.shifts is None else torch.as_tensor(np.asarray(ps.shifts), dtype=torch.float32)
-    sign = np.asarray(ps.sign, dtype=np.float32).reshape(-1)
-    if sign.size == 1:
-        sign = np.full(n, float(sign[0]), np.float32)
-    chunks = _particle_chunks(ps, cfg.chunk_size, sign, rotations, half, shifts, use_ctf, apix)
+    chunks = _particle_chunks(ps, cfg.chunk_size, rotations, half, shifts, use_ctf, apix)
     try:
         return reconstruct_half_maps(chunks, box=ps.box, pad=cfg.pad, device=torch.device(cfg.device))
     finally:
         ps.close()
 
 
-def _particle_chunks(ps: ParticleSet, chunk_size: int, sign: np.ndarray, rotations: torch.Tensor, half: np.ndarray,
+def _particle_chunks(ps: ParticleSet, chunk_size: int, rotations: torch.Tensor, half: np.ndarray,
                      shifts: torch.Tensor, use_ctf: bool, apix: float) -> Iterator[ParticleChunk]:
     """``ParticleChunk``\\ s of ``chunk_size`` particles: sign-applied images with their poses, half sets and CTF."""
-    for idx, images in ps.iter_chunks(chunk_size):
-        yield ParticleChunk(images=torch.from_numpy(images * sign[idx, None, None]), rotations=rotations[idx],
+    for start in range(0, len(ps), chunk_size):
+        idx = np.arange(start, min(start + chunk_size, len(ps)))
+        yield ParticleChunk(images=torch.from_numpy(ps.read_signed_images(idx)), rotations=rotations[idx],
                             half_sets=half[idx], shifts=shifts[idx],
                             ctf=ps.ctf_params(idx) if use_ctf else None, apix=apix)
 

@@ -54,6 +54,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -61,7 +62,7 @@ import torch
 from torch import Tensor
 
 from cryofastar_core.physics.ctf import CTFParams
-from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
+from cryofastar_core.physics.fourier import fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, resolution_at
 from cryofastar_core.refine.config import RefineConfig, matching_shells
@@ -70,7 +71,7 @@ from cryofastar_core.refine.grids import shift_grid
 from cryofastar_core.refine.junk import randomised_phases
 from cryofastar_core.refine.map_registration import register_map
 from cryofastar_core.refine.matching import FourierBand, PowerSpectrum, candidate_scores
-from cryofastar_core.refine.passes import decide_junk
+from cryofastar_core.refine.passes import decide_junk, starting_power, starting_scan
 from cryofastar_core.refine.scan import HalfFrame, PassTally, by_half, fsc_filter, half_frame, moved_fields, on_band
 from cryofastar_core.refine.state import RefineState, share, start_state
 from cryofastar_core.runtime.communicator import Communicator
@@ -262,8 +263,8 @@ def _insert_by_class(st: RefineState, cls: _Classes, bps: list[list[list[Backpro
     dev = st.device
     sub = _sub(gi)
     for c, per_sub in enumerate(bps):
+        p = cls.prob[gi, c]
         for b, pair in enumerate(per_sub):
-            p = cls.prob[gi, c]
             m = use & (p > MIN_PROBABILITY) & (sub == b)
             if not bool(m.any()):
                 continue
@@ -273,35 +274,18 @@ def _insert_by_class(st: RefineState, cls: _Classes, bps: list[list[list[Backpro
                              weights=p[m].to(dev, torch.float32))
 
 
-def _starting_scan(st: RefineState, cls: _Classes, bps: list[list[list[Backprojector]]]) -> None:
-    done = 0
-    for idx, imgs in st.chunks():
-        st.spectrum.add(fft2c(imgs))
-        _insert_by_class(st, cls, bps, idx, imgs)
-        done += len(idx)
-        st.tick("classes: starting maps", done)
-
-
-def _first_power(st: RefineState) -> None:
-    for _, imgs in st.chunks():
-        st.spectrum.add(fft2c(imgs))
-        break
-
-
 def _starting_maps(st: RefineState, cls: _Classes, given: list[tuple[Tensor, Tensor]] | None) -> None:
     """Each class's half maps at the starting poses and classes (one pass over the data), or ``given``."""
     if given is None:
         bps = _new_backprojectors(st, cls.k)
-        st.on_every_rank(_starting_scan, st, cls, bps)
+        st.on_every_rank(starting_scan, st, partial(_insert_by_class, st, cls, bps), "classes: starting maps")
         st.end_pass(_flat(bps), st.spectrum)
         _finish_maps(st, cls, bps)
         return
     if len(given) != cls.k:
         raise ValueError(f"classify_poses: {len(given)} pairs of starting maps for {cls.k} classes")
     cls.set_maps([[m.to(st.device, torch.float32) for m in pair] for pair in given], st.mask)
-    st.on_every_rank(_first_power, st)
-    if st.distributed:
-        share(st.comm, [st.spectrum.total, st.spectrum.count], st.device)
+    starting_power(st)
 
 
 # --- One pass ----------------------------------------------------------------------------------------
@@ -331,8 +315,8 @@ def _class_plan(st: RefineState, cls: _Classes) -> _ClassPlan:
     """The next pass's plan from the current class maps: the band reaches as far as the best class's FSC =
     0.5 crossing (at most ``global_max_shells``); the FSC weight is the mean of the occupied classes'."""
     cfg, D, dev = st.cfg, st.box, st.device
-    active = [n > 0 for n in cls.members(st.junk if cfg.exclude_junk else None)]
-    occupied = [c for c in range(cls.k) if active[c]] or list(range(cls.k))
+    active = [n > 0 for n in _members(st, cls)]
+    occupied = _occupied(st, cls)
     r_lim = _band_shells(st, cls)
     _match_halves(st, cls, r_lim)
     band = FourierBand(D, r_lim, dev)
@@ -354,10 +338,18 @@ def _band_shells(st: RefineState, cls: _Classes) -> float:
     """The band of the next pass: as far as the best occupied class's FSC = 0.5 crossing, at most
     ``global_max_shells``."""
     cfg = st.cfg
-    members = cls.members(st.junk if cfg.exclude_junk else None)
-    occupied = [c for c in range(cls.k) if members[c] > 0] or list(range(cls.k))
-    return min(max(matching_shells(cls.freq, cls.curves[c], st.box, cfg.first_fsc_threshold, cfg) for c in occupied),
-               cfg.global_max_shells)
+    return min(max(matching_shells(cls.freq, cls.curves[c], st.box, cfg.first_fsc_threshold, cfg)
+                   for c in _occupied(st, cls)), cfg.global_max_shells)
+
+
+def _members(st: RefineState, cls: _Classes) -> list[int]:
+    """Particles per class, the junk not counted when it is left out of the maps (``exclude_junk``)."""
+    return cls.members(st.junk if st.cfg.exclude_junk else None)
+
+
+def _occupied(st: RefineState, cls: _Classes) -> list[int]:
+    """The classes with particles (all of them when none has any)."""
+    return [c for c, n in enumerate(_members(st, cls)) if n > 0] or list(range(cls.k))
 
 
 def _match_halves(st: RefineState, cls: _Classes, shells: float) -> None:
@@ -523,7 +515,7 @@ def _class_pass(st: RefineState, cls: _Classes, number: int) -> dict:
 def _class_fields(st: RefineState, cls: _Classes) -> list[dict]:
     """Per class: its particles (junk not counted), their mean probability of belonging there, and its half
     maps' FSC resolutions (Å)."""
-    n = cls.members(st.junk if st.cfg.exclude_junk else None)
+    n = _members(st, cls)
     labels = cls.labels
     out = []
     for c in range(cls.k):

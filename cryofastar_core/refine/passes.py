@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -24,27 +28,35 @@ from cryofastar_core.refine.matching import FourierBand, candidate_scores
 from cryofastar_core.refine.scan import (PassPlan, PassTally, band_fields, frame_fields, fsc_entry, fsc_filter,
                                          half_frame, moved_fields, record, run_matching_pass)
 from cryofastar_core.refine.state import RefineState, share
-from cryofastar_core.reconstruct import Backprojector
 
 
 # --- The starting maps -------------------------------------------------------------------------------
 
-def _initial_scan(st: RefineState, bps: list[Backprojector]) -> None:
-    """This rank's part of the first reconstruction: every chunk's power into the whitening spectrum, and
-    the chunk into ``bps`` at the starting poses."""
+def starting_scan(st: RefineState, insert: Callable[[np.ndarray, Tensor], None], stage: str) -> None:
+    """This rank's part of a first reconstruction: every chunk's power into the whitening spectrum, and the
+    chunk into the maps by ``insert(idx, images)`` at the starting poses (one class or several)."""
     done = 0
     for idx, imgs in st.chunks():
         st.spectrum.add(fft2c(imgs))
-        st.insert_chunk(bps, idx, imgs)
+        insert(idx, imgs)
         done += len(idx)
-        st.tick("refine: initial reconstruction", done)
+        st.tick(stage, done)
 
 
 def _first_power(st: RefineState) -> None:
-    """This rank's first chunk's power into the whitening spectrum (see :func:`initial_maps`)."""
+    """This rank's first chunk's power into the whitening spectrum (see :func:`starting_power`)."""
     for _, imgs in st.chunks():
         st.spectrum.add(fft2c(imgs))
         break
+
+
+def starting_power(st: RefineState) -> None:
+    """The whitening power of the first pass when the caller gave the starting maps (no reconstruction to
+    measure it in). One process whitens the first pass with its first chunk's power (see scan.on_band); ranks
+    would each take a different chunk, so they take the power of every rank's first chunk, summed."""
+    if st.distributed:
+        st.on_every_rank(_first_power, st)
+        share(st.comm, [st.spectrum.total, st.spectrum.count], st.device)
 
 
 def initial_maps(st: RefineState, given: tuple[Tensor, Tensor] | None) -> None:
@@ -52,17 +64,13 @@ def initial_maps(st: RefineState, given: tuple[Tensor, Tensor] | None) -> None:
     ``given`` two ``(D, D, D)``; their FSC opens the history (``stage`` "start")."""
     if given is None:
         bps = st.new_backprojectors()
-        st.on_every_rank(_initial_scan, st, bps)
+        st.on_every_rank(starting_scan, st, partial(st.insert_chunk, bps), "refine: initial reconstruction")
         st.end_pass(bps, st.spectrum)
         maps = [bp.finalize() for bp in bps]
     else:
         maps = [m.to(st.device, torch.float32) for m in given]
         bps = None
-        if st.distributed:
-            # One process whitens the first pass with its first chunk's power (see scan.on_band); ranks would
-            # each take a different chunk, so they take the power of every rank's first chunk, summed.
-            st.on_every_rank(_first_power, st)
-            share(st.comm, [st.spectrum.total, st.spectrum.count], st.device)
+        starting_power(st)
     st.set_maps(maps, bps)
     st.history.append(fsc_entry(0, st.freq, st.curve, st.apix, "start", st.started))
 

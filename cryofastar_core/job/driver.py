@@ -336,8 +336,9 @@ def _judge_and_write(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple,
     """Stages quality and write (rank 0): the verdict (of class 1 and of every other class), the outputs,
     report.json, then the closing log lines."""
     quality = _judge_poses(ctx, inputs, poses, maps)
-    classes = [ClassOutput(number, m, None if m is None else _judge_class(ctx, inputs, poses, number, m))
-               for number, m in others]
+    with ctx.timer.stage("quality_classes"):  # one stage for every further class (a stage's time is set once)
+        classes = [ClassOutput(number, m, None if m is None else _judge_class(inputs, poses, number, m, ctx.device))
+                   for number, m in others]
     report = _write_run(ctx, inputs, poses, maps, quality, classes)
     _log_verdict(report, quality)
     return report
@@ -357,12 +358,11 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     return quality
 
 
-def _judge_class(ctx: _Context, inputs: _Inputs, poses: _Poses, number: int, maps: tuple) -> PoseQuality:
+def _judge_class(inputs: _Inputs, poses: _Poses, number: int, maps: tuple, device: torch.device) -> PoseQuality:
     """The verdict on class ``number``'s poses against its own half maps."""
     _, half1, half2, *_ = maps
-    with ctx.timer.stage("quality_classes"):
-        return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, _members(poses, number),
-                              (half1, half2), ctx.device)
+    return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, _members(poses, number),
+                          (half1, half2), device)
 
 
 def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality,

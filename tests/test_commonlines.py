@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cryofastar_core.commonlines import CommonLinesConfig, CommonLinesPoser, estimate_rotations
+from cryofastar_core.commonlines.learned import true_common_lines
 from cryofastar_core.commonlines.sync import refine_rotations, relative_blocks, synchronize, vote_dihedral_angles
 from cryofastar_core.geometry import mirror_rotations, random_rotations, rotation_angle_deg
 from cryofastar_core.inference.preprocess import to_model_input
@@ -18,21 +19,6 @@ from cryofastar_core.physics.projection import project
 from _class2d import DEMO_MAP
 
 
-def exact_common_lines(R: torch.Tensor) -> torch.Tensor:
-    """``angles[i, j]``: the in-plane angle in view ``i`` of ``e_ij = n_i × n_j`` (the same 3D vector for
-    ``(i, j)`` and ``(j, i)``), from the true rotations ``(N, 3, 3)``."""
-    n = R.shape[0]
-    nz = R[:, :, 2]
-    e = torch.linalg.cross(nz[:, None].expand(n, n, 3), nz[None].expand(n, n, 3), dim=-1)
-    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
-    e = torch.where(upper[..., None], e, e.transpose(0, 1))
-    local = torch.einsum("iab,ija->ijb", R, e)  # R_iᵀ e_ij
-    angles = torch.atan2(local[..., 1], local[..., 0])
-    angles.fill_diagonal_(0)
-    return angles
-
-
 def relative_error_deg(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Per-view error of ``R_0ᵀ R_i`` with the better of the two hands (common lines cannot fix it)."""
     t = truth[:1].transpose(-1, -2) @ truth
@@ -40,9 +26,9 @@ def relative_error_deg(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Ten
     return min(errs, key=lambda x: float(x.median()))
 
 
-def test_synchronisation_recovers_exact_rotations_from_exact_common_lines():
+def test_synchronisation_recovers_exact_rotations_from_true_common_lines():
     R = random_rotations(30, torch.Generator().manual_seed(1), dtype=torch.float64)
-    angles = exact_common_lines(R)
+    angles = true_common_lines(R)
     cos_theta, weight = vote_dihedral_angles(angles)
     assert torch.allclose(cos_theta, R[:, :, 2] @ R[:, :, 2].T, atol=1e-9)  # the spherical law of cosines
     unweighted = synchronize(relative_blocks(angles, cos_theta))
@@ -55,7 +41,7 @@ def test_synchronisation_recovers_exact_rotations_from_exact_common_lines():
 def test_refinement_survives_wrong_common_lines():
     g = torch.Generator().manual_seed(3)
     R = random_rotations(40, g, dtype=torch.float64)
-    angles = exact_common_lines(R)
+    angles = true_common_lines(R)
     wrong = torch.rand(40, 40, generator=g) < 0.2
     wrong = wrong | wrong.T
     angles[wrong] = torch.rand(int(wrong.sum()), generator=g, dtype=torch.float64) * 2 * math.pi

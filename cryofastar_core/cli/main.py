@@ -17,7 +17,7 @@ from cryofastar_core.runtime.errors import CryoFastARError
 from cryofastar_core.runtime.exit_codes import Terminated, exit_code, sigterm_raises
 
 # Order is the order shown in --help. A module listed here must exist.
-SUBCOMMANDS = ["demo", "run", "simulate", "reconstruct", "train", "eval"]
+SUBCOMMANDS = ["demo", "run", "simulate", "reconstruct", "train", "train_lines", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

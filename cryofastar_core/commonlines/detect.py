@@ -46,20 +46,24 @@ def _as_real(z: Tensor) -> Tensor:
     return torch.cat([z.real, z.imag], dim=-1)
 
 
-def detect_common_lines(lines: Tensor, radii: Tensor | tuple[float, ...], box: int,
-                        shifts: tuple[float, ...] = (0.0,), whiten: float = 1.0) -> CommonLines:
-    """Common lines of every pair of views from their lines ``(N, L, K)`` complex at ``radii``
-    ``(K,)`` Fourier pixels of a ``box``-pixel image; ``shifts``: relative shifts (px) searched."""
-    n, n_lines, k = lines.shape
+def shift_ramps(radii: Tensor | tuple[float, ...], shifts: tuple[float, ...], box: int, device=None) -> Tensor:
+    """``(S, K)`` complex: a line's samples at ``radii`` Fourier pixels of a ``box``-pixel image, moved by
+    each of ``shifts`` px along the line, are multiplied by ``exp(2πi r s / D)``."""
+    radii_t = torch.as_tensor(radii, dtype=torch.float32, device=device)
+    s = torch.as_tensor(shifts, dtype=torch.float32, device=device)
+    return torch.polar(torch.ones(len(s), len(radii_t), device=device), 2 * math.pi * s[:, None] * radii_t[None, :] / box)
+
+
+def detect_common_lines(features: Tensor, ramps: Tensor) -> CommonLines:
+    """Common lines of every pair of views from their unit line features ``(N, L, K)`` complex
+    (:func:`line_features`, or a learned encoder's), searching the relative shifts whose phase ramps
+    ``(S, K)`` are given (:func:`shift_ramps`)."""
+    n, n_lines, _ = features.shape
     half = n_lines // 2
-    dev = lines.device
-    feats = line_features(lines, whiten)
-    radii_t = torch.as_tensor(radii, dtype=torch.float32, device=dev)
-    s = torch.as_tensor(shifts, dtype=torch.float32, device=dev)
-    # line φ of j moved by s along itself: multiply by exp(2πi r s / D), (N, S, L/2, K)
-    ramps = torch.polar(torch.ones(len(s), k, device=dev), 2 * math.pi * s[:, None] * radii_t[None, :] / box)
-    moved = _as_real(feats[:, None, :half, :] * ramps[None, :, None, :])  # (N, S, L/2, 2K)
-    mine = _as_real(feats)  # (N, L, 2K)
+    dev = features.device
+    # line φ of j moved by s along itself
+    moved = _as_real(features[:, None, :half, :] * ramps[None, :, None, :])  # (N, S, L/2, 2K)
+    mine = _as_real(features)  # (N, L, 2K)
     angles = torch.zeros(n, n, dtype=torch.float64, device=dev)
     score = torch.zeros(n, n, dtype=torch.float32, device=dev)
     step = 2 * math.pi / n_lines

@@ -16,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from cryofastar_core.commonlines.config import CommonLinesConfig
-from cryofastar_core.commonlines.detect import detect_common_lines
+from cryofastar_core.commonlines.detect import detect_common_lines, line_features
+from cryofastar_core.commonlines.detect import shift_ramps as line_shift_ramps
+from cryofastar_core.commonlines.learned import LineEncoder
 from cryofastar_core.commonlines.polar import centre_images, fit_mask_radius, fourier_lines, soft_mask
 from cryofastar_core.commonlines.sync import refine_rotations, relative_blocks, synchronize, vote_dihedral_angles
 from cryofastar_core.model.fpm import fpm_targets
@@ -37,31 +39,66 @@ class RotationEstimate:
     shifts: Tensor
 
 
-def estimate_rotations(images: Tensor, cfg: CommonLinesConfig) -> RotationEstimate:
-    """Rotations of ``N`` views ``(N, D, D)`` (preprocessed, ``D = cfg.box``) from their common lines."""
+@dataclass
+class PreparedViews:
+    """Views centred on their centroids and masked to the particle: ``masked`` ``(N, D, D)``, the
+    ``mask`` ``(D, D)`` used, and the centring ``shifts`` ``(N, 2)`` px (origin convention)."""
+
+    masked: Tensor
+    mask: Tensor
+    shifts: Tensor
+
+
+def prepare_views(images: Tensor, cfg: CommonLinesConfig) -> PreparedViews:
+    """Preprocessed views ``(N, D, D)`` (``D = cfg.box``) centred and masked as the estimator uses them."""
     if images.ndim != 3 or images.shape[-1] != cfg.box or images.shape[-2] != cfg.box:
         raise ValueError(f"images must be (N, {cfg.box}, {cfg.box}), got {tuple(images.shape)}")
+    centred, shifts = centre_images(images)
+    radius = (cfg.mask_radius * cfg.box / 2) if cfg.mask_radius is not None else fit_mask_radius(centred)
+    mask = soft_mask(cfg.box, radius, device=images.device)
+    return PreparedViews(masked=centred * mask, mask=mask, shifts=shifts)
+
+
+def encode_lines(masked: Tensor, mask: Tensor, cfg: CommonLinesConfig, encoder: LineEncoder | None = None,
+                 n_lines: int | None = None) -> Tensor:
+    """Unit line features ``(N, L, K)`` complex of masked views ``(N, D, D)``: whitened lines
+    (:func:`~.detect.line_features`), through the learned ``encoder`` when one is given (its image
+    correction is masked again). ``n_lines``: ``L``, the configuration's by default."""
+    if encoder is not None:
+        masked = encoder.denoise(masked) * mask
+    features = line_features(fourier_lines(masked, n_lines or cfg.n_lines, cfg.radii), cfg.whiten)
+    return encoder.embed(features) if encoder is not None else features
+
+
+def shift_ramps(cfg: CommonLinesConfig, device=None) -> Tensor:
+    """``(S, K)`` the phase ramps of the configuration's relative-shift search."""
+    return line_shift_ramps(cfg.radii, cfg.shifts, cfg.box, device=device)
+
+
+def estimate_rotations(images: Tensor, cfg: CommonLinesConfig, encoder: LineEncoder | None = None) -> RotationEstimate:
+    """Rotations of ``N`` views ``(N, D, D)`` (preprocessed, ``D = cfg.box``) from their common lines,
+    scored through a learned ``encoder`` when one is given (:mod:`~.learned`)."""
     n = images.shape[0]
     if n < 3:
         raise ValueError(f"common lines need at least 3 views, got {n}")
-    centred, shifts = centre_images(images)
-    radius = (cfg.mask_radius * cfg.box / 2) if cfg.mask_radius is not None else fit_mask_radius(centred)
-    masked = centred * soft_mask(cfg.box, radius, device=images.device)
-    lines = fourier_lines(masked, cfg.n_lines, cfg.radii)
-    found = detect_common_lines(lines, cfg.radii, cfg.box, cfg.shifts, cfg.whiten)
+    prepared = prepare_views(images, cfg)
+    features = encode_lines(prepared.masked, prepared.mask, cfg, encoder)
+    found = detect_common_lines(features, shift_ramps(cfg, images.device))
     cos_theta, weight = vote_dihedral_angles(found.angles, cfg.vote_sigma_deg)
     start = synchronize(relative_blocks(found.angles, cos_theta), weight)
     rotations = refine_rotations(start, found.angles, weight, cfg.refine_iterations)
     support = weight.sum(1) / max(n - 1, 1)
-    return RotationEstimate(rotations=rotations, support=support, shifts=shifts)
+    return RotationEstimate(rotations=rotations, support=support, shifts=prepared.shifts)
 
 
 class CommonLinesPoser(nn.Module):
-    """Classical common lines behind the pose-model interface (no parameters, nothing learned)."""
+    """Common lines behind the pose-model interface: classical (no parameters, nothing learned), or
+    scored through a trained :class:`~.learned.LineEncoder`."""
 
-    def __init__(self, cfg: CommonLinesConfig | None = None):
+    def __init__(self, cfg: CommonLinesConfig | None = None, encoder: LineEncoder | None = None):
         super().__init__()
         self.cfg = cfg or CommonLinesConfig()
+        self.encoder = encoder.eval() if encoder is not None else None
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
     def forward(self, images: Tensor) -> ModelOutput:
@@ -71,7 +108,7 @@ class CommonLinesPoser(nn.Module):
         grid = polar_grid(*_GRID, device=images.device)
         xyz, conf = [], []
         for sample in images:
-            est = estimate_rotations(sample, self.cfg)
+            est = estimate_rotations(sample, self.cfg, self.encoder)
             rot = est.rotations.to(torch.float64)
             xyz.append(fpm_targets(rot[None, 0], rot[None], est.shifts[None].double(), self.cfg.box, grid)[0])
             share = est.support.clamp(0, 0.999).to(torch.float64)

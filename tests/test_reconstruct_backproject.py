@@ -190,14 +190,18 @@ def test_high_defocus_ctf_inverted_on_the_image_grid(tiny_map):
 
 
 def _finalize_reference(bp: Backprojector, c: float) -> torch.Tensor:
-    """finalize() written the plain way: full-grid Friedel mirror, the +-Dp/2 planes of the periodic grid
-    summed, full complex inverse FFT."""
+    """finalize() written the plain way: the stored half in a full grid, full-grid Friedel mirror, the
+    +-Dp/2 planes of the periodic grid summed, full complex inverse FFT."""
     from cryofastar_core.physics.fourier import pad_centred
     from cryofastar_core.physics.projection import gridding_kernel
-    n, Dp, D = bp.numerator.shape[-1], bp.padded_box, bp.box
+    n, Dp, D = bp.numerator.shape[0], bp.padded_box, bp.box
+    # the stored kx >= 0 half placed in the full grid (nothing was stored at kx < 0)
+    A, Aw = torch.zeros(n, n, n, dtype=bp.numerator.dtype), torch.zeros(n, n, n, dtype=bp.weight.dtype)
+    nx = bp.numerator.shape[-1]
+    A[:, :, n // 2:n // 2 + nx], Aw[:, :, n // 2:n // 2 + nx] = bp.numerator, bp.weight
     dims = (0, 1, 2)
     mirror = lambda x: torch.roll(torch.flip(x, dims), (1 - n % 2,) * 3, dims)   # y[i] = x[n - i] (even n)
-    S, Sw = bp.numerator + mirror(bp.numerator).conj(), bp.weight + mirror(bp.weight)
+    S, Sw = A + mirror(A).conj(), Aw + mirror(Aw)
     num, wt = pad_centred(S, Dp, 3).clone(), pad_centred(Sw, Dp, 3).clone()
     if Dp % 2 == 0:
         c0, h = n // 2, Dp // 2

@@ -9,7 +9,9 @@ defocus, small box: FSC 0.44 at 0.75 Nyquist before this change). ``CTF * F`` an
 splatted with trilinear weights at ``pad * R (kx, ky, 0)`` into a ``pad``-times oversampled 3D grid
 (``(pad D)^3``, default ``pad = 2``), so the map's real-space field is ``pad D`` wide and the replicas that
 the ``1 / D`` sample spacing creates fall outside the cropped box. Only half of each image transform is
-inserted; Friedel symmetry gives the other half at ``finalize``. ``finalize`` divides
+inserted, and only half of the 3D spectrum is stored (``kx >= 0``: a sample that lands at ``kx < 0`` is
+inserted, conjugated, at ``-k``), which halves the accumulators' memory; Friedel symmetry completes the
+``kx = 0`` plane at ``finalize``. ``finalize`` divides
 ``numerator / (weight + c)`` voxel by voxel (``c`` a small Wiener-like constant), inverse-transforms the
 half spectrum (one ``irfftn``), crops to ``D^3`` and divides by the real-space transform of the trilinear
 kernel (``sinc^2`` per axis, the gridding correction).
@@ -37,9 +39,10 @@ DEFAULT_RELATIVE_WIENER = 1e-3
 
 
 class Backprojector:
-    """Accumulates ``sum CTF * F`` (``numerator``, complex) and ``sum CTF^2`` (``weight``, real) on a
-    centred Fourier grid of spacing ``1 / (pad * box)`` cycles/px and size ``n = pad * box + 2 pad + 4``
-    (a margin around the ``(pad * box)^3`` grid). Both are public, contiguous tensors so that
+    """Accumulates ``sum CTF * F`` (``numerator``, complex) and ``sum CTF^2`` (``weight``, real) on the
+    ``kx >= 0`` half of a Fourier grid of spacing ``1 / (pad * box)`` cycles/px: shape ``(n, n, n // 2)``
+    with ``n = pad * box + 2 pad + 4`` (a margin around the ``(pad * box)^3`` grid), ``kz`` and ``ky``
+    centred at index ``n // 2``, ``kx`` at index ``kx``. Both are public, contiguous tensors so that
     distributed ranks can ``torch.distributed.all_reduce`` them (SUM) before :meth:`finalize`.
 
     Each image contributes the samples of its own ``box``-grid transform (half of them, see the module
@@ -61,11 +64,11 @@ class Backprojector:
         # outer edge of the Nyquist shell keep all 8 trilinear neighbours inside; finalize crops it away.
         n = self._grid_n = Dp + 2 * pad + 4
         cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-        self.numerator = torch.zeros((n, n, n), dtype=cdtype, device=self.device)
-        self.weight = torch.zeros((n, n, n), dtype=dtype, device=self.device)
+        self.numerator = torch.zeros((n, n, n // 2), dtype=cdtype, device=self.device)
+        self.weight = torch.zeros((n, n, n // 2), dtype=dtype, device=self.device)
         self.chunk_points = int(chunk_points)
-        # Radius in padded-grid units; all 8 trilinear neighbours stay inside [1, n - 1], so finalize can
-        # read the Friedel partner of every kept voxel (index i -> n - i) from the same array.
+        # Radius in padded-grid units; all 8 trilinear neighbours stay inside [1, n - 1] (kz, ky) and
+        # [0, n // 2 - 1] (kx), so finalize can read the Friedel partner in the kx = 0 plane from the same array.
         r = (box / 2 + 0.5 if r_max is None else float(r_max)) * pad
         self.r_max_padded = min(r, Dp / 2 + pad)
         # Half of each image transform (kx > 0, plus kx = 0 with ky >= 0) on the image's own D grid,
@@ -130,8 +133,13 @@ class Backprojector:
         R = rotations.to(device=dev, dtype=rdt)
         qx, qy = self._qx * self.pad, self._qy * self.pad
         coords = (qx[None, :, None] * R[:, None, :, 0] + qy[None, :, None] * R[:, None, :, 1]).reshape(-1, 3)
-        _splat_trilinear(coords, ft.reshape(-1), w2.reshape(-1), self.numerator.view(-1), self.weight.view(-1),
-                         self._grid_n)
+        values = ft.reshape(-1)
+        # the stored half is kx >= 0: a sample at k with kx < 0 is the conjugate sample at -k
+        mirror = coords[:, 0] < 0
+        coords = torch.where(mirror[:, None], -coords, coords)
+        values = torch.where(mirror, values.conj(), values)
+        _splat_trilinear(coords, values, w2.reshape(-1), self.numerator.view(-1), self.weight.view(-1),
+                         self.numerator.shape)
 
     def add_(self, other: "Backprojector") -> "Backprojector":
         """Accumulate another backprojector of the same geometry (e.g. half 1 + half 2)."""
@@ -152,57 +160,97 @@ class Backprojector:
         """
         Dp, D, n = self.padded_box, self.box, self._grid_n
         c0, h, hx = n // 2, Dp // 2, Dp // 2 + 1
-        # Half spectrum (kx = 0 .. Dp // 2, kz and ky centred) with its Friedel partner at -k:
-        # S(k) = A(k) + conj(A(-k)); the partner block is a flipped slice of the accumulator. Working on
-        # this half only (then one irfftn) avoids full-grid flips, rolls and shifts, which cost more than
-        # the transform itself.
-        zy, zy_m = slice(c0 - h, c0 - h + Dp), slice(c0 - (Dp - h - 1), c0 + h + 1)
-        x, x_m = slice(c0, c0 + hx), slice(c0 - hx + 1, c0 + 1)
-        flip = lambda t: torch.flip(t, dims=(0, 1, 2))
-        num = self.numerator[zy, zy, x] + flip(self.numerator[zy_m, zy_m, x_m]).conj()
-        wt = self.weight[zy, zy, x] + flip(self.weight[zy_m, zy_m, x_m])
+        # The half spectrum (kx = 0 .. Dp // 2, kz and ky centred) is what is stored, except in the plane
+        # kx = 0, where samples and their Friedel partners both landed: S(0, k) = H(0, k) + conj(H(0, -k)).
+        zy = slice(c0 - h, c0 - h + Dp)
+        num = self.numerator[zy, zy, :hx].clone()
+        wt = self.weight[zy, zy, :hx].clone()
+        _complete_kx0_plane(num, wt, self.numerator, self.weight, c0, Dp)
         if Dp % 2 == 0:
             _fold_nyquist_planes(num, wt, self.numerator, self.weight, c0, h)
-        f = torch.arange(Dp, device=self.device, dtype=self.dtype) - h
-        fx = torch.arange(hx, device=self.device, dtype=self.dtype)
-        r2 = (f * f)[:, None, None] + (f * f)[None, :, None] + (fx * fx)[None, None, :]
-        live = (r2 <= self.r_max_padded ** 2) & (wt > 0)
-        del r2
+        live = _live_voxels(wt, h, self.r_max_padded)
         if wiener_constant is None:
-            sel = wt[live]
-            c = DEFAULT_RELATIVE_WIENER * float(sel.mean()) if sel.numel() else 0.0
+            count = int(live.sum())
+            c = DEFAULT_RELATIVE_WIENER * _masked_sum(wt, live) / count if count else 0.0
         else:
             c = float(wiener_constant)
-        vol_ft = torch.where(live, num / (wt + c), torch.zeros_like(num))
-        del num, wt, live
-        vol = torch.fft.irfftn(torch.fft.ifftshift(vol_ft, dim=(0, 1)), s=(Dp, Dp, Dp))   # origin at index 0
-        del vol_ft
+        # in place: at box 256 each (Dp, Dp, hx) temporary is 0.3-0.5 GB
+        num.div_(wt.add_(c))
+        del wt
+        num.masked_fill_(~live, 0)
+        del live
+        if Dp % 2 == 0:
+            # the centred kz, ky axes put the origin at index h: instead of an ifftshift (a copy), the
+            # transform of the uncentred array is the map times (-1)^(z + y), undone on the cropped box
+            vol = torch.fft.irfftn(num, s=(Dp, Dp, Dp))
+        else:
+            vol = torch.fft.irfftn(torch.fft.ifftshift(num, dim=(0, 1)), s=(Dp, Dp, Dp))   # origin at index 0
+        del num
         crop = torch.remainder(torch.arange(D, device=self.device) - D // 2, Dp)
         vol = vol[crop[:, None, None], crop[None, :, None], crop[None, None, :]]
+        if Dp % 2 == 0:
+            sign = 1.0 - 2.0 * (crop % 2).to(vol.dtype)
+            vol = vol * sign[:, None, None] * sign[None, :, None]
         if gridding_correction:
             vol = vol / gridding_kernel(D, Dp, device=self.device, dtype=vol.dtype)
         return vol.contiguous()
 
 
-def _fold_nyquist_planes(num: Tensor, wt: Tensor, A: Tensor, Wa: Tensor, c0: int, h: int) -> None:
-    """Complete the ``-Dp/2`` planes of the half spectrum (even ``Dp = 2 h``) in place.
+def _live_voxels(wt: Tensor, h: int, r_max: float) -> Tensor:
+    """``(Dp, Dp, hx)`` bool: voxels of the half spectrum (kz, ky centred at ``h``) inside the insertion
+    sphere of radius ``r_max`` that received data; built a kz plane at a time (no full-size float temporary)."""
+    dp, _, hx = wt.shape
+    f = torch.arange(dp, device=wt.device, dtype=torch.float64) - h
+    fx = torch.arange(hx, device=wt.device, dtype=torch.float64)
+    yx2 = (f * f)[:, None] + (fx * fx)[None, :]
+    live = wt > 0
+    for z in range(dp):
+        live[z] &= (yx2 + float(f[z]) ** 2) <= r_max ** 2
+    return live
+
+
+def _masked_sum(values: Tensor, mask: Tensor) -> float:
+    """``values[mask].sum()`` a kz plane at a time (no copy of the selected voxels)."""
+    return sum(float(values[z][mask[z]].sum(dtype=torch.float64)) for z in range(values.shape[0]))
+
+
+def _complete_kx0_plane(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, Dp: int) -> None:
+    """The ``kx = 0`` plane of the half spectrum ``num`` / ``wt`` ``(Dp, Dp, ·)`` completed in place with its
+    Friedel partners, ``S(0, kz, ky) = H(0, kz, ky) + conj(H(0, -kz, -ky))``, read from the stored plane
+    ``H`` / ``Wh`` (centre ``c0``). For an even ``Dp`` the ``+Dp/2`` row and column (one line with
+    ``-Dp/2`` on the periodic grid) are folded in too."""
+    h = Dp // 2
+    ext = slice(c0 - h, c0 + h + 1)  # kz, ky = -h .. +h: the flip maps k to -k
+    plane = H[ext, ext, 0]
+    plane_w = Wh[ext, ext, 0]
+    full = plane + torch.flip(plane, dims=(0, 1)).conj()
+    full_w = plane_w + torch.flip(plane_w, dims=(0, 1))
+    num[:, :, 0] = full[:Dp, :Dp]
+    wt[:, :, 0] = full_w[:Dp, :Dp]
+    if Dp % 2 == 0:
+        num[0, :, 0] += full[Dp, :Dp]
+        num[:, 0, 0] += full[:Dp, Dp]
+        wt[0, :, 0] += full_w[Dp, :Dp]
+        wt[:, 0, 0] += full_w[:Dp, Dp]
+
+
+def _fold_nyquist_planes(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, h: int) -> None:
+    """Complete the ``-Dp/2`` planes of the half spectrum (even ``Dp = 2 h``) in place, for ``kx > 0``
+    (:func:`_complete_kx0_plane` did ``kx = 0``).
 
     On the periodic ``Dp`` grid of the final transform the planes at ``-Dp/2`` and ``+Dp/2`` of each axis
     are one plane, so it gets the data inserted at both: ``num`` / ``wt`` ``(Dp, Dp, h + 1)`` (kz, ky
-    centred, kx = 0 .. h) hold ``S(k) = A(k) + conj(A(-k))`` for kz, ky in ``[-h, h)``; the ``+h`` data
-    come from the accumulators ``A`` / ``Wa`` (centre index ``c0``, margin included). The cube's edges,
-    where two axes are at Nyquist, lie outside the insertion sphere and are not completed.
+    centred, kx = 0 .. h) hold ``S(k)`` for kz, ky in ``[-h, h)``; the ``+h`` data come from the stored
+    half ``H`` / ``Wh`` (centre ``c0``, margin included). The cube's edges, where two axes are at Nyquist,
+    lie outside the insertion sphere and are not completed.
     """
-    zy, zy_m = slice(c0 - h, c0 + h), slice(c0 - h + 1, c0 + h + 1)
-    x, x_m = slice(c0, c0 + h + 1), slice(c0 - h, c0 + 1)
-    f2 = lambda t: torch.flip(t, dims=(0, 1))
-    # kz = +h (the plane kz = -h of the periodic grid): A(h, ky, kx) + conj(A(-h, -ky, -kx))
-    num[0] += A[c0 + h, zy, x] + f2(A[c0 - h, zy_m, x_m]).conj()
-    wt[0] += Wa[c0 + h, zy, x] + f2(Wa[c0 - h, zy_m, x_m])
-    # ky = +h
-    num[:, 0] += A[zy, c0 + h, x] + f2(A[zy_m, c0 - h, x_m]).conj()
-    wt[:, 0] += Wa[zy, c0 + h, x] + f2(Wa[zy_m, c0 - h, x_m])
+    zy, x = slice(c0 - h, c0 + h), slice(1, h + 1)
+    num[0, :, 1:] += H[c0 + h, zy, x]  # kz = +h is the plane kz = -h of the periodic grid
+    wt[0, :, 1:] += Wh[c0 + h, zy, x]
+    num[:, 0, 1:] += H[zy, c0 + h, x]  # ky = +h
+    wt[:, 0, 1:] += Wh[zy, c0 + h, x]
     # kx = +h is stored; kx = -h is its Friedel partner within the plane: S(-h, ky, kz) = conj(S(h, -ky, -kz))
+    f2 = lambda t: torch.flip(t, dims=(0, 1))
     mirror = lambda t: torch.roll(f2(t), shifts=(1, 1), dims=(0, 1))   # (ky, kz) -> (-ky, -kz), centred
     pn, pw = num[:, :, h].clone(), wt[:, :, h].clone()
     num[:, :, h] = pn + mirror(pn).conj()
@@ -210,26 +258,28 @@ def _fold_nyquist_planes(num: Tensor, wt: Tensor, A: Tensor, Wa: Tensor, c0: int
 
 
 def _splat_trilinear(coords: Tensor, values: Tensor, weights: Tensor, numerator: Tensor, weight: Tensor,
-                     n: int) -> None:
-    """Add ``values`` (complex) and ``weights`` (real) at ``coords`` ``(M, 3)`` (x, y, z grid offsets from the
-    centre) into the flat ``n**3`` accumulators with trilinear weights.
+                     shape: tuple[int, int, int]) -> None:
+    """Add ``values`` (complex) and ``weights`` (real) at ``coords`` ``(M, 3)`` (x >= 0, y, z grid offsets
+    from the centre of z and y, from index 0 of x) into the flat accumulators of ``shape`` ``(nz, ny, nx)``
+    with trilinear weights.
 
     All 8 neighbours are known to lie inside the grid (the insertion radius guarantees it), so there are
     no bounds checks. One ``index_add_`` per corner and accumulator: complex ``index_add_`` is about 3x
     faster on CPU than adding ``(M, 2)`` real rows, and per-corner calls avoid ``(8, M)`` temporaries.
     """
-    g = coords + float(n // 2)
+    nz, ny, nx = shape
+    g = coords + torch.tensor([0.0, float(ny // 2), float(nz // 2)], dtype=coords.dtype, device=coords.device)
     g0 = torch.floor(g)
     f = g - g0
     g0 = g0.long()
-    base = (g0[:, 2] * n + g0[:, 1]) * n + g0[:, 0]
+    base = (g0[:, 2] * ny + g0[:, 1]) * nx + g0[:, 0]
     fx, fy, fz = f.unbind(-1)
     for dz, wz in ((0, 1 - fz), (1, fz)):
         for dy, wy in ((0, 1 - fy), (1, fy)):
             wzy = wz * wy
             for dx, wx in ((0, 1 - fx), (1, fx)):
                 w = wzy * wx
-                idx = base + (dz * n * n + dy * n + dx)
+                idx = base + (dz * ny * nx + dy * nx + dx)
                 numerator.index_add_(0, idx, values * w)
                 weight.index_add_(0, idx, weights * w)
 

@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, nargs="+", default=[2])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--label", default="", help="suffix of the run folders (run_k<K><label>)")
     p.add_argument("--out", type=Path, default=Path("bench/results/classes"))
     args = p.parse_args()
     results = {}
@@ -136,13 +137,14 @@ def main() -> None:
         pair_dir.mkdir(parents=True, exist_ok=True)
         make_set(pair_dir, structures(pair, pair_dir), args.n, args.snr, args.seed)
         for k in args.classes:
-            out = pair_dir / f"run_k{k}"
+            out = pair_dir / f"run_k{k}{args.label}"
             t0 = time.perf_counter()
             run(JobConfig(particles=pair_dir / "particles.star", out_dir=out, threads=args.threads, classes=k,
                           project_dir=pair_dir))
-            results[f"{pair}/k{k}"] = judge(pair_dir, out, k, time.perf_counter() - t0, args.threads)
-            print(f"{pair}/k{k}", json.dumps(results[f"{pair}/k{k}"]), flush=True)
-    (args.out / "classes.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
+            name = f"{pair}/k{k}{args.label}"
+            results[name] = judge(pair_dir, out, k, time.perf_counter() - t0, args.threads)
+            print(name, json.dumps(results[name]), flush=True)
+    (args.out / f"classes{args.label}.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
                                                         "cases": results}, indent=1, default=str))
     print(f"{'case':<12}{'right class':>12}  class: particles, conformation, purity, median, map / true-pose map, verdict")
     for name, r in results.items():

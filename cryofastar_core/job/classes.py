@@ -49,7 +49,7 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
     else:
         cons = refine_at(particles, idx, box, R, s, half[idx], apix, replace(rcfg, iterations=0, centre_origin=False),
                           None, device, progress, comm)
-        R, s = cons.rotations, cons.shifts
+        R, s = cons.rotations.numpy(), cons.shifts.numpy()
         history = [dict(h, particles="consensus") for h in cons.history]
     found = _classify_at(particles, idx[sub], box, R[sub], s[sub], half[idx[sub]], apix, rcfg, cfg, None, None,
                          device, progress, comm)

@@ -62,12 +62,13 @@ def refine_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, 
                apix: float, rcfg: RefineConfig, initial: tuple | None, device: torch.device,
                progress: Progress | None, comm: Communicator | None) -> RefineResult:
     """:func:`~cryofastar_core.refine.driver.refine_poses` of the particles ``idx`` at ``box`` (images
-    Fourier-cropped as read; shifts ``s`` in and out in input pixels, scaled to the box inside)."""
+    Fourier-cropped as read; shifts ``s`` in and out in input pixels, scaled to the box inside). The
+    result's poses stay CPU float64 tensors, as :class:`~cryofastar_core.refine.driver.RefineResult` says;
+    numpy arrays take them by assignment."""
     to_box = box / particles.box
     ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
     result = refine_poses(cropped_loader(particles, idx, box, device), ctf, apix / to_box, R,
                           np.asarray(s) * to_box, half, rcfg, device=device, progress=progress,
                           initial_half_maps=initial, comm=comm)
-    result.rotations = np.asarray(result.rotations)
-    result.shifts = np.asarray(result.shifts) / to_box
+    result.shifts = result.shifts / to_box
     return result

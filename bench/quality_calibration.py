@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import DatasetSpec, build_dataset  # noqa: E402
 
 from cryofastar_core.io import read_particles  # noqa: E402
-from cryofastar_core.job import JobConfig, assess_quality, reconstruct_maps, run  # noqa: E402
+from cryofastar_core.job import JobConfig, run  # noqa: E402
+from cryofastar_core.job.judge import assess_quality  # noqa: E402
+from cryofastar_core.job.maps import reconstruct_maps  # noqa: E402
 from cryofastar_core.job.work_scale import cropped_loader  # noqa: E402
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg, rotations_at_angle  # noqa: E402
 from cryofastar_core.evaluation.metrics import apply_alignment, rotation_errors  # noqa: E402

@@ -146,7 +146,7 @@ def test_verdict_judges_a_large_box_at_the_calibrated_box(tmp_path, tiny_map_fil
     """Particles at box 96 are judged at box 64 (cropped images and half maps): their true poses pass and
     random poses fail, as at the box the thresholds were calibrated at."""
     from cryofastar_core.geometry import random_rotations
-    from cryofastar_core.job.poses import assess_quality
+    from cryofastar_core.job.judge import assess_quality
 
     star = simulate(SimulateConfig(out_dir=tmp_path / "sim96", n=400, box=96, snr=1.0, seed=11,
                                    map_path=tiny_map_file, ctf=True, max_shift=2.0))

@@ -33,7 +33,8 @@ from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
 from cryofastar_core.job.maps import accumulate_shard, finalize_halves, with_fsc
 from cryofastar_core.job.outputs import ClassOutput, class_summary, refuse_overwriting_inputs, write_outputs
-from cryofastar_core.job.poses import assess_quality, estimate_feed_forward, kept_by_confidence, refine_kept
+from cryofastar_core.job.judge import assess_quality
+from cryofastar_core.job.poses import estimate_feed_forward, kept_by_confidence, refine_kept
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
 from cryofastar_core.job.class_route import LOW_SUPPORT

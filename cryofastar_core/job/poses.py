@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses
 from cryofastar_core.inference.estimator import EstimatorConfig, estimate_poses
 from cryofastar_core.inference.pose_model import reference_candidates
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
@@ -18,8 +17,7 @@ from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.classes import refine_classes
 from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
-from cryofastar_core.job.work_scale import AB_INITIO_BOX, balanced_subset, cropped_loader, plan_work
-from cryofastar_core.physics.fourier import fourier_crop_volume
+from cryofastar_core.job.work_scale import balanced_subset, plan_work
 from cryofastar_core.reconstruct import half_sets
 from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.runtime.communicator import Communicator
@@ -27,10 +25,6 @@ from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
-
-# The verdict's thresholds were calibrated on box-64 particles (bench/results/2026-12-05-quality-calibration.md).
-JUDGING_BOX = AB_INITIO_BOX
-
 
 def estimate_feed_forward(cfg: JobConfig, particles: ParticleSet, model: torch.nn.Module, model_box: int,
                           device: torch.device, progress: Progress | None, comm: Communicator | None = None) -> dict:
@@ -166,21 +160,3 @@ def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, s
     maps = (result.full, result.half1, result.half2) if scale.local_box == particles.box else None
     return Refined(rotations, shifts, history + [dict(h) for h in result.history], maps, junk, score,
                    dict(result.junk_rule), scale.to_dict())
-
-
-def assess_quality(particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
-                   keep: np.ndarray, half_maps: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-                   ) -> PoseQuality:
-    """The data-only pose-quality verdict of the ``keep`` particles (:mod:`cryofastar_core.evaluation.verdict`),
-    judged at the box it was calibrated at (``JUDGING_BOX``, or the input box when smaller): images and half
-    maps Fourier-cropped, shifts and pixel size scaled (at box 256 the full-box verdict took longer than the
-    reconstruction, ``bench/results/2026-12-06-scale.md``)."""
-    idx = np.flatnonzero(keep)
-    box = min(particles.box, JUDGING_BOX)
-    to_box = box / particles.box
-    log.info("judging the poses of up to %d particles against the half maps (box %d)", min(len(idx), 2000), box)
-    load = cropped_loader(particles, idx, box, torch.device("cpu"))
-    ctf = particles.ctf_params(idx) if particles.ctf is not None else None
-    maps = tuple(fourier_crop_volume(m, box) if box < particles.box else m for m in half_maps)
-    return assess_poses(load, ctf, float(particles.apix[0]) / to_box, rotations[idx], shifts[idx] * to_box, half[idx],
-                        maps, device=device)

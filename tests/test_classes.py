@@ -152,3 +152,35 @@ def test_job_with_two_classes(mixed_star, tmp_path):
     print(f"job: right class {acc:.3f}; classes {classes}")
     assert acc >= 0.9
     assert len(posed) == len(rows)
+
+
+def test_a_class_stuck_on_wrong_maps_is_refined_afresh(mixed_star):
+    """A class whose local refinement starts from maps of another volume and random poses cannot leave them
+    (its verdict is not ``ok``); the class step then runs a one-class ab initio of its particles, judges both
+    and keeps the ab initio's poses, which are near the truth."""
+    from dataclasses import replace
+
+    from cryofastar_core.job.classes import _refine_class
+    from cryofastar_core.job.refine_at import refine_at
+    from cryofastar_core.job.work_scale import plan_work
+    from cryofastar_core.reconstruct import half_sets
+
+    particles = read_particles(mixed_star, mixed_star.parent)
+    members = np.arange(PER_CLASS)  # the first conformation's rows
+    half = half_sets(particles.half_set, len(particles), str(mixed_star))
+    scale = plan_work(particles.box, APIX, half[members], None, 0, 0)
+    g = torch.Generator().manual_seed(8)
+    start = random_rotations(PER_CLASS, g, dtype=torch.float64).numpy()
+    other = blob_volume(BOX, n_blobs=12, seed=5)
+    wrong = tuple(other + 0.01 * torch.randn(other.shape, generator=g) for _ in range(2))
+    rcfg = RefineConfig(iterations=3)
+    result, note = _refine_class(particles, members, scale, start, np.zeros((PER_CLASS, 2)), half, APIX, rcfg,
+                                 wrong, 2, 0, torch.device("cpu"), None, None)
+    truth = torch.as_tensor(particles.rotations[members])
+    err = rotation_errors(torch.as_tensor(result.rotations), truth)["median_deg"]
+    stuck = refine_at(particles, members, BOX, start, np.zeros((PER_CLASS, 2)), half[members], APIX,
+                      replace(rcfg, global_step_deg=None), wrong, torch.device("cpu"), None, None)
+    err_stuck = rotation_errors(torch.as_tensor(stuck.rotations), truth)["median_deg"]
+    print(f"afresh note {note!r}; median error {err:.1f} deg (from the wrong maps alone {err_stuck:.1f} deg)")
+    assert note == ", afresh"
+    assert err < 15.0 < 30.0 < err_stuck  # 15°: what the verdict calls ready for local refinement

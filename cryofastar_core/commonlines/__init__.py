@@ -11,7 +11,9 @@ Three steps, each a module:
    (synchronisation), in closed form.
 
 :mod:`~.poser` wraps the three as a pose model with the network's interface, so the job's chunks,
-anchors, Kabsch and hand check run unchanged (``--weights common-lines``). Measured against the
+anchors, Kabsch and hand check run unchanged (``--weights common-lines``). :mod:`~.learned` is an
+optional trained encoder between steps 1 and 2 (identity when untrained; ``cryofastar train-lines``,
+files read by :mod:`~.weights`). Measured against the
 shipped network and ASPIRE on the model ladder: ``bench/model_accuracy.py --weights common-lines``.
 """
 from cryofastar_core.commonlines.config import COMMON_LINES, CommonLinesConfig

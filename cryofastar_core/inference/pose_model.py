@@ -1,8 +1,9 @@
-"""What ``--weights`` names: a trained network (a shipped name or a weights file) or classical common lines.
+"""What ``--weights`` names: a trained network (a shipped name or a weights file), classical common lines,
+or common lines through a trained line encoder (a file of ``cryofastar train-lines``).
 
 ``common-lines`` (:data:`~cryofastar_core.commonlines.COMMON_LINES`) selects
 :class:`~cryofastar_core.commonlines.CommonLinesPoser`: no file, nothing learned, the same interface,
-so the job, the benchmarks and the model ladder treat both alike.
+so the job, the benchmarks and the model ladder treat all alike.
 """
 from __future__ import annotations
 

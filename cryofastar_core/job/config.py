@@ -110,7 +110,8 @@ class JobConfig:
             resolve_weights(self.class_poses)
         except WeightsError:
             raise InputError(self.class_poses, "class_poses", "neither common lines nor a weights file or shipped "
-                             "weights name", f"use {COMMON_LINES} or a file written by `cryofastar train`") from None
+                             "weights name",
+                             f"use {COMMON_LINES} or a file written by `cryofastar train` or `train-lines`") from None
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

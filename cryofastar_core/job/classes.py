@@ -24,9 +24,8 @@ from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.job.judge import assess_quality
 from cryofastar_core.job.config import JobConfig
-from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
+from cryofastar_core.job.refine_at import Refined, ab_initio_at, ab_initio_on_subset, padded_to, refine_at
 from cryofastar_core.job.work_scale import cropped_loader, plan_work
-from cryofastar_core.physics.fourier import fourier_pad_volume
 from cryofastar_core.refine.classes import ClassResult, classify_poses, dealt_labels
 from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.runtime.communicator import Communicator
@@ -51,8 +50,7 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
     if scale.subset is not None:
         _, history = ab_initio_on_subset(particles, idx, scale, R, s, half, apix, rcfg, device, progress, comm)
     else:
-        cons = refine_at(particles, idx, box, R, s, half[idx], apix, replace(rcfg, iterations=0, centre_origin=False),
-                          None, device, progress, comm)
+        cons = ab_initio_at(particles, idx, box, R, s, half[idx], apix, rcfg, device, progress, comm)
         R, s = cons.rotations.numpy(), cons.shifts.numpy()
         history = [dict(h, particles="consensus") for h in cons.history]
     found = _classify_at(particles, idx[sub], box, R[sub], s[sub], half[idx[sub]], apix, rcfg, cfg, None, None,
@@ -78,9 +76,8 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
             log.warning("class %d holds %d particles: nothing to refine", number, len(members))
             class_maps.append(None)
             continue
-        m = [fourier_pad_volume(v, scale.local_box) if v.shape[-1] < scale.local_box else v for v in maps[c]]
         result, note = _refine_class(particles, idx[members], scale, R[members], s[members], half, apix, rcfg,
-                                     tuple(m), number, cfg.seed, device, progress, comm)
+                                     padded_to(maps[c], scale.local_box), number, cfg.seed, device, progress, comm)
         R[members], s[members] = result.rotations, result.shifts
         history += [dict(h, particles=f"class {number}{note}") for h in result.history]
         class_maps.append((result.full, result.half1, result.half2))
@@ -113,10 +110,9 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
              number, judged.verdict, len(members))
     fresh = _ab_initio_restarts(particles, members, scale, s, half, apix, rcfg, seed + 7919 * number, device,
                                 progress, comm)
-    padded = tuple(fourier_pad_volume(v, scale.local_box) if scale.local_box > scale.ab_initio_box else v
-                   for v in (fresh.half1, fresh.half2))
     again = refine_at(particles, members, scale.local_box, fresh.rotations.numpy(), fresh.shifts.numpy(),
-                      half[members], apix, local, padded, device, progress, comm)
+                      half[members], apix, local, padded_to((fresh.half1, fresh.half2), scale.local_box), device,
+                      progress, comm)
     rejudged = _judge(particles, members, again, half, device)
     log.info("class %d: from its maps %s (sharpness %.2f), afresh %s (sharpness %.2f)", number, judged.verdict,
              judged.sharpness, rejudged.verdict, rejudged.sharpness)
@@ -138,8 +134,8 @@ def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: n
     for attempt in range(RESTARTS):
         start = random_rotations(len(members), generator=torch.Generator().manual_seed(seed + attempt),
                                  dtype=torch.float64).numpy()
-        fresh = refine_at(particles, members, scale.ab_initio_box, start, s, half[members], apix,
-                          replace(rcfg, iterations=0, centre_origin=False), None, device, progress, comm)
+        fresh = ab_initio_at(particles, members, scale.ab_initio_box, start, s, half[members], apix, rcfg, device,
+                             progress, comm)
         judged = _judge(particles, members, fresh, half, device)
         log.info("ab initio from random poses, start %d of %d: %s (sharpness %.2f)", attempt + 1, RESTARTS,
                  judged.verdict, judged.sharpness)
@@ -177,8 +173,7 @@ def _every_particle(particles, idx, scale, R, s, half, apix, rcfg, cfg, labels, 
     subset keeps its classes as the starting ones, the others are dealt."""
     start = dealt_labels(half[idx], cfg.classes, cfg.seed)
     start[torch.as_tensor(sub)] = torch.as_tensor(labels)
-    maps = [tuple(fourier_pad_volume(v, scale.local_box) if scale.local_box > scale.ab_initio_box else v for v in pair)
-            for pair in found.maps]
+    maps = [padded_to(pair, scale.local_box) for pair in found.maps]
     log.info("classes: every particle (%d) against the classes' maps at box %d", len(idx), scale.local_box)
     return _classify_at(particles, idx, scale.local_box, R, s, half[idx], apix, rcfg, cfg, start, maps, device,
                         progress, comm, passes=1)

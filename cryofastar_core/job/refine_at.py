@@ -50,12 +50,24 @@ def ab_initio_on_subset(particles: ParticleSet, idx: np.ndarray, scale: WorkScal
     returns the two half maps brought to the local box, and the passes' history."""
     sub = idx[scale.subset]
     log.info("ab initio on %d of %d particles at box %d", len(sub), len(idx), scale.ab_initio_box)
-    ab = refine_at(particles, sub, scale.ab_initio_box, R[scale.subset], s[scale.subset], half[sub], apix,
-                    replace(rcfg, iterations=0, centre_origin=False), None, device, progress, comm)
+    ab = ab_initio_at(particles, sub, scale.ab_initio_box, R[scale.subset], s[scale.subset], half[sub], apix, rcfg,
+                      device, progress, comm)
     R[scale.subset], s[scale.subset] = ab.rotations, ab.shifts
-    maps = tuple(fourier_pad_volume(m, scale.local_box) if scale.local_box > scale.ab_initio_box else m
-                 for m in (ab.half1, ab.half2))
-    return maps, [dict(h, particles="ab initio subset") for h in ab.history]
+    return padded_to((ab.half1, ab.half2), scale.local_box), [dict(h, particles="ab initio subset") for h in ab.history]
+
+
+def ab_initio_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,
+                 apix: float, rcfg: RefineConfig, device: torch.device, progress: Progress | None,
+                 comm: Communicator | None) -> RefineResult:
+    """:func:`refine_at` as ab initio: the global passes from the poses ``R``, ``s`` until the map settles, no
+    local iteration, no map given, the origin left where it is."""
+    return refine_at(particles, idx, box, R, s, half, apix, replace(rcfg, iterations=0, centre_origin=False), None,
+                     device, progress, comm)
+
+
+def padded_to(maps, box: int) -> tuple:
+    """Each map ``(d, d, d)`` Fourier-padded to ``box`` when smaller (unchanged otherwise)."""
+    return tuple(fourier_pad_volume(m, box) if m.shape[-1] < box else m for m in maps)
 
 
 def refine_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,

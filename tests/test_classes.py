@@ -18,7 +18,7 @@ from cryofastar_core.evaluation.metrics import rotation_errors
 from cryofastar_core.geometry import random_rotations, rotvec_to_matrix
 from cryofastar_core.io import read_particles, write_map
 from cryofastar_core.job import JobConfig, run
-from cryofastar_core.refine.classes import _best_permutation, classify_poses, dealt_labels
+from cryofastar_core.refine.classes import _best_permutation, classify_poses, dealt_labels, ranked_labels
 from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
@@ -45,6 +45,39 @@ def test_classes_are_dealt_evenly_and_matched_by_correlation():
     assert torch.equal(labels, dealt_labels(half, 3, seed=1))  # every rank deals the same
     corr = np.array([[0.1, 0.9, 0.0], [0.2, 0.1, 0.8], [0.7, 0.3, 0.1]])
     assert _best_permutation(corr) == [1, 2, 0]
+
+
+def test_classes_start_ranked_by_fit_within_each_half():
+    half = np.array([1, 2] * 6)
+    fit = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 3.0, 2.0, 4.0, 1.0, 5.0, 0.0, 6.0])
+    labels = ranked_labels(fit, half, 3).numpy()
+    # half 1 holds fits 5, 4, 3, 2, 1, 0 in that order, half 2 holds 1, 2, 3, 4, 5, 6: best two in class 0
+    assert labels[half == 1].tolist() == [0, 0, 1, 1, 2, 2]
+    assert labels[half == 2].tolist() == [2, 2, 1, 1, 0, 0]
+
+
+def test_peak_over_spread_tells_the_maps_structure_from_another():
+    """Views of the map's own structure stand out at one rotation; views of another structure do not."""
+    from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
+    from cryofastar_core.physics.projection import prepare_volume, project
+    from cryofastar_core.refine.global_pass import grid_projections, peak_over_spread, so3_grid
+    from cryofastar_core.refine.matching import FourierBand
+
+    g = torch.Generator().manual_seed(5)
+    own, other = blob_volume(BOX, n_blobs=12, seed=0), blob_volume(BOX, n_blobs=12, seed=7)
+    n = 60
+    R = random_rotations(n, g, dtype=torch.float64).float()
+    views = torch.cat([project(own, R[:n // 2]), project(other, R[n // 2:])])
+    views = views / views.std(dim=(-2, -1), keepdim=True) + torch.randn(n, BOX, BOX, generator=g)   # SNR 1
+    band = FourierBand(BOX, 8.0, torch.device("cpu"))
+    X = fft2c(views).reshape(n, -1)[:, band.idx_full]
+    proj = grid_projections(prepare_volume(fourier_crop_volume(own, band.crop)), band, so3_grid(15.0))
+    z = peak_over_spread(proj, band, X, torch.zeros(n, 2, dtype=torch.float64), torch.zeros(1, 2),
+                         torch.ones(X.shape[1]), None, APIX)
+    mine, theirs = z[:n // 2], z[n // 2:]
+    auc = float((mine[:, None] > theirs[None, :]).double().mean())
+    print(f"peak over spread: own median {float(mine.median()):.2f}, other {float(theirs.median()):.2f}, AUC {auc:.2f}")
+    assert auc > 0.9
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,13 @@ a sink the user discards.
 
 How (:func:`classify_poses`), from poses that fit a consensus map (the job's one-class global passes):
 
-1. **Start.** The particles are dealt to the ``K`` classes at random, balanced over the half sets (seeded:
-   every rank deals the same), and each class's maps are reconstructed at the starting poses. The classes
-   start almost alike; they differ only in which particles built them.
+1. **Start.** Every particle is scored over the rotation grid against the one-class map at the starting
+   poses, and the particles are ranked, within each half set, by how sharply their best rotation stands
+   out (:func:`~cryofastar_core.refine.global_pass.peak_over_spread`): the best-fitting ``K``-th start class
+   1, the worst-fitting ``K``-th class ``K`` (``class_start`` "fit"; "dealt" deals them at random, balanced
+   over the half sets). Each class's maps are reconstructed at the starting poses. Dealt, the classes start
+   almost alike and differ only in which particles built them; ranked, particles of a structure the
+   consensus does not fit start together.
 2. **Global passes with assignment.** In every class, each particle's pose is searched as in the one-class
    global pass (:mod:`cryofastar_core.refine.passes`: every rotation of the grid and shift offset against
    its own half's map of that class, the current pose kept where it scores higher), and its probability of
@@ -66,7 +70,7 @@ from cryofastar_core.physics.fourier import fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, resolution_at
 from cryofastar_core.refine.config import RefineConfig, matching_shells
-from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, so3_grid
+from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, peak_over_spread, so3_grid
 from cryofastar_core.refine.grids import shift_grid
 from cryofastar_core.refine.junk import randomised_phases
 from cryofastar_core.refine.map_registration import register_map
@@ -177,7 +181,7 @@ def classify_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams |
     if cfg.global_step_deg is None:
         raise ValueError("classify_poses: the classes are found by global passes; global_step_deg must be set")
     st = start_state(load_images, ctf, apix, rotations, shifts, half_set, cfg, device, progress, None, comm)
-    start = labels.long() if labels is not None else dealt_labels(st.half, n_classes, seed)
+    start = labels.long() if labels is not None else _starting_labels(st, n_classes, seed)
     cls = _Classes(R=st.R[None].repeat(n_classes, 1, 1, 1), s=st.s[None].repeat(n_classes, 1, 1),
                    prob=torch.nn.functional.one_hot(start, n_classes).double())
     _starting_maps(st, cls, initial_maps)
@@ -191,6 +195,60 @@ def classify_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams |
 
 
 # --- Start -------------------------------------------------------------------------------------------
+
+def ranked_labels(fit: Tensor, half: np.ndarray | Tensor, n_classes: int) -> Tensor:
+    """Classes ``(N,)`` int64 in ``0..K-1`` by rank of ``fit`` ``(N,)`` within each half set: the best-fitting
+    ``K``-th of each half in class 0, the next in class 1, and so on (ties in index order)."""
+    half = torch.as_tensor(np.asarray(half))
+    labels = torch.empty(half.shape[0], dtype=torch.int64)
+    for k in (1, 2):
+        members = torch.nonzero(half == k).flatten()
+        order = members[torch.argsort(-torch.as_tensor(fit)[members].double(), stable=True)]
+        labels[order] = torch.arange(order.numel()) * n_classes // max(1, order.numel())
+    return labels
+
+
+def _starting_labels(st: RefineState, n_classes: int, seed: int) -> Tensor:
+    """The classes the passes start from (``cfg.class_start``): dealt at random, or ranked by how well the
+    consensus fits each particle. Dealt, the classes start alike and split along whatever differs most, which
+    with another protein as a fifth of the set is not the protein (bench/results/2026-12-06-classes.md);
+    ranked, the particles the consensus fits worst start together."""
+    if st.cfg.class_start == "dealt":
+        return dealt_labels(st.half, n_classes, seed)
+    return ranked_labels(_consensus_fit(st), st.half, n_classes)
+
+
+def _consensus_fit(st: RefineState) -> Tensor:
+    """Every particle's :func:`~cryofastar_core.refine.global_pass.peak_over_spread` ``(N,)`` against the
+    one-class map of the other sub-half of its own half (no self-match, see :func:`_sub`), made at the
+    starting poses."""
+    one = _Classes(R=st.R[None].clone(), s=st.s[None].clone(), prob=torch.ones(st.n, 1, dtype=torch.float64))
+    _starting_maps(st, one, None)
+    plan = _class_plan(st, one)
+    projections = [[grid_projections(v, plan.band, plan.grid) for v in subs] for subs in plan.sub_refs[0]]
+    rows, fit = [], []
+    st.on_every_rank(_fit_scan, st, plan, projections, rows, fit)
+    values, _ = st.end_pass([], None, rows, [fit])
+    st.spectrum = PowerSpectrum(st.box, st.device)  # the classes' starting maps measure it again
+    log.info("classes: started from the consensus fit (peak over spread: median %.2f)", float(values[0].median()))
+    return values[0]
+
+
+def _fit_scan(st: RefineState, plan: "_ClassPlan", projections: list[list[Tensor]], rows: list[Tensor],
+              fit: list[Tensor]) -> None:
+    """This rank's part of :func:`_consensus_fit`."""
+    for idx, _, X, w in on_band(st.chunks(), plan.band, plan.filt, st.spectrum, PowerSpectrum(st.box, st.device),
+                                st.cfg):
+        for k, sel, gi in by_half(st.half, idx):
+            sub = _sub(gi)
+            for b in (0, 1):
+                m = sub == b
+                if bool(m.any()):
+                    g = gi[m]
+                    fit.append(peak_over_spread(projections[k - 1][1 - b], plan.band, X[sel[m].to(st.device)],
+                                                st.s[g], plan.deltas, w, st.ctf_of(g), st.apix).double().cpu())
+                    rows.append(g)
+
 
 def _sub(gi: Tensor) -> Tensor:
     """Each particle's sub-half ``(n,)`` in {0, 1}: within each half set, particles are matched against the

@@ -63,6 +63,9 @@ class RefineConfig:
     exclude_junk: bool = True
     junk_null_every: int = 8
     junk_min_bic_gain: float = 10.0
+    # Several classes (refine/classes.py): "fit" starts them from the particles ranked by how well the
+    # consensus fits them, "dealt" from a random deal.
+    class_start: str = "fit"
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting no pass can work with."""
@@ -79,6 +82,8 @@ class RefineConfig:
             raise ValueError("RefineConfig.pad must be >= 1")
         if self.junk_null_every < 1:
             raise ValueError("RefineConfig.junk_null_every must be at least 1")
+        if self.class_start not in ("fit", "dealt"):
+            raise ValueError("RefineConfig.class_start must be 'fit' or 'dealt'")
         if self.global_step_deg is not None and not 3.0 <= self.global_step_deg <= 45.0:
             raise ValueError("RefineConfig.global_step_deg must be None (off) or in [3, 45]")
 

@@ -3,8 +3,9 @@
 1. **Consensus.** The one-class global passes, as a one-class run's ab initio (on the subset at the ab
    initio box when there is one, :mod:`cryofastar_core.job.work_scale`): poses that fit one map of every
    conformation. From random poses the classes do not converge (:mod:`cryofastar_core.refine.classes`).
-2. **Classes** on the same particles, from the consensus poses
-   (:func:`~cryofastar_core.refine.classes.classify_poses`), until they settle; junk is found there.
+2. **Classes** on the same particles, from the consensus poses, the particles the consensus fits worst
+   starting together (:func:`~cryofastar_core.refine.classes.classify_poses`), until they settle; junk is
+   found there.
 3. **Every particle** (with a subset): one class pass at the local box against the classes' maps.
 4. **Each class** refined on its own particles by the local iterations (no global pass), from its maps; a
    class whose poses are then not judged ``ok`` is also refined from a one-class ab initio of its own
@@ -123,6 +124,10 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
 
 
 RESTARTS = 3  # ab initio from random poses converges on some starts and not others: 0.4-101° over 3 seeds
+# From random poses the global passes take longer to settle than from a consensus: a start that converged
+# (1AKE, 2,000 particles, SNR 0.1) was still sharpening at the job's 20th pass and settled at the 24th
+# (bench/results/2026-12-06-classes.md, session 13).
+RANDOM_START_PASSES = 40
 
 
 def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: np.ndarray, half: np.ndarray,
@@ -134,7 +139,8 @@ def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: n
     for attempt in range(RESTARTS):
         start = random_rotations(len(members), generator=torch.Generator().manual_seed(seed + attempt),
                                  dtype=torch.float64).numpy()
-        fresh = ab_initio_at(particles, members, scale.ab_initio_box, start, s, half[members], apix, rcfg, device,
+        fresh = ab_initio_at(particles, members, scale.ab_initio_box, start, s, half[members], apix,
+                             replace(rcfg, global_passes=max(rcfg.global_passes, RANDOM_START_PASSES)), device,
                              progress, comm)
         judged = _judge(particles, members, fresh, half, device)
         log.info("ab initio from random poses, start %d of %d: %s (sharpness %.2f)", attempt + 1, RESTARTS,

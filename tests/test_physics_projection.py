@@ -91,3 +91,21 @@ def test_project_is_batched_and_dtype_device_follow_input():
     # identity rotation: the projection along z
     ident = project(vft, torch.eye(3)[None])[0]
     assert torch.corrcoef(torch.stack([ident.flatten(), vol.sum(0).flatten()]))[0, 1] > 0.995
+
+
+def test_sampling_split_over_threads_gives_the_same_values():
+    """``sample_ft`` splits its samples into one batch item per thread (grid_sample shares work by batch item
+    only): any thread count and a batch that does not divide evenly give the one-thread values exactly."""
+    from cryofastar_core.physics.projection import project_ft
+
+    vol = torch.as_tensor(make_asymmetric_map(24))
+    R = random_rotations(7, torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = project_ft(prepare_volume(vol), R)
+        for n in (2, 3, 4):
+            torch.set_num_threads(n)
+            assert torch.equal(project_ft(prepare_volume(vol), R), one)
+    finally:
+        torch.set_num_threads(threads)

@@ -111,8 +111,8 @@ def test_accumulators_add_and_weights(dataset):
 
 def test_insert_half_sets_sends_each_particle_to_its_own_half(dataset):
     """The one half-set insertion: exactly one Backprojector.insert per half of that half's particles in
-    their order (bit for bit), whatever form the labels, pixel sizes and weights take; an empty half is
-    left untouched."""
+    their order (bit for bit), whatever form the labels, pixel sizes and weights take and whether the halves
+    are inserted one after the other or side by side; an empty half is left untouched."""
     vol, apix, clean, R, shifts, ctf = dataset
     n = 90
     labels = np.where(np.arange(n) % 3 == 0, 2, 1)
@@ -122,12 +122,17 @@ def test_insert_half_sets_sends_each_particle_to_its_own_half(dataset):
     for k, bp in enumerate(expected, start=1):
         sel = torch.as_tensor(np.flatnonzero(labels == k))
         bp.insert(clean[sel], R[sel], shifts[sel], ctf.index(sel), apix_n[sel], weights=w[sel])
-    for given in (labels, torch.as_tensor(labels), labels.tolist()):
-        got = [Backprojector(D), Backprojector(D)]
-        insert_half_sets(got, clean[:n], R[:n], given, shifts=shifts[:n], ctf=ctf.index(slice(0, n)), apix=apix_n,
-                         weights=w)
-        for a, b in zip(got, expected):
-            assert torch.equal(a.numerator, b.numerator) and torch.equal(a.weight, b.weight)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, given in ((1, labels), (2, labels), (2, torch.as_tensor(labels)), (3, labels.tolist())):
+            torch.set_num_threads(n_threads)  # from 2 threads the halves are inserted side by side
+            got = [Backprojector(D), Backprojector(D)]
+            insert_half_sets(got, clean[:n], R[:n], given, shifts=shifts[:n], ctf=ctf.index(slice(0, n)),
+                             apix=apix_n, weights=w)
+            for a, b in zip(got, expected):
+                assert torch.equal(a.numerator, b.numerator) and torch.equal(a.weight, b.weight)
+    finally:
+        torch.set_num_threads(threads)
     only_one = [Backprojector(D), Backprojector(D)]
     insert_half_sets(only_one, clean[:4], R[:4], np.ones(4, dtype=np.int64), ctf=ctf.index(slice(0, 4)), apix=apix)
     assert bool(only_one[0].weight.any()) and not bool(only_one[1].weight.any())

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             R, shifts = R if isinstance(R, tuple) else (R, np.asarray(particles.shifts, dtype=np.float64))
             t0 = time.perf_counter()
             _, h1, h2 = reconstruct_maps(particles, R, shifts, half, keep, float(particles.apix[0]), torch.device("cpu"))
-            q = assess_quality(particles, R, shifts, half, keep, (h1, h2), torch.device("cpu"))
+            q = assess_quality(particles, np.arange(len(particles)), R, shifts, half, (h1, h2), torch.device("cpu"))
             rot = rotation_errors(R, truth)
             ang = rotation_angle_deg(apply_alignment(torch.as_tensor(R), np.asarray(rot["G"]), rot["mirrored"]),
                                      torch.as_tensor(truth))

@@ -155,10 +155,8 @@ def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: n
 
 def _judge(particles: ParticleSet, members: np.ndarray, result, half: np.ndarray, device: torch.device):
     """The verdict on ``members``' poses in ``result`` against its half maps."""
-    n = len(particles)
-    rotations, shifts, keep = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2)), np.zeros(n, dtype=bool)
-    rotations[members], shifts[members], keep[members] = result.rotations, result.shifts, True
-    return assess_quality(particles, rotations, shifts, half, keep, (result.half1, result.half2), device)
+    return assess_quality(particles, members, result.rotations.numpy(), result.shifts.numpy(), half[members],
+                          (result.half1, result.half2), device)
 
 
 def _classify_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,

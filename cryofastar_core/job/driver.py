@@ -349,8 +349,7 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     """Stage quality: the data-only verdict on the kept particles' poses against the half maps."""
     _, half1, half2, *_ = maps
     with ctx.timer.stage("quality"):
-        quality = assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, _members(poses, 1),
-                                 (half1, half2), ctx.device)
+        quality = _judge_members(inputs, poses, 1, (half1, half2), ctx.device)
     if poses.junk_rule:
         quality = with_junk(quality, *_junk_counts(poses), in_maps=ctx.cfg.keep_junk)
     if "class_support" in poses.est:
@@ -362,8 +361,14 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
 def _judge_class(inputs: _Inputs, poses: _Poses, number: int, maps: tuple, device: torch.device) -> PoseQuality:
     """The verdict on class ``number``'s poses against its own half maps."""
     _, half1, half2, *_ = maps
-    return assess_quality(inputs.particles, poses.rotations, poses.shifts, poses.half, _members(poses, number),
-                          (half1, half2), device)
+    return _judge_members(inputs, poses, number, (half1, half2), device)
+
+
+def _judge_members(inputs: _Inputs, poses: _Poses, number: int, half_maps: tuple, device: torch.device) -> PoseQuality:
+    """:func:`assess_quality` of class ``number``'s kept particles (all the kept ones with one class)."""
+    idx = np.flatnonzero(_members(poses, number))
+    return assess_quality(inputs.particles, idx, poses.rotations[idx], poses.shifts[idx], poses.half[idx], half_maps,
+                          device)
 
 
 def _write_run(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple, quality: PoseQuality,

@@ -92,6 +92,12 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
 _RANK = {"failed": 0, "doubtful": 1, "ok": 2}
 
 
+def _judged_key(quality) -> tuple[int, float]:
+    """How two verdicts on one class's poses compare: by verdict, then by sharpness (none counts as -1,
+    below any measured one)."""
+    return _RANK[quality.verdict], quality.sharpness if np.isfinite(quality.sharpness) else -1.0
+
+
 def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndarray, s: np.ndarray, half: np.ndarray,
                   apix: float, rcfg: RefineConfig, maps: tuple, number: int, seed: int, device: torch.device,
                   progress: Progress | None, comm: Communicator | None) -> tuple:
@@ -117,7 +123,7 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
     rejudged = _judge(particles, members, again, half, device)
     log.info("class %d: from its maps %s (sharpness %.2f), afresh %s (sharpness %.2f)", number, judged.verdict,
              judged.sharpness, rejudged.verdict, rejudged.sharpness)
-    if (_RANK[rejudged.verdict], rejudged.sharpness) > (_RANK[judged.verdict], judged.sharpness):
+    if _judged_key(rejudged) > _judged_key(judged):
         again.history = fresh.history + again.history
         return again, ", afresh"
     return result, ""
@@ -145,7 +151,7 @@ def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: n
         judged = _judge(particles, members, fresh, half, device)
         log.info("ab initio from random poses, start %d of %d: %s (sharpness %.2f)", attempt + 1, RESTARTS,
                  judged.verdict, judged.sharpness)
-        key = (_RANK[judged.verdict], judged.sharpness if np.isfinite(judged.sharpness) else -1.0)
+        key = _judged_key(judged)
         if best_key is None or key > best_key:
             best, best_key = fresh, key
         if judged.verdict == "ok":

@@ -139,12 +139,13 @@ def test_the_engine_reports_progress_only_through_the_callback():
 
 def _backprojector_inserts(tree: ast.AST) -> list[tuple[str, int]]:
     """``(enclosing function, line)`` of every ``x.insert(...)`` call that is not ``list.insert(i, v)`` (two
-    positional arguments) nor ``DataFrame.insert(loc, "column", value)`` (a string constant second)."""
+    positional arguments) nor ``DataFrame.insert(loc, "column", value)`` (a string constant second); a
+    function nested in another is named ``outer.inner``."""
     calls = []
 
     def visit(node: ast.AST, function: str) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            function = node.name
+            function = node.name if function == "<module>" else f"{function}.{node.name}"
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "insert":
             args = node.args
             list_insert = len(args) == 2 and not node.keywords
@@ -165,7 +166,7 @@ def test_half_set_insertion_has_one_path():
     found = {name: calls for name, tree in _sources() if (calls := _backprojector_inserts(tree))}
     assert set(found) == {"cryofastar_core/reconstruct/backproject.py"}, found
     assert sorted(f for f, _ in found["cryofastar_core/reconstruct/backproject.py"]) == \
-        ["insert_half_sets", "reconstruct"], found
+        ["insert_half_sets.insert_half", "reconstruct"], found
 
 
 def test_the_terminal_renderer_draws_one_bar_per_stage():

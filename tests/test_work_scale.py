@@ -156,5 +156,5 @@ def test_verdict_judges_a_large_box_at_the_calibrated_box(tmp_path, tiny_map_fil
     for rotations, expected in ((ps.rotations, "ok"),
                                 (random_rotations(len(ps), torch.Generator().manual_seed(2)).double().numpy(), "failed")):
         _, h1, h2 = reconstruct_maps(ps, rotations, ps.shifts, ps.half_set, keep, apix, cpu)
-        quality = assess_quality(ps, rotations, ps.shifts, ps.half_set, keep, (h1, h2), cpu)
+        quality = assess_quality(ps, np.arange(len(ps)), rotations, ps.shifts, ps.half_set, (h1, h2), cpu)
         assert quality.verdict == expected, quality.reasons

@@ -129,7 +129,10 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
     return result, ""
 
 
-RESTARTS = 3  # ab initio from random poses converges on some starts and not others: 0.4-101° over 3 seeds
+# Ab initio from random poses converges on some starts and not others (1AKE: 0.4-101° over 3 seeds); the AK
+# closed class needed more than 3 (bench/results/2026-12-06-classes.md, session 13). A start that settles
+# in a wrong minimum stops early, so a failing start costs tens of seconds at 2,000 particles.
+RESTARTS = 5
 # From random poses the global passes take longer to settle than from a consensus: a start that converged
 # (1AKE, 2,000 particles, SNR 0.1) was still sharpening at the job's 20th pass and settled at the 24th
 # (bench/results/2026-12-06-classes.md, session 13).

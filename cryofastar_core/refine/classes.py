@@ -221,20 +221,35 @@ def _starting_labels(st: RefineState, n_classes: int, seed: int) -> Tensor:
 def _consensus_fit(st: RefineState) -> Tensor:
     """Every particle's :func:`~cryofastar_core.refine.global_pass.peak_over_spread` ``(N,)`` against the
     one-class map of the other sub-half of its own half (no self-match, see :func:`_sub`), made at the
-    starting poses."""
+    starting poses. Only what that score needs is built: the band, its FSC weight, the shift grid and the
+    sub-half maps' grid projections (one class has no halves to match nor frames to hand)."""
+    cfg = st.cfg
     one = _Classes(R=st.R[None].clone(), s=st.s[None].clone(), prob=torch.ones(st.n, 1, dtype=torch.float64))
     _starting_maps(st, one, None)
-    plan = _class_plan(st, one)
-    projections = [[grid_projections(v, plan.band, plan.grid) for v in subs] for subs in plan.sub_refs[0]]
+    band = FourierBand(st.box, _band_shells(st, one), st.device)
+    grid = so3_grid(cfg.global_step_deg)
+    projections = [[grid_projections(_prepared(st, m, band), band, grid) for m in subs]
+                   for subs in one.sub_maps[0]]
+    fit_band = _FitBand(band=band, filt=fsc_filter(one.curves[0], band, cfg),
+                        deltas=shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px))
     rows, fit = [], []
-    st.on_every_rank(_fit_scan, st, plan, projections, rows, fit)
+    st.on_every_rank(_fit_scan, st, fit_band, projections, rows, fit)
     values, _ = st.end_pass([], None, rows, [fit])
     st.spectrum = PowerSpectrum(st.box, st.device)  # the classes' starting maps measure it again
     log.info("classes: started from the consensus fit (peak over spread: median %.2f)", float(values[0].median()))
     return values[0]
 
 
-def _fit_scan(st: RefineState, plan: "_ClassPlan", projections: list[list[Tensor]], rows: list[Tensor],
+@dataclass
+class _FitBand:
+    """What :func:`_fit_scan` matches in: the band, its FSC weight ``filt`` and the shift grid ``deltas``."""
+
+    band: FourierBand
+    filt: Tensor
+    deltas: Tensor
+
+
+def _fit_scan(st: RefineState, plan: _FitBand, projections: list[list[Tensor]], rows: list[Tensor],
               fit: list[Tensor]) -> None:
     """This rank's part of :func:`_consensus_fit`."""
     for idx, _, X, w in on_band(st.chunks(), plan.band, plan.filt, st.spectrum, PowerSpectrum(st.box, st.device),
@@ -248,6 +263,11 @@ def _fit_scan(st: RefineState, plan: "_ClassPlan", projections: list[list[Tensor
                     fit.append(peak_over_spread(projections[k - 1][1 - b], plan.band, X[sel[m].to(st.device)],
                                                 st.s[g], plan.deltas, w, st.ctf_of(g), st.apix).double().cpu())
                     rows.append(g)
+
+
+def _prepared(st: RefineState, volume: Tensor, band: FourierBand):
+    """``volume`` masked, cropped to ``band`` and made ready for projection."""
+    return prepare_volume(fourier_crop_volume(volume * st.mask, band.crop), pad=st.cfg.pad)
 
 
 def _sub(gi: Tensor) -> Tensor:
@@ -380,10 +400,9 @@ def _class_plan(st: RefineState, cls: _Classes) -> _ClassPlan:
     band = FourierBand(D, r_lim, dev)
     grid = so3_grid(cfg.global_step_deg)
     deltas = shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px)
-    prepared = lambda m: prepare_volume(fourier_crop_volume(m * st.mask, band.crop), pad=cfg.pad)
-    refs = [[prepared(m) for m in pair] for pair in cls.maps]
+    refs = [[_prepared(st, m, band) for m in pair] for pair in cls.maps]
     projections = [[grid_projections(v, band, grid) for v in pair] for pair in refs]
-    sub_refs = [[[prepared(m) for m in subs] for subs in halves] for halves in cls.sub_maps]
+    sub_refs = [[[_prepared(st, m, band) for m in subs] for subs in halves] for halves in cls.sub_maps]
     mean_curve = torch.stack([cls.curves[c] for c in occupied]).mean(0)
     frames = [half_frame(cls.maps[c], st.mask, r_lim, cls.curves[c], cfg, cfg.global_step_deg) if active[c]
               else HalfFrame(None) for c in range(cls.k)]

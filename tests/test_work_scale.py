@@ -17,7 +17,7 @@ from cryofastar_core.evaluation.against_truth import evaluate
 from cryofastar_core.io import read_particles
 from cryofastar_core.job import JobConfig, run
 from cryofastar_core.job.maps import reconstruct_maps
-from cryofastar_core.job.work_scale import balanced_subset, cropped_loader, local_box_for, plan_work
+from cryofastar_core.job.work_scale import balanced_subset, cropped_loader, local_box_for, plan_work, scratch_for
 from cryofastar_core.physics.fourier import fourier_crop
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
@@ -64,6 +64,24 @@ def test_images_are_cropped_as_read(particles40):
     assert got.shape == (2, 32, 32) and torch.equal(got, want)
 
 
+def test_cropped_images_come_back_from_the_scratch_unchanged(particles40, tmp_path, monkeypatch):
+    """Inside ``scratch_for`` each particle's cropped image is made once, and what later reads get is what a
+    fresh crop (in another chunk) gives, bit for bit; the scratch is gone afterwards."""
+    ps = read_particles(particles40)
+    idx = np.arange(len(ps))
+    fresh = cropped_loader(ps, idx, 32, torch.device("cpu"))(np.arange(0, 60))
+    reads = []
+    real = ps.read_signed_images
+    monkeypatch.setattr(ps, "read_signed_images", lambda g: reads.append(len(g)) or real(g))
+    with scratch_for(ps, tmp_path / "scratch"):
+        load = cropped_loader(ps, idx, 32, torch.device("cpu"))
+        made = load(np.arange(10, 40))
+        kept = load(np.arange(0, 60))
+        assert reads == [30, 30]                  # the second read made only the 30 not yet kept
+    assert torch.equal(made, fresh[10:40]) and torch.equal(kept, fresh)
+    assert ps.scratch is None and not (tmp_path / "scratch").exists()
+
+
 def test_subset_then_every_particle(particles40, tiny_weights, tmp_path):
     """Ab initio on 300 particles at box 32, then every particle assigned and refined at box 32, the maps
     at the input box 40: every particle posed (chance is ~100 deg: an ab initio that failed on the subset
@@ -84,6 +102,7 @@ def test_subset_then_every_particle(particles40, tiny_weights, tmp_path):
     assert stages[0] == ("ab initio subset", "start") and ("ab initio subset", "global") in stages
     assert stages[-1] == (None, "local") and sum(s == (None, "global") for s in stages) == 1
     assert mrcfile.read(out / "map.mrc").shape == (BOX, BOX, BOX)
+    assert not (out / ".cryofastar" / "scratch").exists()  # the cropped images' scratch is removed
     assert set(data["peak_memory_mb"]) >= {"read", "poses", "refine", "reconstruct", "write"}
     given, posed = read_particles(particles40), read_particles(out / "particles.star", particles40.parent)
     assert report.n_kept + data["junk"]["n_flagged"] == N

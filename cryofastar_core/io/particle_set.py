@@ -1,6 +1,7 @@
 """``ParticleSet``: the one in-memory index of a particle data set that every engine module uses.
 
-The bottom of the io package's import graph: it imports no other io module but :mod:`~cryofastar_core.io.mrc`,
+The bottom of the io package's import graph: it imports no other io module but :mod:`~cryofastar_core.io.mrc` and
+:mod:`~cryofastar_core.io.scratch`,
 and the format modules (:mod:`~cryofastar_core.io.star`, :mod:`~cryofastar_core.io.cs`) and the reader
 dispatch (:mod:`~cryofastar_core.io.particles`) build on it.
 """
@@ -15,6 +16,7 @@ import pandas as pd
 
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.io.mrc import StackReader, read_stack_header
+from cryofastar_core.io.scratch import ImageScratch
 from cryofastar_core.physics.ctf import CTFParams
 
 
@@ -51,6 +53,9 @@ class ParticleSet:
     optics: pd.DataFrame | None = None
     dataset: Any = None  # cryosparc.dataset.Dataset for .cs inputs (passthrough when writing .cs)
     project_dir: Path | None = None
+    # Where derived (Fourier-cropped) images are kept while a job runs (io/scratch.py); indexed like this set,
+    # so a subset never inherits it.
+    scratch: ImageScratch | None = field(default=None, init=False, repr=False, compare=False)
     _reader: StackReader = field(default_factory=StackReader, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -59,7 +64,7 @@ class ParticleSet:
     # Open memory maps cannot cross process boundaries (DataLoader workers); each copy reopens its own.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_reader"] = None
+        state["_reader"], state["scratch"] = None, None
         return state
 
     def __setstate__(self, state: dict) -> None:

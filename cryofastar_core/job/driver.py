@@ -38,7 +38,8 @@ from cryofastar_core.job.poses import estimate_feed_forward, kept_by_confidence,
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
 from cryofastar_core.job.class_route import LOW_SUPPORT
-from cryofastar_core.job.resume import decide_resume, poses_file, run_fingerprint, save_poses
+from cryofastar_core.job.resume import STATE_DIR, decide_resume, poses_file, run_fingerprint, save_poses
+from cryofastar_core.job.work_scale import scratch_for
 from cryofastar_core.reconstruct import half_sets
 from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
 from cryofastar_core.runtime.errors import InputError
@@ -256,7 +257,7 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     """Stage refine: every rank refines its own block of the kept particles, and every rank comes out with
     the same refined poses and refinement's last ``(full, half1, half2)`` maps (each pass's accumulators and
     poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`)."""
-    with ctx.timer.stage("refine"):
+    with ctx.timer.stage("refine"), scratch_for(inputs.particles, ctx.out / STATE_DIR / "scratch", ctx.comm.rank):
         refined = refine_kept(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
                               inputs.apix, ctx.device, ctx.progress, ctx.comm)
     poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, refined.history

@@ -19,20 +19,24 @@ so the job works smaller (issue 25):
    maps are those maps).
 
 Images are Fourier-cropped as they are read (:func:`cropped_loader`), so nothing larger than one chunk
-of input-box images is ever in memory. Poses keep one meaning at every box: rotations are unchanged,
+of input-box images is ever in memory; during the refine stage each cropped image is kept in a scratch
+file the first time it is made (:func:`scratch_for`), so later passes read it instead of cropping again. Poses keep one meaning at every box: rotations are unchanged,
 shifts are in pixels of the box they are used at (``input px x box / D``), and the pixel size at box
 ``b`` is ``apix x D / b``.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from cryofastar_core.io import ParticleSet
+from cryofastar_core.io.scratch import ImageScratch
 from cryofastar_core.physics.fourier import fourier_crop
 
 AB_INITIO_BOX = 64
@@ -93,12 +97,35 @@ def plan_work(box: int, apix: float, half: np.ndarray, target_resolution: float 
 def cropped_loader(particles: ParticleSet, indices: np.ndarray, box: int,
                    device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
     """``load(local)`` -> images ``(n, box, box)`` float32 on ``device`` of the particles ``indices[local]``,
-    contrast sign applied, Fourier-cropped from the input box to ``box`` as they are read."""
+    contrast sign applied, Fourier-cropped from the input box to ``box`` as they are read (once per run
+    when the set has a scratch: :func:`scratch_for`)."""
+
+    def read(g: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(particles.read_signed_images(g), dtype=torch.float32, device=device)
+
+    def crop(g: np.ndarray) -> torch.Tensor:
+        return fourier_crop(read(g), box)
 
     def load(local: np.ndarray) -> torch.Tensor:
         g = indices[local]
-        images = torch.as_tensor(particles.read_signed_images(g), dtype=torch.float32,
-                                 device=device)
-        return images if box == particles.box else fourier_crop(images, box)
+        if box == particles.box:
+            return read(g)
+        if particles.scratch is None:
+            return crop(g)
+        kept = particles.scratch.read(g, box, lambda miss: crop(miss).cpu().numpy())
+        return torch.from_numpy(kept).to(device)
 
     return load
+
+
+@contextmanager
+def scratch_for(particles: ParticleSet, folder: Path, rank: int = 0) -> Iterator[None]:
+    """While inside, ``particles`` keeps the images it is read at a cropped box in files under ``folder``
+    (:class:`~cryofastar_core.io.scratch.ImageScratch`, one per rank of a distributed run); they are removed
+    on the way out, however it is left."""
+    particles.scratch = ImageScratch(folder, len(particles), tag=f"rank{rank}_")
+    try:
+        yield
+    finally:
+        particles.scratch.close()
+        particles.scratch = None

@@ -6,6 +6,7 @@ member implies is the same for all members of a class only with the right conven
 gives every particle exactly its class's pose composed with its own 2D alignment."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,7 @@ def test_too_few_classes_is_one_clear_error(classified, tmp_path):
     data_star, _ = classified
     particles = read_particles(data_star)
     classes = find_class_averages(particles)
-    few = type(classes)(numbers=classes.numbers[:3], images=classes.images[:3], member=classes.member % 3,
-                        source=classes.source)
+    few = replace(classes, numbers=classes.numbers[:3], images=classes.images[:3], member=classes.member % 3)
     with pytest.raises(InputError, match="class averages have particles"):
         estimate_from_class_averages(JobConfig(particles=data_star, out_dir=tmp_path), particles, few, torch.device("cpu"))
 
@@ -126,3 +126,68 @@ def test_cryofastar_run_takes_the_class2d_star_and_says_so(classified, tmp_path,
                   "--class-averages", "off", "--views", "16", "--candidates", "2")
     assert off.returncode == 0, off.stderr[-2000:]
     assert json.loads((tmp_path / "off" / "report.json").read_text())["class_averages"] == {}
+
+
+def _as_cryosparc(data_star: Path, job: Path, alignment_binning: float = 2.0) -> Path:
+    """RELION's Class2D output written as a CryoSPARC 2D classification would hold it (``job`` inside the same
+    project folder): ``J9_008_particles.cs`` (blob slot and ``alignments2D``, classes from 0, shifts in pixels
+    of an alignment box ``alignment_binning`` times coarser) and ``J9_008_class_averages.cs`` (class ``k`` at
+    slice ``k`` of RELION's classes stack), by the conventions of :mod:`cryofastar_core.io.cs_class2d`."""
+    from cryosparc.dataset import Dataset
+
+    particles = read_particles(data_star)
+    n, apix = len(particles), float(particles.apix[0])
+    project = data_star.parent.parent
+    ds = Dataset.allocate(n, [("blob/path", "O"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+                              ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("alignments2D/class", "<u4"),
+                              ("alignments2D/pose", "<f4"), ("alignments2D/shift", "<f4", (2,)),
+                              ("alignments2D/psize_A", "<f4")])
+    ds["blob/path"] = np.array([str(p.relative_to(project)) for p in particles.image_files], dtype=object)[
+        particles.file_index]
+    ds["blob/idx"] = particles.slice_index.astype(np.uint32)
+    ds["blob/shape"], ds["blob/psize_A"], ds["blob/sign"] = particles.box, apix, 1.0
+    ds["alignments2D/class"] = particles.table["rlnClassNumber"].to_numpy() - 1
+    ds["alignments2D/pose"] = np.radians(particles.table["rlnAnglePsi"].to_numpy(dtype=np.float64))
+    ds["alignments2D/shift"] = particles.shifts / alignment_binning
+    ds["alignments2D/psize_A"] = apix * alignment_binning
+    job.mkdir(parents=True, exist_ok=True)
+    ds.save(job / "J9_008_particles.cs")
+    k = int(particles.table["rlnClassNumber"].max())
+    averages = Dataset.allocate(k, [("blob/path", "O"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4")])
+    averages["blob/path"] = np.array([">" + str(data_star.with_name("run_it008_classes.mrcs").relative_to(project))] * k,
+                                     dtype=object)
+    averages["blob/idx"] = np.arange(k, dtype=np.uint32)
+    averages["blob/psize_A"] = apix
+    averages.save(job / "J9_008_class_averages.cs")
+    return job / "J9_008_particles.cs"
+
+
+def test_cryosparc_2d_classification_gives_what_relions_gives(classified):
+    """The same classification read from CryoSPARC's files: the same averages, members and 2D alignments (class
+    numbers from 0 instead of 1); a .cs without its averages beside it has none."""
+    data_star, _ = classified
+    relion = find_class_averages(read_particles(data_star))
+    cs_file = _as_cryosparc(data_star, data_star.parent.parent / "J9")
+    cs = find_class_averages(read_particles(cs_file))
+    assert cs is not None and cs.source == cs_file.with_name("J9_008_class_averages.cs")
+    np.testing.assert_array_equal(cs.numbers, relion.numbers - 1)
+    np.testing.assert_array_equal(cs.images, relion.images)
+    np.testing.assert_array_equal(cs.member, relion.member)
+    np.testing.assert_allclose(cs.in_plane, relion.in_plane, atol=1e-6)   # float32 angles in the .cs
+    np.testing.assert_allclose(cs.shifts, relion.shifts, atol=1e-5)
+    lone = cs_file.with_name("J9_lone_particles.cs")
+    lone.write_bytes(cs_file.read_bytes())
+    assert find_class_averages(read_particles(lone)) is None
+
+
+def test_cryofastar_run_takes_a_cryosparc_2d_classification(classified, tmp_path, run_cli):
+    import json
+
+    data_star, _ = classified
+    cs_file = _as_cryosparc(data_star, data_star.parent.parent / "J9")
+    out = tmp_path / "run"
+    done = run_cli("run", "--particles", cs_file, "--o", out, "--refine-iters", "0", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "report.json").read_text())["class_averages"]
+    assert summary["source"] == str(cs_file.with_name("J9_008_class_averages.cs"))
+    assert summary["n_classes"] == len(find_class_averages(read_particles(data_star)).numbers)

@@ -1,4 +1,8 @@
-"""A RELION 2D classification beside a particle STAR: the class averages and each particle's 2D alignment.
+"""A 2D classification beside a particle file: the class averages and each particle's 2D alignment.
+
+:func:`find_class_averages` takes a RELION STAR (here) or a CryoSPARC ``.cs``
+(:mod:`cryofastar_core.io.cs_class2d`) and gives both in one form, :class:`ClassAverages`, in the internal pose
+convention.
 
 RELION's Class2D writes ``run_itNNN_data.star`` (every particle's ``rlnClassNumber``, in-plane
 ``rlnAnglePsi`` and ``rlnOriginX/YAngst`` against its class average) next to ``run_itNNN_model.star``
@@ -23,6 +27,7 @@ import starfile
 
 from cryofastar_core.io.mrc import StackReader
 from cryofastar_core.io.particle_set import ParticleSet
+from cryofastar_core.io.poses import euler_to_rotations
 from cryofastar_core.io.paths import relion_bases, resolve_image_path
 from cryofastar_core.runtime.errors import InputError
 
@@ -33,14 +38,18 @@ _DATA_SUFFIX = re.compile(r"_data\.star$")
 
 @dataclass
 class ClassAverages:
-    """The class averages that have members: ``numbers`` ``(C,)`` RELION class numbers (1-based),
-    ``images`` ``(C, D, D)`` float32 raw pixels; ``member`` ``(N,)`` each particle's row in
-    ``numbers``; ``source`` the STAR that named the averages."""
+    """The class averages that have members: ``numbers`` ``(C,)`` class numbers as the classification names
+    them (RELION from 1, CryoSPARC from 0), ``images`` ``(C, D, D)`` float32 raw pixels; ``member`` ``(N,)``
+    each particle's row in ``numbers``; ``source`` the file that named the averages; each particle's 2D
+    alignment against its class average: ``in_plane`` ``(N, 3, 3)`` an in-plane rotation and ``shifts``
+    ``(N, 2)`` px, in the internal convention (:mod:`cryofastar_core.geometry`)."""
 
     numbers: np.ndarray
     images: np.ndarray
     member: np.ndarray
     source: Path
+    in_plane: np.ndarray
+    shifts: np.ndarray
 
 
 def averages_star_for(particles_star: Path) -> Path | None:
@@ -54,8 +63,13 @@ def averages_star_for(particles_star: Path) -> Path | None:
 
 
 def find_class_averages(particles: ParticleSet) -> ClassAverages | None:
-    """The 2D classification of a RELION particle STAR, or ``None`` when it has none (no
-    ``rlnClassNumber``, no averages STAR beside it, or a 3D model STAR)."""
+    """The 2D classification of a particle file, or ``None`` when it has none: for a RELION STAR no
+    ``rlnClassNumber``, no averages STAR beside it, or a 3D model STAR; for a CryoSPARC ``.cs``
+    see :func:`~cryofastar_core.io.cs_class2d.find_cs_class_averages`."""
+    if particles.source_format == "cryosparc":
+        from cryofastar_core.io.cs_class2d import find_cs_class_averages
+
+        return find_cs_class_averages(particles)
     if particles.source_format not in ("relion31", "relion30") or CLASS not in particles.table.columns:
         return None
     averages_star = averages_star_for(Path(particles.source))
@@ -82,7 +96,21 @@ def find_class_averages(particles: ParticleSet) -> ClassAverages | None:
         raise InputError(averages_star, REFERENCE_IMAGE, f"class averages are {images.shape[-1]} px, the particles "
                          f"{particles.box} px", "give the class averages made from these particles")
     member = np.searchsorted(numbers, classes)
-    return ClassAverages(numbers=numbers, images=images, member=member, source=averages_star)
+    in_plane, shifts = _alignments_2d(particles)
+    return ClassAverages(numbers=numbers, images=images, member=member, source=averages_star, in_plane=in_plane,
+                         shifts=shifts)
+
+
+def _alignments_2d(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's in-plane rotation (from ``rlnAnglePsi``) and shift (px, from its origin) against its class."""
+    table = particles.table
+    if "rlnAnglePsi" not in table.columns:
+        raise InputError(particles.source, "rlnAnglePsi", "2D classes without in-plane angles",
+                         "give the particle STAR exactly as RELION's Class2D or Select job wrote it")
+    psi = table["rlnAnglePsi"].to_numpy(dtype=np.float64)
+    zeros = np.zeros_like(psi)
+    shifts = particles.shifts if particles.shifts is not None else np.zeros((len(psi), 2))
+    return euler_to_rotations(zeros, zeros, psi), np.asarray(shifts, dtype=np.float64)
 
 
 def _reference_table(path: Path) -> pd.DataFrame | None:

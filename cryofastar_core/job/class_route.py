@@ -22,7 +22,6 @@ from cryofastar_core.inference.pose_model import load_pose_model, pose_model_ide
 from cryofastar_core.inference.preprocess import model_px_to_input_px, to_model_input
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.io.class2d import ClassAverages
-from cryofastar_core.io.poses import euler_to_rotations
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
@@ -69,10 +68,9 @@ def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes
         "class averages: median agreement of their poses %.2f (0-1)%s", support,
         ": the averages disagree, as averages that mix views do; check the 2D classes" if support < LOW_SUPPORT else "")
     class_shift = est.shifts * model_px_to_input_px(particles.box, model_box)
-    in_plane, in_plane_shift = _alignments_2d(particles)
     m = classes.member
     rotations, shifts = compose_class_pose(torch.from_numpy(est.rotations[m]), torch.from_numpy(class_shift[m]),
-                                           torch.from_numpy(in_plane), torch.from_numpy(in_plane_shift))
+                                           torch.from_numpy(classes.in_plane), torch.from_numpy(classes.shifts))
     return {"rotations": rotations.numpy(), "shifts": shifts.numpy(), "confidence": est.confidence[m],
             "residual": est.residual[m], "reference": int(np.flatnonzero(m == est.reference)[0]),
             "anchors": np.array([np.flatnonzero(m == a)[0] for a in est.anchors]),
@@ -82,14 +80,3 @@ def estimate_from_class_averages(cfg: JobConfig, particles: ParticleSet, classes
             "class_source": str(classes.source), "class_support": support,
             "class_pose_model": json.dumps(pose_model_identity(cfg.class_poses, model), default=str)}
 
-
-def _alignments_2d(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
-    """Each particle's in-plane rotation (internal, from ``rlnAnglePsi``) and shift (px) against its class."""
-    table = particles.table
-    if "rlnAnglePsi" not in table.columns:
-        raise InputError(particles.source, "rlnAnglePsi", "2D classes without in-plane angles",
-                         "give the particle STAR exactly as RELION's Class2D or Select job wrote it")
-    psi = table["rlnAnglePsi"].to_numpy(dtype=np.float64)
-    zeros = np.zeros_like(psi)
-    shifts = particles.shifts if particles.shifts is not None else np.zeros((len(psi), 2))
-    return euler_to_rotations(zeros, zeros, psi), np.asarray(shifts, dtype=np.float64)

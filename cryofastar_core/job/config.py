@@ -39,7 +39,8 @@ class JobConfig:
                             "(each pixel weighted by its confidence) or uniform", choices=("confidence", "uniform"))
     # The class-average route (job/class_route.py): on the class averages' SNR the classical estimator is far
     # more accurate than the shipped network (bench/model_accuracy.py; the model card's table).
-    class_averages: str = option("auto", "particles from a RELION Class2D or Select job: pose their class averages "
+    class_averages: str = option("auto", "particles from a 2D classification (RELION Class2D or Select, CryoSPARC 2D "
+                                 "classification or Select 2D): pose their class averages "
                                  "and give each particle its class's pose turned by its own 2D alignment (auto), "
                                  "or ignore the 2D classification (off)", choices=("auto", "off"))
     class_poses: str = option("common-lines", "how class averages are posed: common-lines, or a weights name or "

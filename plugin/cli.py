@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--project", help="CryoSPARC project uid, e.g. P3")
     src.add_argument("--workspace", help="workspace uid for the new External job, e.g. W1")
     src.add_argument("--particles", help="source job and output, e.g. J42.particles")
+    src.add_argument("--class-averages-from", dest="class_averages_from", default=None, metavar="JOB.OUTPUT",
+                     help="the class averages of the 2D classification the particles carry, e.g. J41.class_averages "
+                          "(with --particles J41.particles): pose the averages, compose each particle's pose")
     src.add_argument("--title", default="CryoFastAR poses", help="title of the External job")
     src.add_argument("--images", choices=IMAGES, default="auto",
                      help="read images from the mounted project folder, stream them through the API, or auto "
@@ -105,8 +108,8 @@ def main(argv: list[str] | None = None, *, connect: Callable[[Credentials], obje
 
 
 def _offline(args: argparse.Namespace) -> int:
-    server_only = [f"--{n}" for n in ("project", "workspace", "particles", "url", "host", "email", "credentials")
-                   if getattr(args, n) is not None]
+    server_only = [f"--{n.replace('_', '-')}" for n in ("project", "workspace", "particles", "class_averages_from", "url",
+                                                        "host", "email", "credentials") if getattr(args, n) is not None]
     if server_only:
         raise InputError(None, ", ".join(server_only), "server options given together with --cs (offline mode)",
                          "use either --cs FILE --o OUT (offline) or --project/--workspace/--particles (server)")
@@ -138,7 +141,8 @@ def _server(args: argparse.Namespace, creds: Credentials, connect) -> int:
     cfg = ConnectorConfig(project=args.project, workspace=args.workspace, particles=args.particles,
                           out_dir=args.out_dir or default_out_dir(args.project, args.particles),
                           options=_job_options(args), title=args.title, project_dir=args.project_dir,
-                          images=args.images, keep_streamed=args.keep_streamed, secrets=tuple(creds.secrets()))
+                          images=args.images, keep_streamed=args.keep_streamed, secrets=tuple(creds.secrets()),
+                          class_averages=args.class_averages_from)
     cfg.validate()
     server = connect(creds)
     result = run_connector(server, cfg)

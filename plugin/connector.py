@@ -49,6 +49,7 @@ VOLUME_FILES = {"map": "map.mrc", "map_half_A": "half1.mrc", "map_half_B": "half
 TILE_FILE = "cryosparc_tile.png"  # the job card's picture, kept in the local work folder
 INPUT_DIR = "cryosparc_input"
 IMAGES = ("auto", "mounted", "stream")
+CLASS_AVERAGES_FLAG = "--class-averages-from"
 
 
 def job_option_names() -> list[str]:
@@ -68,12 +69,11 @@ def engine_config(options: dict[str, Any], particles: Path, out_dir: Path, proje
     return cfg
 
 
-def parse_output_ref(text: str) -> tuple[str, str]:
+def parse_output_ref(text: str, flag: str = "--particles", example: str = "J42.particles") -> tuple[str, str]:
     """``"J42.particles"`` -> ``("J42", "particles")``."""
     job, sep, output = str(text).strip().partition(".")
     if not sep or not job or not output or not job[0] in "Jj" or not job[1:].isdigit():
-        raise InputError(None, "--particles", f"'{text}' is not JOB.OUTPUT",
-                         "name the job and its output, e.g. --particles J42.particles")
+        raise InputError(None, flag, f"'{text}' is not JOB.OUTPUT", f"name the job and its output, e.g. {flag} {example}")
     return "J" + job[1:], output
 
 
@@ -85,6 +85,7 @@ class ConnectorConfig:
     workspace: str
     particles: str  # "J42.particles"
     out_dir: Path
+    class_averages: str | None = None  # "J41.class_averages": the 2D classification the particles carry
     options: dict[str, Any] = field(default_factory=dict)
     title: str = "CryoFastAR poses"
     project_dir: Path | None = None
@@ -98,6 +99,8 @@ class ConnectorConfig:
         for name, uid, letter in (("--project", self.project, "P"), ("--workspace", self.workspace, "W")):
             if not uid or uid[0].upper() != letter or not uid[1:].isdigit():
                 raise InputError(None, name, f"'{uid}' is not a {letter}-number uid", f"use e.g. {letter}3")
+        if self.class_averages is not None:
+            parse_output_ref(self.class_averages, CLASS_AVERAGES_FLAG, "J41.class_averages")
 
 
 @dataclass
@@ -122,6 +125,7 @@ class _Source:
     blob_paths: list[str]
     image_root: Path | None
     image_source: str  # "mounted" or "streamed"
+    averages: Dataset | None = None  # the class averages of the particles' 2D classification, when given
 
 
 def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
@@ -156,10 +160,33 @@ def _load_source(server: Any, cfg: ConnectorConfig, src_job: str, src_output: st
                          f"use one of: {', '.join(f'{src_job}.{o}' for o in info.outputs) or 'another job'}")
     particles = server.load_output(cfg.project, src_job, src_output, slots="all")
     _check_particles(particles, cfg.particles)
-    blob_paths = _blob_paths(particles)
+    averages = _load_class_averages(server, cfg, particles) if cfg.class_averages is not None else None
+    blob_paths = _blob_paths(particles) + ([] if averages is None else _blob_paths(averages))
+    blob_paths = list(dict.fromkeys(blob_paths))
     image_root, image_source = _image_source(server, cfg, blob_paths)
     return _Source(job=src_job, output=src_output, particles=particles, blob_paths=blob_paths,
-                   image_root=image_root, image_source=image_source)
+                   image_root=image_root, image_source=image_source, averages=averages)
+
+
+def _load_class_averages(server: Any, cfg: ConnectorConfig, particles: Dataset) -> Dataset:
+    """The class averages output named by ``cfg.class_averages`` (blob slot), after checking that the particles
+    carry the 2D classification they belong to (the engine matches ``alignments2D/class`` to ``blob/idx``)."""
+    job, output = parse_output_ref(cfg.class_averages, CLASS_AVERAGES_FLAG, "J41.class_averages")
+    if "alignments2D/class" not in particles.fields():
+        raise InputError(None, f"{cfg.particles} alignments2D/class", "the particles carry no 2D classification",
+                         "give the particles output of the same 2D classification or Select 2D job "
+                         f"(or leave out {CLASS_AVERAGES_FLAG})")
+    info = server.find_job(cfg.project, job)
+    if output not in info.outputs:
+        raise InputError(None, CLASS_AVERAGES_FLAG, f"job {job} has no output '{output}' "
+                         f"(it has: {', '.join(info.outputs) or 'none'})",
+                         f"use one of: {', '.join(f'{job}.{o}' for o in info.outputs) or 'another job'}")
+    averages = server.load_output(cfg.project, job, output, slots=["blob"])
+    missing = [f for f in ("blob/path", "blob/idx") if f not in averages.fields()]
+    if len(averages) == 0 or missing:
+        raise InputError(None, f"{cfg.class_averages} {', '.join(missing)}".strip(), "no class average images",
+                         "choose the class averages output of a 2D classification or Select 2D job")
+    return averages
 
 
 def _create_external_job(server: Any, cfg: ConnectorConfig, src: _Source, out: Path) -> str:
@@ -196,6 +223,8 @@ def _prepare_input(server: Any, project: str, src: _Source, out: Path, input_cs:
         image_root = out / INPUT_DIR / "images"
         _stream_images(server, project, src.blob_paths, image_root, job_log)
     _save_if_changed(src.particles, input_cs)
+    if src.averages is not None:  # beside the particles, named as the engine looks for it (io/cs_class2d.py)
+        _save_if_changed(src.averages, input_cs.with_name("class_averages.cs"))
     return image_root
 
 
@@ -238,8 +267,11 @@ def _mark_failed(server: Any, cfg: ConnectorConfig, ext: str, exc: BaseException
 
 def run_in_cryosparc(cs, project: str, workspace: str, particles: str, *, out_dir: str | Path | None = None,
                      title: str = "CryoFastAR poses", project_dir: str | Path | None = None, images: str = "auto",
-                     keep_streamed: bool = False, **job_options) -> ConnectorResult:
+                     keep_streamed: bool = False, class_averages: str | None = None, **job_options) -> ConnectorResult:
     """Notebook entry: ``run_in_cryosparc(cs, "P3", "W1", "J42.particles", views=128, device="cuda")``.
+
+    ``class_averages`` (``"J41.class_averages"``): the class averages of the 2D classification the particles
+    carry (``alignments2D``); the engine then poses the averages and composes each particle's pose.
 
     ``cs`` is a connected ``cryosparc.tools.CryoSPARC`` (5.x). ``job_options`` are the engine's
     settings (:class:`cryofastar_core.job.JobConfig` fields, e.g. ``weights``, ``views``,
@@ -252,7 +284,7 @@ def run_in_cryosparc(cs, project: str, workspace: str, particles: str, *, out_di
     cfg = ConnectorConfig(project=project, workspace=workspace, particles=particles,
                           out_dir=Path(out_dir) if out_dir is not None else default_out_dir(project, particles),
                           options=job_options, title=title, project_dir=Path(project_dir) if project_dir else None,
-                          images=images, keep_streamed=keep_streamed)
+                          images=images, keep_streamed=keep_streamed, class_averages=class_averages)
     return run_connector(server, cfg)
 
 

@@ -191,3 +191,61 @@ def test_cryofastar_run_takes_a_cryosparc_2d_classification(classified, tmp_path
     summary = json.loads((out / "report.json").read_text())["class_averages"]
     assert summary["source"] == str(cs_file.with_name("J9_008_class_averages.cs"))
     assert summary["n_classes"] == len(find_class_averages(read_particles(data_star)).numbers)
+
+
+class _ClassificationServer:
+    """The CryoSPARC seam for a project holding one 2D classification job (``J9``: ``particles`` and
+    ``class_averages``), built on tests/test_plugin.py's recording fake."""
+
+    def __new__(cls, project: Path, particles_cs: Path, server_root: Path):
+        from cryosparc.dataset import Dataset
+        from plugin.server import JobInfo
+        from test_plugin import FakeServer
+
+        class Fake(FakeServer):
+            def find_job(self, project_uid, job):
+                self._rec("find_job", project=project_uid, job=job)
+                return JobInfo(uid=job, type="class_2D", status="completed", outputs=("particles", "class_averages"))
+
+            def load_output(self, project_uid, job, output, slots="all"):
+                self._rec("load_output", project=project_uid, job=job, output=output, slots=slots)
+                name = "J9_008_particles.cs" if output == "particles" else "J9_008_class_averages.cs"
+                return Dataset.load(particles_cs.with_name(name))
+
+        return Fake(project, particles_cs, server_root)
+
+
+def test_connector_brings_the_class_averages_of_a_cryosparc_2d_classification(classified, tmp_path):
+    """Server mode: with --class-averages-from the connector loads the averages (blob slot), puts them beside its
+    input copy of the particles, and the engine takes the class-average route; asked for averages of particles
+    that carry no 2D classification, it fails before creating anything on the server."""
+    import json
+
+    from plugin import run_in_cryosparc
+    from plugin.connector import CLASS_AVERAGES_FLAG
+
+    data_star, _ = classified
+    project = data_star.parent.parent
+    cs_file = _as_cryosparc(data_star, project / "J9")
+    fake = _ClassificationServer(project, cs_file, tmp_path / "server")
+    out = tmp_path / "work"
+    result = run_in_cryosparc(fake, "P3", "W1", "J9.particles", class_averages="J9.class_averages", out_dir=out,
+                              refine_iters=0, threads=1)
+    loads = [kw for name, kw in fake.calls if name == "load_output"]
+    assert [(c["output"], c["slots"]) for c in loads] == [("particles", "all"), ("class_averages", ["blob"])]
+    summary = json.loads((out / "report.json").read_text())["class_averages"]
+    assert summary["source"] == str(out / "cryosparc_input" / "class_averages.cs")
+    assert summary["n_classes"] == len(find_class_averages(read_particles(data_star)).numbers)
+    assert result.n_particles_saved == len(read_particles(data_star))
+
+    plain = _ClassificationServer(project, cs_file, tmp_path / "server2")
+    without = read_particles(cs_file).dataset.copy()
+    without.drop_fields(["alignments2D/class"])
+    without.save(project / "J9" / "J9_008_particles.cs")
+    try:
+        with pytest.raises(InputError, match="no 2D classification") as err:
+            run_in_cryosparc(plain, "P3", "W1", "J9.particles", class_averages="J9.class_averages",
+                             out_dir=tmp_path / "work2", refine_iters=0, threads=1)
+        assert CLASS_AVERAGES_FLAG in str(err.value) and "create_external_job" not in plain.names()
+    finally:
+        _as_cryosparc(data_star, project / "J9")

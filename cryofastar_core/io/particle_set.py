@@ -1,9 +1,8 @@
 """``ParticleSet``: the one in-memory index of a particle data set that every engine module uses.
 
-The bottom of the io package's import graph: it imports no other io module but :mod:`~cryofastar_core.io.mrc` and
-:mod:`~cryofastar_core.io.scratch`,
-and the format modules (:mod:`~cryofastar_core.io.star`, :mod:`~cryofastar_core.io.cs`) and the reader
-dispatch (:mod:`~cryofastar_core.io.particles`) build on it.
+The bottom of the io package's import graph: it imports no other io module but :mod:`~cryofastar_core.io.mrc`
+and :mod:`~cryofastar_core.io.scratch`, and the format modules (:mod:`~cryofastar_core.io.star`,
+:mod:`~cryofastar_core.io.cs`) and the reader dispatch (:mod:`~cryofastar_core.io.particles`) build on it.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ so the job works smaller (issue 25):
 
 Images are Fourier-cropped as they are read (:func:`cropped_loader`), so nothing larger than one chunk
 of input-box images is ever in memory; during the refine stage each cropped image is kept in a scratch
-file the first time it is made (:func:`scratch_for`), so later passes read it instead of cropping again. Poses keep one meaning at every box: rotations are unchanged,
-shifts are in pixels of the box they are used at (``input px x box / D``), and the pixel size at box
-``b`` is ``apix x D / b``.
+file the first time it is made (:func:`scratch_for`), so later passes read it instead of cropping again.
+Poses keep one meaning at every box: rotations are unchanged, shifts are in pixels of the box they are used
+at (``input px x box / D``), and the pixel size at box ``b`` is ``apix x D / b``.
 """
 from __future__ import annotations
 

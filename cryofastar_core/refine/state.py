@@ -21,6 +21,7 @@ from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, soft_sphere_mask
 from cryofastar_core.refine.config import RefineConfig
 from cryofastar_core.refine.matching import PowerSpectrum
+from cryofastar_core.runtime.memory import release_free_memory
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.progress import Progress
 
@@ -99,6 +100,7 @@ class RefineState:
             if imgs.shape[1:] != (D, D):
                 raise ValueError(f"load_images returned {tuple(imgs.shape)}, expected (n, {D}, {D})")
             yield idx, imgs.to(device=self.device, dtype=torch.float32)
+            release_free_memory()  # the chunk's temporaries are gone: keep resident memory to live data
 
     def ctf_of(self, gi: Tensor) -> CTFParams | None:
         """The CTF parameters of the particles ``gi`` ``(n,)`` (``None`` where no CTF is used)."""

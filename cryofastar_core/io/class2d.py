@@ -18,13 +18,14 @@ folder (a job folder's grandparent), or to the STAR's own folder when moved toge
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import starfile
 
+from cryofastar_core.io.class_averages import ClassAverages
+from cryofastar_core.io.cs_class2d import find_cs_class_averages
 from cryofastar_core.io.mrc import StackReader
 from cryofastar_core.io.particle_set import ParticleSet
 from cryofastar_core.io.poses import euler_to_rotations
@@ -34,22 +35,6 @@ from cryofastar_core.runtime.errors import InputError
 CLASS = "rlnClassNumber"
 REFERENCE_IMAGE = "rlnReferenceImage"
 _DATA_SUFFIX = re.compile(r"_data\.star$")
-
-
-@dataclass
-class ClassAverages:
-    """The class averages that have members: ``numbers`` ``(C,)`` class numbers as the classification names
-    them (RELION from 1, CryoSPARC from 0), ``images`` ``(C, D, D)`` float32 raw pixels; ``member`` ``(N,)``
-    each particle's row in ``numbers``; ``source`` the file that named the averages; each particle's 2D
-    alignment against its class average: ``in_plane`` ``(N, 3, 3)`` an in-plane rotation and ``shifts``
-    ``(N, 2)`` px, in the internal convention (:mod:`cryofastar_core.geometry`)."""
-
-    numbers: np.ndarray
-    images: np.ndarray
-    member: np.ndarray
-    source: Path
-    in_plane: np.ndarray
-    shifts: np.ndarray
 
 
 def averages_star_for(particles_star: Path) -> Path | None:
@@ -67,8 +52,6 @@ def find_class_averages(particles: ParticleSet) -> ClassAverages | None:
     ``rlnClassNumber``, no averages STAR beside it, or a 3D model STAR; for a CryoSPARC ``.cs``
     see :func:`~cryofastar_core.io.cs_class2d.find_cs_class_averages`."""
     if particles.source_format == "cryosparc":
-        from cryofastar_core.io.cs_class2d import find_cs_class_averages
-
         return find_cs_class_averages(particles)
     if particles.source_format not in ("relion31", "relion30") or CLASS not in particles.table.columns:
         return None

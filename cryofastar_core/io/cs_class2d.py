@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cryofastar_core.io import poses
-from cryofastar_core.io.class2d import ClassAverages
+from cryofastar_core.io.class_averages import ClassAverages
 from cryofastar_core.io.cs import _load, _strings
 from cryofastar_core.io.mrc import StackReader
 from cryofastar_core.io.particle_set import ParticleSet

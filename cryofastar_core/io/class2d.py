@@ -24,9 +24,8 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryofastar_core.io.class_averages import ClassAverages
+from cryofastar_core.io.class_averages import ClassAverages, members_and_images
 from cryofastar_core.io.cs_class2d import find_cs_class_averages
-from cryofastar_core.io.mrc import StackReader
 from cryofastar_core.io.particle_set import ParticleSet
 from cryofastar_core.io.poses import euler_to_rotations
 from cryofastar_core.io.paths import relion_bases, resolve_image_path
@@ -66,19 +65,8 @@ def find_class_averages(particles: ParticleSet) -> ClassAverages | None:
         raise InputError(particles.source, CLASS, "class numbers must be whole numbers from 1",
                          "give the particle STAR exactly as RELION's Class2D or Select job wrote it")
     named = _class_images(averages_star, table, particles.project_dir)
-    missing = sorted(set(classes.tolist()) - set(named))
-    if missing:
-        raise InputError(particles.source, CLASS, f"particles belong to classes {missing[:5]} that {averages_star.name} "
-                         "does not list", "give the particles and class averages of the same Class2D iteration or "
-                         "Select job")
-    numbers = np.array(sorted(set(classes.tolist())), dtype=np.int64)
-    reader = StackReader()
-    images = np.stack([reader.read(named[c][0], np.array([named[c][1]]))[0] for c in numbers]).astype(np.float32)
-    reader.close()
-    if images.shape[-1] != particles.box:
-        raise InputError(averages_star, REFERENCE_IMAGE, f"class averages are {images.shape[-1]} px, the particles "
-                         f"{particles.box} px", "give the class averages made from these particles")
-    member = np.searchsorted(numbers, classes)
+    numbers, images, member = members_and_images(particles, classes, named, averages_star, CLASS, REFERENCE_IMAGE,
+                                                 "Class2D iteration or Select job")
     in_plane, shifts = _alignments_2d(particles)
     return ClassAverages(numbers=numbers, images=images, member=member, source=averages_star, in_plane=in_plane,
                          shifts=shifts)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cryofastar_core.io.mrc import StackReader
+from cryofastar_core.io.particle_set import ParticleSet
+from cryofastar_core.runtime.errors import InputError
+
 
 @dataclass
 class ClassAverages:
@@ -22,3 +26,25 @@ class ClassAverages:
     source: Path
     in_plane: np.ndarray
     shifts: np.ndarray
+
+
+def members_and_images(particles: ParticleSet, classes: np.ndarray, named: dict[int, tuple[Path, int]],
+                       averages_file: Path, class_field: str, box_field: str,
+                       same_source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(numbers, images, member)`` of :class:`ClassAverages` from each particle's class number ``classes``
+    ``(N,)`` and ``named`` (class number -> its average's stack and 0-based slice, as ``averages_file``
+    lists them). Raises :class:`InputError` for a class the file does not list (naming ``class_field``;
+    ``same_source`` says which averages belong together) or averages of another box (naming ``box_field``)."""
+    missing = sorted(set(classes.tolist()) - set(named))
+    if missing:
+        raise InputError(particles.source, class_field, f"particles belong to classes {missing[:5]} that "
+                         f"{averages_file.name} does not list", f"give the particles and class averages of the "
+                         f"same {same_source}")
+    numbers = np.array(sorted(set(classes.tolist())), dtype=np.int64)
+    reader = StackReader()
+    images = np.stack([reader.read(named[c][0], np.array([named[c][1]]))[0] for c in numbers]).astype(np.float32)
+    reader.close()
+    if images.shape[-1] != particles.box:
+        raise InputError(averages_file, box_field, f"class averages are {images.shape[-1]} px, the particles "
+                         f"{particles.box} px", "give the class averages made from these particles")
+    return numbers, images, np.searchsorted(numbers, classes)

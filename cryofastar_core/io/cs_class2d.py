@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from cryofastar_core.io import poses
-from cryofastar_core.io.class_averages import ClassAverages
+from cryofastar_core.io.class_averages import ClassAverages, members_and_images
 from cryofastar_core.io.cs import _load, _strings
-from cryofastar_core.io.mrc import StackReader
 from cryofastar_core.io.particle_set import ParticleSet
 from cryofastar_core.io.paths import resolve_image_path, strip_cryosparc_prefix
 from cryofastar_core.runtime.errors import InputError
@@ -61,25 +60,15 @@ def find_cs_class_averages(particles: ParticleSet) -> ClassAverages | None:
                              "give the particles .cs exactly as CryoSPARC's 2D classification or Select 2D wrote it")
     classes = np.asarray(ds[CLASS], dtype=np.int64)
     named = _class_images(averages_cs, particles.project_dir)
-    missing = sorted(set(classes.tolist()) - set(named))
-    if missing:
-        raise InputError(particles.source, CLASS, f"particles belong to classes {missing[:5]} that {averages_cs.name} "
-                         "does not list", "give the particles and class averages of the same 2D classification "
-                         "iteration or Select 2D job")
-    numbers = np.array(sorted(set(classes.tolist())), dtype=np.int64)
-    reader = StackReader()
-    images = np.stack([reader.read(named[c], np.array([c]))[0] for c in numbers]).astype(np.float32)
-    reader.close()
-    if images.shape[-1] != particles.box:
-        raise InputError(averages_cs, "blob/shape", f"class averages are {images.shape[-1]} px, the particles "
-                         f"{particles.box} px", "give the class averages made from these particles")
+    numbers, images, member = members_and_images(particles, classes, named, averages_cs, CLASS, "blob/shape",
+                                                 "2D classification iteration or Select 2D job")
     in_plane, shifts = _alignments_2d(particles, fields)
-    return ClassAverages(numbers=numbers, images=images, member=np.searchsorted(numbers, classes), source=averages_cs,
+    return ClassAverages(numbers=numbers, images=images, member=member, source=averages_cs,
                          in_plane=in_plane, shifts=shifts)
 
 
-def _class_images(averages_cs: Path, project_dir: Path | None) -> dict[int, Path]:
-    """Class number (``blob/idx``) -> the stack that holds its average (at that slice)."""
+def _class_images(averages_cs: Path, project_dir: Path | None) -> dict[int, tuple[Path, int]]:
+    """Class number (``blob/idx``) -> the stack that holds its average and its slice there (the same number)."""
     ds = _load(averages_cs)
     fields = set(ds.fields())
     for f in ("blob/path", "blob/idx"):
@@ -88,9 +77,9 @@ def _class_images(averages_cs: Path, project_dir: Path | None) -> dict[int, Path
                              "give the class averages .cs exactly as CryoSPARC wrote it")
     # As for particles: .cs files sit in <project>/Jnn/, so the file's grandparent is the project folder.
     bases = [Path(project_dir) if project_dir is not None else Path.cwd(), averages_cs.parent.parent, averages_cs.parent]
-    out: dict[int, Path] = {}
+    out: dict[int, tuple[Path, int]] = {}
     for name, idx in zip(_strings(ds["blob/path"]), np.asarray(ds["blob/idx"], dtype=np.int64)):
-        out[int(idx)] = resolve_image_path(strip_cryosparc_prefix(name), bases, averages_cs, "blob/path")
+        out[int(idx)] = (resolve_image_path(strip_cryosparc_prefix(name), bases, averages_cs, "blob/path"), int(idx))
     return out
 
 

@@ -81,6 +81,15 @@ class _OpenStack:
         os.close(self.fd)
 
 
+def consecutive_runs(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """``positions`` sorted and de-duplicated (``uniq``), where each original position went (``inverse``,
+    ``uniq[inverse] == positions``) and ``(start, stop)`` into ``uniq`` of each run of consecutive values:
+    sorted, de-duplicated access walks a file forwards once, one read or write per run."""
+    uniq, inverse = np.unique(np.asarray(positions, dtype=np.int64), return_inverse=True)
+    starts = np.flatnonzero(np.diff(uniq, prepend=-2) != 1)
+    return uniq, inverse.reshape(-1), list(zip(starts.tolist(), np.append(starts[1:], len(uniq)).tolist()))
+
+
 class StackReader:
     """Reads chosen slices of many stacks, keeping at most ``max_open`` files open at a time.
 
@@ -108,14 +117,11 @@ class StackReader:
     def read(self, path: Path, slices: np.ndarray) -> np.ndarray:
         """Slices (0-based, any order) of one stack -> ``(len(slices), ny, nx)`` float32."""
         stack = self._stack(path)
-        slices = np.asarray(slices, dtype=np.int64)
-        # Sorted, de-duplicated access walks the file forwards once; then restore the requested order.
-        uniq, inverse = np.unique(slices, return_inverse=True)
+        uniq, inverse, runs = consecutive_runs(slices)
         block = np.empty((len(uniq), *stack.shape), dtype=np.float32)
-        starts = np.flatnonzero(np.diff(uniq, prepend=-2) != 1)
-        for a, b in zip(starts, np.append(starts[1:], len(uniq))):
+        for a, b in runs:
             block[a:b] = stack.read_run(int(uniq[a]), int(b - a))
-        return block[inverse.reshape(-1)]
+        return block[inverse]
 
     def close(self) -> None:
         while self._open:

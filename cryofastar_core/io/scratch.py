@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from cryofastar_core.io.mrc import consecutive_runs
+
 log = logging.getLogger(__name__)
 
 # A scratch file is only made when the disk keeps at least this fraction of its free space after it.
@@ -95,14 +97,8 @@ class _ScratchFile:
             out[old] = self._read(idx[old])
         return out
 
-    def _runs(self, positions: np.ndarray):
-        """Sorted unique ``positions``, the inverse map, and ``(start, stop)`` of each consecutive run."""
-        uniq, inverse = np.unique(positions, return_inverse=True)
-        starts = np.flatnonzero(np.diff(uniq, prepend=-2) != 1)
-        return uniq, inverse.reshape(-1), zip(starts, np.append(starts[1:], len(uniq)))
-
     def _write(self, idx: np.ndarray, images: np.ndarray) -> None:
-        uniq, inverse, runs = self._runs(idx)
+        uniq, inverse, runs = consecutive_runs(idx)
         first = np.empty(len(uniq), dtype=np.int64)
         first[inverse[::-1]] = np.arange(len(idx))[::-1]  # one image per particle (duplicates are equal)
         for a, b in runs:
@@ -111,7 +107,7 @@ class _ScratchFile:
         self.kept[uniq] = True
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
-        uniq, inverse, runs = self._runs(idx)
+        uniq, inverse, runs = consecutive_runs(idx)
         block = np.empty((len(uniq), self.box, self.box), dtype=np.float32)
         for a, b in runs:
             size = int(b - a) * self.image_bytes

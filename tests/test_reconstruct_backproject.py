@@ -9,6 +9,7 @@ from cryofastar_core.geometry import random_rotations
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft3c, ifft3c, radial_index_grid
 from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.reconstruct import compiled_insert
 from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, insert_half_sets, random_half_sets,
                                          reconstruct, reconstruct_half_maps, soft_sphere_mask)
 from cryofastar_core.simulation.images import simulate_images
@@ -235,3 +236,31 @@ def test_finalize_half_spectrum_matches_full_grid_reference(box, pad):
     c = 1e-3 * float(bp.weight.mean())
     ours, ref = bp.finalize(wiener_constant=c), _finalize_reference(bp, c)
     assert torch.allclose(ours, ref.float(), atol=1e-4 * float(ref.abs().max())), float((ours - ref).abs().max())
+
+
+def test_the_install_built_the_compiled_insertion():
+    """setup.py builds insert_kernel.c where a C compiler exists (it does wherever this suite runs: RELION
+    is built from source here); without it every CPU reconstruction would take the slower torch path."""
+    assert compiled_insert.insertion_backend() == "compiled"
+
+
+@pytest.mark.parametrize("box,pad,weighted", [(16, 2, True), (15, 1, False), (15, 2, True)])
+def test_compiled_insertion_matches_the_torch_path(box, pad, weighted, monkeypatch):
+    """Same grid, same per-sample float32 arithmetic: the accumulators differ only by summation order."""
+    g = torch.Generator().manual_seed(7 * box + pad)
+    n = 60
+    R, imgs = random_rotations(n, g), torch.randn(n, box, box, generator=g)
+    ctf = CTFParams.from_arrays({"defocus_u": torch.full((n,), 15000.0), "defocus_v": torch.full((n,), 14000.0),
+                                 "defocus_angle": torch.zeros(n), "voltage": 300.0, "cs": 2.7,
+                                 "amplitude_contrast": 0.1}) if weighted else None
+    kwargs = dict(shifts=torch.rand(n, 2, generator=g) * 4 - 2, ctf=ctf, apix=2.0 if weighted else None,
+                  weights=torch.rand(n, generator=g) if weighted else None)
+    compiled = Backprojector(box, pad=pad)
+    compiled.insert(imgs, R, **kwargs)
+    monkeypatch.setenv("CRYOFASTAR_TORCH_INSERT", "1")
+    reference = Backprojector(box, pad=pad)
+    reference.insert(imgs, R, **kwargs)
+    for ours, ref in ((compiled.numerator, reference.numerator), (compiled.weight, reference.weight)):
+        assert ref.abs().max() > 0
+        assert torch.allclose(ours, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    assert int((compiled.weight != 0).sum()) == int((reference.weight != 0).sum())

@@ -41,6 +41,7 @@ from cryofastar_core.job.class_route import LOW_SUPPORT
 from cryofastar_core.job.resume import STATE_DIR, decide_resume, poses_file, run_fingerprint, save_poses
 from cryofastar_core.job.work_scale import scratch_for
 from cryofastar_core.reconstruct import half_sets
+from cryofastar_core.reconstruct.compiled_insert import insertion_backend
 from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
@@ -167,6 +168,8 @@ def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | Non
     comm = comm or Communicator.from_process_group()
     log.info("CPU threads: %d", set_thread_count(cfg.threads))
     device = cfg.torch_device()
+    if device.type == "cpu":
+        log.info("Fourier insertion: %s", insertion_backend())
     if comm.distributed and device.type == "cuda" and device.index is None:
         device = torch.device(rank_device("cuda", dist_env()))
     return _Context(cfg, comm, device, progress if comm.is_main else None, t_start, _Timer(device.type == "cuda"))

@@ -153,11 +153,7 @@ def run_connector(server, cfg: ConnectorConfig) -> ConnectorResult:
 
 def _load_source(server: Any, cfg: ConnectorConfig, src_job: str, src_output: str) -> _Source:
     """Check the source job has the output, load its particles (all slots), check them, find their images."""
-    info = server.find_job(cfg.project, src_job)
-    if src_output not in info.outputs:
-        raise InputError(None, "--particles", f"job {src_job} has no output '{src_output}' "
-                         f"(it has: {', '.join(info.outputs) or 'none'})",
-                         f"use one of: {', '.join(f'{src_job}.{o}' for o in info.outputs) or 'another job'}")
+    _require_output(server, cfg.project, src_job, src_output, "--particles")
     particles = server.load_output(cfg.project, src_job, src_output, slots="all")
     _check_particles(particles, cfg.particles)
     averages = _load_class_averages(server, cfg, particles) if cfg.class_averages is not None else None
@@ -168,6 +164,14 @@ def _load_source(server: Any, cfg: ConnectorConfig, src_job: str, src_output: st
                    image_root=image_root, image_source=image_source, averages=averages)
 
 
+def _require_output(server: Any, project: str, job: str, output: str, flag: str) -> None:
+    """Refuse, naming the flag and the outputs the job has, a job without the named output."""
+    outputs = server.find_job(project, job).outputs
+    if output not in outputs:
+        raise InputError(None, flag, f"job {job} has no output '{output}' (it has: {', '.join(outputs) or 'none'})",
+                         f"use one of: {', '.join(f'{job}.{o}' for o in outputs) or 'another job'}")
+
+
 def _load_class_averages(server: Any, cfg: ConnectorConfig, particles: Dataset) -> Dataset:
     """The class averages output named by ``cfg.class_averages`` (blob slot), after checking that the particles
     carry the 2D classification they belong to (the engine matches ``alignments2D/class`` to ``blob/idx``)."""
@@ -176,11 +180,7 @@ def _load_class_averages(server: Any, cfg: ConnectorConfig, particles: Dataset) 
         raise InputError(None, f"{cfg.particles} alignments2D/class", "the particles carry no 2D classification",
                          "give the particles output of the same 2D classification or Select 2D job "
                          f"(or leave out {CLASS_AVERAGES_FLAG})")
-    info = server.find_job(cfg.project, job)
-    if output not in info.outputs:
-        raise InputError(None, CLASS_AVERAGES_FLAG, f"job {job} has no output '{output}' "
-                         f"(it has: {', '.join(info.outputs) or 'none'})",
-                         f"use one of: {', '.join(f'{job}.{o}' for o in info.outputs) or 'another job'}")
+    _require_output(server, cfg.project, job, output, CLASS_AVERAGES_FLAG)
     averages = server.load_output(cfg.project, job, output, slots=["blob"])
     missing = [f for f in ("blob/path", "blob/idx") if f not in averages.fields()]
     if len(averages) == 0 or missing:

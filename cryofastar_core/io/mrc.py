@@ -77,6 +77,18 @@ class _OpenStack:
                              "re-extract or re-copy the stack")
         return np.frombuffer(buf, dtype=self.dtype).reshape(count, *self.shape)
 
+    def read_run_into(self, first: int, count: int, out: np.ndarray) -> None:
+        """:meth:`read_run` into ``out`` ``(count, ny, nx)`` float32 (C-contiguous): a native float32 stack
+        is read straight into it (one copy, by the kernel), any other dtype converted."""
+        if self.dtype == np.dtype(np.float32) and out.flags.c_contiguous:
+            size = count * self.image_bytes
+            got = os.preadv(self.fd, [memoryview(out).cast("B")], self.offset + first * self.image_bytes)
+            if got != size:
+                raise InputError(self.path, None, f"file ends before slice {first + count}",
+                                 "re-extract or re-copy the stack")
+        else:
+            out[...] = self.read_run(first, count)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -114,14 +126,20 @@ class StackReader:
             self._open.move_to_end(path)
         return stack
 
-    def read(self, path: Path, slices: np.ndarray) -> np.ndarray:
-        """Slices (0-based, any order) of one stack -> ``(len(slices), ny, nx)`` float32."""
+    def read(self, path: Path, slices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Slices (0-based, any order) of one stack -> ``(len(slices), ny, nx)`` float32, into ``out`` if
+        given. Slices asked for in increasing order (the usual chunk) go straight into the result."""
         stack = self._stack(path)
         uniq, inverse, runs = consecutive_runs(slices)
-        block = np.empty((len(uniq), *stack.shape), dtype=np.float32)
+        in_order = len(uniq) == len(inverse) and bool((inverse == np.arange(len(inverse))).all())
+        if out is None:
+            out = np.empty((len(inverse), *stack.shape), dtype=np.float32)
+        block = out if in_order and out.flags.c_contiguous else np.empty((len(uniq), *stack.shape), np.float32)
         for a, b in runs:
-            block[a:b] = stack.read_run(int(uniq[a]), int(b - a))
-        return block[inverse]
+            stack.read_run_into(int(uniq[a]), int(b - a), block[a:b])
+        if block is not out:
+            out[...] = block[inverse]
+        return out
 
     def close(self) -> None:
         while self._open:

@@ -86,14 +86,19 @@ class ParticleSet:
         for f in np.unique(files):
             pos = np.nonzero(files == f)[0]
             slices = self.slice_index[idx[pos]]
-            imgs = self._reader.read(self.image_files[f], slices)
-            bad = ~np.isfinite(imgs).all(axis=(1, 2))
-            if bad.any():
+            contiguous = pos[-1] - pos[0] + 1 == len(pos)   # a view of out to read into, no copy
+            if contiguous:
+                imgs = self._reader.read(self.image_files[f], slices, out=out[pos[0]:pos[-1] + 1])
+            else:
+                imgs = out[pos] = self._reader.read(self.image_files[f], slices)
+            # one pass without temporaries; NaN and inf survive the sum (the exact test only if it fails)
+            bad = None if np.isfinite(imgs.sum(axis=(1, 2), dtype=np.float64)).all() else \
+                ~np.isfinite(imgs).all(axis=(1, 2))
+            if bad is not None and bad.any():
                 k = int(slices[np.argmax(bad)])
                 raise InputError(self.image_files[f], f"slice {k + 1}",
                                  "image contains NaN or infinite values",
                                  "re-extract this particle or remove it from the particle table")
-            out[pos] = imgs
         return out
 
     def read_signed_images(self, indices: np.ndarray | list[int]) -> np.ndarray:
@@ -102,7 +107,9 @@ class ParticleSet:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         sign = np.asarray(self.sign, dtype=np.float32).reshape(-1)
         per_particle = sign[idx] if sign.size > 1 else np.full(idx.shape[0], float(sign[0]), np.float32)
-        return self.read_images(idx) * per_particle[:, None, None]
+        images = self.read_images(idx)
+        images *= per_particle[:, None, None]
+        return images
 
     def iter_chunks(self, chunk_size: int, indices: np.ndarray | None = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

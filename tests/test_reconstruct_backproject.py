@@ -9,7 +9,7 @@ from cryofastar_core.geometry import random_rotations
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.physics.fourier import fft3c, ifft3c, radial_index_grid
 from cryofastar_core.physics.projection import prepare_volume
-from cryofastar_core.reconstruct import compiled_insert
+from cryofastar_core.physics import compiled
 from cryofastar_core.reconstruct import (Backprojector, ParticleChunk, fsc, insert_half_sets, random_half_sets,
                                          reconstruct, reconstruct_half_maps, soft_sphere_mask)
 from cryofastar_core.simulation.images import simulate_images
@@ -238,10 +238,10 @@ def test_finalize_half_spectrum_matches_full_grid_reference(box, pad):
     assert torch.allclose(ours, ref.float(), atol=1e-4 * float(ref.abs().max())), float((ours - ref).abs().max())
 
 
-def test_the_install_built_the_compiled_insertion():
-    """setup.py builds insert_kernel.c where a C compiler exists (it does wherever this suite runs: RELION
-    is built from source here); without it every CPU reconstruction would take the slower torch path."""
-    assert compiled_insert.insertion_backend() == "compiled"
+def test_the_install_built_the_compiled_slice_kernels():
+    """setup.py builds slice_kernels.c where a C compiler exists (it does wherever this suite runs: RELION
+    is built from source here); without it every CPU projection and insertion takes the slower torch path."""
+    assert compiled.backend() == "compiled"
 
 
 @pytest.mark.parametrize("box,pad,weighted", [(16, 2, True), (15, 1, False), (15, 2, True)])
@@ -257,7 +257,7 @@ def test_compiled_insertion_matches_the_torch_path(box, pad, weighted, monkeypat
                   weights=torch.rand(n, generator=g) if weighted else None)
     compiled = Backprojector(box, pad=pad)
     compiled.insert(imgs, R, **kwargs)
-    monkeypatch.setenv("CRYOFASTAR_TORCH_INSERT", "1")
+    monkeypatch.setenv("CRYOFASTAR_NO_COMPILED", "1")
     reference = Backprojector(box, pad=pad)
     reference.insert(imgs, R, **kwargs)
     for ours, ref in ((compiled.numerator, reference.numerator), (compiled.weight, reference.weight)):

@@ -29,6 +29,7 @@ import torch
 from cryofastar_core import __version__
 from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_junk
 from cryofastar_core.io import ParticleSet, read_particles
+from cryofastar_core.physics.compiled import backend as slice_backend
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
 from cryofastar_core.job.maps import accumulate_shard, finalize_halves, with_fsc
@@ -41,7 +42,6 @@ from cryofastar_core.job.class_route import LOW_SUPPORT
 from cryofastar_core.job.resume import STATE_DIR, decide_resume, poses_file, run_fingerprint, save_poses
 from cryofastar_core.job.work_scale import scratch_for
 from cryofastar_core.reconstruct import half_sets
-from cryofastar_core.reconstruct.compiled_insert import insertion_backend
 from cryofastar_core.runtime.communicator import Communicator, dist_env, rank_device
 from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.runtime.progress import Progress
@@ -169,7 +169,7 @@ def _context(cfg: JobConfig, progress: Progress | None, comm: Communicator | Non
     log.info("CPU threads: %d", set_thread_count(cfg.threads))
     device = cfg.torch_device()
     if device.type == "cpu":
-        log.info("Fourier insertion: %s", insertion_backend())
+        log.info("central-slice kernels: %s", slice_backend())
     if comm.distributed and device.type == "cuda" and device.index is None:
         device = torch.device(rank_device("cuda", dist_env()))
     return _Context(cfg, comm, device, progress if comm.is_main else None, t_start, _Timer(device.type == "cuda"))

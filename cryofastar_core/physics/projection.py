@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cryofastar_core.physics import compiled
 from cryofastar_core.physics.fourier import fft3c, freq_1d, ifft2c, pad_centred
 
 
@@ -133,8 +134,10 @@ def project_at(vft: VolumeFT, rotations: Tensor, index: Tensor) -> Tensor:
     rotations = rotations.to(device=vft.ft.device, dtype=vft.ft.real.dtype)
     k = freq_1d(vft.box, device=rotations.device, dtype=rotations.dtype) * float(vft.padded_box)
     index = index.to(rotations.device)
-    coords = _rotated_plane(rotations, k[index % vft.box], k[index // vft.box])
-    return sample_ft(vft, coords[:, None])[:, 0]
+    kx, ky = k[index % vft.box], k[index // vft.box]
+    if compiled.usable_for(vft.ft, rotations):
+        return compiled.sample_slices(vft.ft, rotations, kx, ky)
+    return sample_ft(vft, _rotated_plane(rotations, kx, ky)[:, None])[:, 0]
 
 
 def sample_ft(vft: VolumeFT, coords: Tensor) -> Tensor:

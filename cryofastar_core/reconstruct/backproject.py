@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryofastar_core.physics import compiled
 from cryofastar_core.physics.ctf import CTFParams, ctf_at_frequencies
 from cryofastar_core.physics.projection import gridding_kernel
-from cryofastar_core.reconstruct import compiled_insert
 from cryofastar_core.reconstruct.half_sets import random_half_sets
 
 DEFAULT_RELATIVE_WIENER = 1e-3
@@ -135,8 +135,8 @@ class Backprojector:
             w2 = w2 * wb
         R = rotations.to(device=dev, dtype=rdt)
         qx, qy = self._qx * self.pad, self._qy * self.pad
-        if compiled_insert.usable_for(self.numerator, self.weight):
-            compiled_insert.insert_slices(R, qx, qy, ft, w2, self.numerator, self.weight)
+        if compiled.usable_for(self.numerator, self.weight):
+            compiled.insert_slices(R, qx, qy, ft, w2, self.numerator, self.weight)
             return
         coords = (qx[None, :, None] * R[:, None, :, 0] + qy[None, :, None] * R[:, None, :, 1]).reshape(-1, 3)
         values = ft.reshape(-1)

@@ -314,10 +314,11 @@ def test_two_ranks_share_the_work_and_equal_one_process(dataset):
     corr = float(torch.corrcoef(torch.stack([one.full.flatten(), r0["full"].flatten()]))[0, 1])
     print(f"2 ranks vs 1 process: rotation diff median {float(ang.median()):.2e} max {float(ang.max()):.2e} deg, "
           f"shift diff max {float(sh.max()):.2e} px, map correlation 1 - {1 - corr:.1e}")
-    # 0.02°: the order of the sums alone moves the worst of 160 particles by 0.008° (full-grid accumulators)
-    # to 0.010° (half-spectrum ones, whose mirrored samples are summed in another order); a particle a rank
-    # missed or counted twice moves degrees.
-    assert float(ang.max()) < 0.02 and float(sh.max()) < 1e-3 and corr > 1 - 1e-6
+    # 0.02° and 0.002 px: the order of the sums alone moves the worst of 160 particles by 0.008° (full-grid
+    # accumulators) to 0.010° (half-spectrum ones, whose mirrored samples are summed in another order), and
+    # with the compiled insertion (sample-major sums) by 0.005° and 0.0012 px; a particle a rank missed or
+    # counted twice moves degrees.
+    assert float(ang.max()) < 0.02 and float(sh.max()) < 2e-3 and corr > 1 - 1e-6
     for a, b in zip(one.history, r0["history"]):
         assert np.allclose(a["fsc"], b["fsc"], atol=1e-3)
 

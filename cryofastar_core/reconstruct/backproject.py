@@ -13,8 +13,8 @@ inserted, and only half of the 3D spectrum is stored (``kx >= 0``: a sample that
 inserted, conjugated, at ``-k``), which halves the accumulators' memory; Friedel symmetry completes the
 ``kx = 0`` plane at ``finalize``. ``finalize`` divides
 ``numerator / (weight + c)`` voxel by voxel (``c`` a small Wiener-like constant), inverse-transforms the
-half spectrum (one ``irfftn``), crops to ``D^3`` and divides by the real-space transform of the trilinear
-kernel (``sinc^2`` per axis, the gridding correction).
+half spectrum (slab by slab, cropping to ``D`` rows after each axis), and divides the ``D^3`` map by the
+real-space transform of the trilinear kernel (``sinc^2`` per axis, the gridding correction).
 
 Tried and not used: Pipe-Menon iterative preweighting of the weights (RELION's default), worse FSC
 against the truth than the plain division at every tested size, and slower; real-space 2x padding of the
@@ -39,6 +39,7 @@ from cryofastar_core.physics.projection import gridding_kernel
 from cryofastar_core.reconstruct.half_sets import random_half_sets
 
 DEFAULT_RELATIVE_WIENER = 1e-3
+FINALIZE_SLAB = 16  # kx columns per slab in finalize: (Dp, Dp, 16) complex is 34 MB at box 256
 
 
 class Backprojector:
@@ -163,51 +164,67 @@ class Backprojector:
         ``1 / SNR`` of one image's Fourier sample is the classical choice); ``None`` uses ``1e-3 * mean(weight)`` over the sphere,
         which only tames voxels with almost no data (CTF zeros, gaps) and leaves well-sampled ones unbiased.
         RELION instead derives a per-shell ``1 / tau^2`` from the half-map FSC; not done here.
+
+        Worked in slabs of ``kx`` columns: each slab is divided, transformed along ``kz`` and ``ky`` and
+        cropped to the ``D`` central rows at once, and only the ``(D, D, Dp / 2 + 1)`` result meets the last
+        transform; so no temporary of the padded grid's size is made (at box 256 the whole-grid form took
+        1.6 GB beside the accumulators; bench/backprojector_memory.py).
         """
-        Dp, D, n = self.padded_box, self.box, self._grid_n
-        c0, h, hx = n // 2, Dp // 2, Dp // 2 + 1
-        # The half spectrum (kx = 0 .. Dp // 2, kz and ky centred) is what is stored, except in the plane
-        # kx = 0, where samples and their Friedel partners both landed: S(0, k) = H(0, k) + conj(H(0, -k)).
-        zy = slice(c0 - h, c0 - h + Dp)
-        num = self.numerator[zy, zy, :hx].clone()
-        wt = self.weight[zy, zy, :hx].clone()
-        _complete_kx0_plane(num, wt, self.numerator, self.weight, c0, Dp)
-        if Dp % 2 == 0:
-            _fold_nyquist_planes(num, wt, self.numerator, self.weight, c0, h)
-        live = _live_voxels(wt, h, self.r_max_padded)
+        Dp, D, hx = self.padded_box, self.box, self.padded_box // 2 + 1
+        slabs = [(a, min(hx, a + FINALIZE_SLAB)) for a in range(0, hx, FINALIZE_SLAB)]
         if wiener_constant is None:
-            count = int(live.sum())
-            c = DEFAULT_RELATIVE_WIENER * _masked_sum(wt, live) / count if count else 0.0
+            total, count = 0.0, 0
+            for a, b in slabs:
+                wt = self._spectrum_slab(a, b)[1]
+                live = _live_voxels(wt, Dp // 2, self.r_max_padded, a)
+                total, count = total + _masked_sum(wt, live), count + int(live.sum())
+            c = DEFAULT_RELATIVE_WIENER * total / count if count else 0.0
         else:
             c = float(wiener_constant)
-        # in place: at box 256 each (Dp, Dp, hx) temporary is 0.3-0.5 GB
-        num.div_(wt.add_(c))
-        del wt
-        num.masked_fill_(~live, 0)
-        del live
-        if Dp % 2 == 0:
-            # the centred kz, ky axes put the origin at index h: instead of an ifftshift (a copy), the
-            # transform of the uncentred array is the map times (-1)^(z + y), undone on the cropped box
-            vol = torch.fft.irfftn(num, s=(Dp, Dp, Dp))
-        else:
-            vol = torch.fft.irfftn(torch.fft.ifftshift(num, dim=(0, 1)), s=(Dp, Dp, Dp))   # origin at index 0
-        del num
+        # the real-space origin sits at index 0 after the transforms: the D central voxels, wrapped
         crop = torch.remainder(torch.arange(D, device=self.device) - D // 2, Dp)
-        vol = vol[crop[:, None, None], crop[None, :, None], crop[None, None, :]]
+        half = torch.empty((D, D, hx), dtype=self.numerator.dtype, device=self.device)
+        for a, b in slabs:
+            num, wt = self._spectrum_slab(a, b)
+            live = _live_voxels(wt, Dp // 2, self.r_max_padded, a)
+            num.div_(wt.add_(c)).masked_fill_(~live, 0)
+            del wt, live
+            if Dp % 2:
+                num = torch.fft.ifftshift(num, dim=(0, 1))   # origin at index 0
+            half[:, :, a:b] = torch.fft.ifft(torch.fft.ifft(num, dim=0)[crop], dim=1)[:, crop]
+        vol = torch.fft.irfft(half, n=Dp, dim=2)[:, :, crop]
+        del half
         if Dp % 2 == 0:
+            # the centred kz, ky axes put the origin at index Dp / 2: instead of an ifftshift, the transform
+            # of the uncentred slab is the map times (-1)^(z + y), undone on the cropped box
             sign = 1.0 - 2.0 * (crop % 2).to(vol.dtype)
             vol = vol * sign[:, None, None] * sign[None, :, None]
         if gridding_correction:
             vol = vol / gridding_kernel(D, Dp, device=self.device, dtype=vol.dtype)
         return vol.contiguous()
 
+    def _spectrum_slab(self, a: int, b: int) -> tuple[Tensor, Tensor]:
+        """Copies of the half spectrum's numerator and weight ``(Dp, Dp, b - a)`` at ``kx = a .. b - 1``
+        (``kz``, ``ky`` centred at ``Dp // 2``), completed where the stored half is not the spectrum: the
+        ``kx = 0`` plane, where samples and their Friedel partners both landed (``S(0, k) = H(0, k) +
+        conj(H(0, -k))``), and for an even ``Dp`` the Nyquist planes (:func:`_fold_nyquist_planes`)."""
+        Dp, c0, h = self.padded_box, self._grid_n // 2, self.padded_box // 2
+        zy = slice(c0 - h, c0 - h + Dp)
+        num = self.numerator[zy, zy, a:b].clone()
+        wt = self.weight[zy, zy, a:b].clone()
+        if a == 0:
+            _complete_kx0_plane(num, wt, self.numerator, self.weight, c0, Dp)
+        if Dp % 2 == 0:
+            _fold_nyquist_planes(num, wt, self.numerator, self.weight, c0, h, a)
+        return num, wt
 
-def _live_voxels(wt: Tensor, h: int, r_max: float) -> Tensor:
-    """``(Dp, Dp, hx)`` bool: voxels of the half spectrum (kz, ky centred at ``h``) inside the insertion
-    sphere of radius ``r_max`` that received data; built a kz plane at a time (no full-size float temporary)."""
-    dp, _, hx = wt.shape
+
+def _live_voxels(wt: Tensor, h: int, r_max: float, x0: int = 0) -> Tensor:
+    """``(Dp, Dp, w)`` bool: voxels of the half-spectrum slab ``wt`` (kz, ky centred at ``h``, kx from ``x0``)
+    inside the insertion sphere of radius ``r_max`` that received data; built a kz plane at a time."""
+    dp, _, w = wt.shape
     f = torch.arange(dp, device=wt.device, dtype=torch.float64) - h
-    fx = torch.arange(hx, device=wt.device, dtype=torch.float64)
+    fx = torch.arange(x0, x0 + w, device=wt.device, dtype=torch.float64)
     yx2 = (f * f)[:, None] + (fx * fx)[None, :]
     live = wt > 0
     for z in range(dp):
@@ -240,27 +257,32 @@ def _complete_kx0_plane(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int,
         wt[:, 0, 0] += full_w[:Dp, Dp]
 
 
-def _fold_nyquist_planes(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, h: int) -> None:
-    """Complete the ``-Dp/2`` planes of the half spectrum (even ``Dp = 2 h``) in place, for ``kx > 0``
-    (:func:`_complete_kx0_plane` did ``kx = 0``).
+def _fold_nyquist_planes(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, h: int, x0: int = 0) -> None:
+    """Complete the ``-Dp/2`` planes of a half-spectrum slab (even ``Dp = 2 h``) in place, for its columns
+    ``kx = x0 ..`` with ``kx > 0`` (:func:`_complete_kx0_plane` did ``kx = 0``).
 
     On the periodic ``Dp`` grid of the final transform the planes at ``-Dp/2`` and ``+Dp/2`` of each axis
-    are one plane, so it gets the data inserted at both: ``num`` / ``wt`` ``(Dp, Dp, h + 1)`` (kz, ky
-    centred, kx = 0 .. h) hold ``S(k)`` for kz, ky in ``[-h, h)``; the ``+h`` data come from the stored
+    are one plane, so it gets the data inserted at both: ``num`` / ``wt`` ``(Dp, Dp, w)`` (kz, ky centred,
+    kx = x0 .. x0 + w - 1) hold ``S(k)`` for kz, ky in ``[-h, h)``; the ``+h`` data come from the stored
     half ``H`` / ``Wh`` (centre ``c0``, margin included). The cube's edges, where two axes are at Nyquist,
     lie outside the insertion sphere and are not completed.
     """
-    zy, x = slice(c0 - h, c0 + h), slice(1, h + 1)
-    num[0, :, 1:] += H[c0 + h, zy, x]  # kz = +h is the plane kz = -h of the periodic grid
-    wt[0, :, 1:] += Wh[c0 + h, zy, x]
-    num[:, 0, 1:] += H[zy, c0 + h, x]  # ky = +h
-    wt[:, 0, 1:] += Wh[zy, c0 + h, x]
+    lo, hi = max(x0, 1), min(x0 + num.shape[-1], h + 1)   # columns kx = lo .. hi - 1 of this slab
+    if lo < hi:
+        zy, x, local = slice(c0 - h, c0 + h), slice(lo, hi), slice(lo - x0, hi - x0)
+        num[0, :, local] += H[c0 + h, zy, x]  # kz = +h is the plane kz = -h of the periodic grid
+        wt[0, :, local] += Wh[c0 + h, zy, x]
+        num[:, 0, local] += H[zy, c0 + h, x]  # ky = +h
+        wt[:, 0, local] += Wh[zy, c0 + h, x]
+    if not x0 <= h < x0 + num.shape[-1]:
+        return
     # kx = +h is stored; kx = -h is its Friedel partner within the plane: S(-h, ky, kz) = conj(S(h, -ky, -kz))
     f2 = lambda t: torch.flip(t, dims=(0, 1))
     mirror = lambda t: torch.roll(f2(t), shifts=(1, 1), dims=(0, 1))   # (ky, kz) -> (-ky, -kz), centred
-    pn, pw = num[:, :, h].clone(), wt[:, :, h].clone()
-    num[:, :, h] = pn + mirror(pn).conj()
-    wt[:, :, h] = pw + mirror(pw)
+    col = h - x0
+    pn, pw = num[:, :, col].clone(), wt[:, :, col].clone()
+    num[:, :, col] = pn + mirror(pn).conj()
+    wt[:, :, col] = pw + mirror(pw)
 
 
 def _splat_trilinear(coords: Tensor, values: Tensor, weights: Tensor, numerator: Tensor, weight: Tensor,

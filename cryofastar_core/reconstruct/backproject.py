@@ -172,12 +172,14 @@ class Backprojector:
         """
         Dp, D, hx = self.padded_box, self.box, self.padded_box // 2 + 1
         slabs = [(a, min(hx, a + FINALIZE_SLAB)) for a in range(0, hx, FINALIZE_SLAB)]
+        yz2 = _radial_yz2(Dp, Dp // 2, self.device)
         if wiener_constant is None:
             total, count = 0.0, 0
             for a, b in slabs:
-                wt = self._spectrum_slab(a, b)[1]
-                live = _live_voxels(wt, Dp // 2, self.r_max_padded, a)
-                total, count = total + _masked_sum(wt, live), count + int(live.sum())
+                wt = self._spectrum_slab(a, b, weights_only=True)[1]
+                live = _live_voxels(wt, yz2, self.r_max_padded, a)
+                total += float(wt.masked_fill_(~live, 0).sum(dtype=torch.float64))
+                count += int(live.count_nonzero())
             c = DEFAULT_RELATIVE_WIENER * total / count if count else 0.0
         else:
             c = float(wiener_constant)
@@ -186,7 +188,7 @@ class Backprojector:
         half = torch.empty((D, D, hx), dtype=self.numerator.dtype, device=self.device)
         for a, b in slabs:
             num, wt = self._spectrum_slab(a, b)
-            live = _live_voxels(wt, Dp // 2, self.r_max_padded, a)
+            live = _live_voxels(wt, yz2, self.r_max_padded, a)
             num.div_(wt.add_(c)).masked_fill_(~live, 0)
             del wt, live
             if Dp % 2:
@@ -203,38 +205,37 @@ class Backprojector:
             vol = vol / gridding_kernel(D, Dp, device=self.device, dtype=vol.dtype)
         return vol.contiguous()
 
-    def _spectrum_slab(self, a: int, b: int) -> tuple[Tensor, Tensor]:
+    def _spectrum_slab(self, a: int, b: int, weights_only: bool = False) -> tuple[Tensor | None, Tensor]:
         """Copies of the half spectrum's numerator and weight ``(Dp, Dp, b - a)`` at ``kx = a .. b - 1``
         (``kz``, ``ky`` centred at ``Dp // 2``), completed where the stored half is not the spectrum: the
         ``kx = 0`` plane, where samples and their Friedel partners both landed (``S(0, k) = H(0, k) +
-        conj(H(0, -k))``), and for an even ``Dp`` the Nyquist planes (:func:`_fold_nyquist_planes`)."""
+        conj(H(0, -k))``), and for an even ``Dp`` the Nyquist planes (:func:`_fold_nyquist_planes`).
+        ``weights_only``: the numerator is neither copied nor returned."""
         Dp, c0, h = self.padded_box, self._grid_n // 2, self.padded_box // 2
         zy = slice(c0 - h, c0 - h + Dp)
-        num = self.numerator[zy, zy, a:b].clone()
         wt = self.weight[zy, zy, a:b].clone()
+        # the completions read both accumulators; with weights only, they fill a throwaway numerator slab
+        num = self.numerator[zy, zy, a:b].clone() if not weights_only else \
+            torch.empty(wt.shape, dtype=self.numerator.dtype, device=self.device)
         if a == 0:
             _complete_kx0_plane(num, wt, self.numerator, self.weight, c0, Dp)
         if Dp % 2 == 0:
             _fold_nyquist_planes(num, wt, self.numerator, self.weight, c0, h, a)
-        return num, wt
+        return (None if weights_only else num), wt
 
 
-def _live_voxels(wt: Tensor, h: int, r_max: float, x0: int = 0) -> Tensor:
-    """``(Dp, Dp, w)`` bool: voxels of the half-spectrum slab ``wt`` (kz, ky centred at ``h``, kx from ``x0``)
-    inside the insertion sphere of radius ``r_max`` that received data; built a kz plane at a time."""
-    dp, _, w = wt.shape
-    f = torch.arange(dp, device=wt.device, dtype=torch.float64) - h
-    fx = torch.arange(x0, x0 + w, device=wt.device, dtype=torch.float64)
-    yx2 = (f * f)[:, None] + (fx * fx)[None, :]
-    live = wt > 0
-    for z in range(dp):
-        live[z] &= (yx2 + float(f[z]) ** 2) <= r_max ** 2
-    return live
+def _live_voxels(wt: Tensor, yz2: Tensor, r_max: float, x0: int = 0) -> Tensor:
+    """``(Dp, Dp, w)`` bool: voxels of the half-spectrum slab ``wt`` (kx from ``x0``) inside the insertion
+    sphere of radius ``r_max`` that received data; ``yz2`` ``(Dp, Dp)``: ``kz^2 + ky^2`` of the slab's rows
+    (float32 holds these integer sums exactly)."""
+    fx2 = torch.arange(x0, x0 + wt.shape[-1], device=wt.device, dtype=torch.float32) ** 2
+    return (wt > 0) & ((yz2[:, :, None] + fx2) <= r_max ** 2)
 
 
-def _masked_sum(values: Tensor, mask: Tensor) -> float:
-    """``values[mask].sum()`` a kz plane at a time (no copy of the selected voxels)."""
-    return sum(float(values[z][mask[z]].sum(dtype=torch.float64)) for z in range(values.shape[0]))
+def _radial_yz2(Dp: int, h: int, device) -> Tensor:
+    """``kz^2 + ky^2`` ``(Dp, Dp)`` float32 with both axes centred at ``h``."""
+    f = (torch.arange(Dp, device=device, dtype=torch.float32) - h) ** 2
+    return f[:, None] + f[None, :]
 
 
 def _complete_kx0_plane(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, Dp: int) -> None:

@@ -6,7 +6,6 @@ import math
 import torch
 from torch import Tensor
 
-from cryofastar_core.physics.fourier import fft3c, radial_index_grid
 
 
 def fsc(vol1: Tensor, vol2: Tensor) -> tuple[Tensor, Tensor]:
@@ -14,24 +13,34 @@ def fsc(vol1: Tensor, vol2: Tensor) -> tuple[Tensor, Tensor]:
 
     Shells are 1 Fourier voxel thick (``round(|k| D)``), from 0 to ``D // 2`` (Nyquist).
     Returns ``(freq, fsc)``, each ``(D // 2 + 1,)``: ``freq`` in cycles/px (``i / D``), computed in float64.
+
+    From the half transforms (``rfftn``; a sample at ``kx > 0`` stands for its Friedel partner too, counted
+    twice), without centring (no shell sum depends on the phase), a ``kz`` plane at a time: at box 256 the
+    temporaries are two half transforms, not a dozen full-grid arrays (tests/test_reconstruct_fsc.py holds
+    the full-grid definition).
     """
     if vol1.shape != vol2.shape or vol1.ndim != 3:
         raise ValueError(f"fsc needs two volumes of the same (D, D, D) shape, got {tuple(vol1.shape)} and {tuple(vol2.shape)}")
-    D = vol1.shape[-1]
-    f1 = fft3c(vol1.to(torch.float64))
-    f2 = fft3c(vol2.to(torch.float64, device=vol1.device) if vol2.device != vol1.device else vol2.to(torch.float64))
-    n = D // 2 + 1
-    shell = radial_index_grid(D, 3, device=vol1.device).reshape(-1)
-    keep = shell < n
-    shell = shell[keep]
-    cross = (f1 * f2.conj()).real.reshape(-1)[keep]
-    p1 = (f1.abs() ** 2).reshape(-1)[keep]
-    p2 = (f2.abs() ** 2).reshape(-1)[keep]
-    z = torch.zeros(n, dtype=torch.float64, device=vol1.device)
-    num = z.index_add(0, shell, cross)
-    den = torch.sqrt(z.index_add(0, shell, p1) * z.index_add(0, shell, p2))
+    D, dev = vol1.shape[-1], vol1.device
+    f1 = torch.fft.rfftn(vol1.to(torch.float64))
+    f2 = torch.fft.rfftn(vol2.to(device=dev, dtype=torch.float64))
+    n, hx = D // 2 + 1, f1.shape[-1]
+    k2 = torch.fft.fftfreq(D, 1.0 / D, device=dev, dtype=torch.float32) ** 2     # integer squares: exact
+    yx2 = k2[:, None] + (torch.arange(hx, device=dev, dtype=torch.float32) ** 2)[None, :]
+    twice = torch.full((hx,), 2.0, dtype=torch.float64, device=dev)
+    twice[0] = 1.0
+    if D % 2 == 0:
+        twice[-1] = 1.0                    # kx = D/2: one column of the full grid, not a pair
+    sums = torch.zeros(3, n, dtype=torch.float64, device=dev)
+    for z in range(D):
+        shell = torch.round(torch.sqrt(yx2 + k2[z])).long().reshape(-1)   # as radial_index_grid (float32)
+        keep = shell < n
+        a, b = f1[z], f2[z]
+        terms = torch.stack([(a * b.conj()).real, a.real ** 2 + a.imag ** 2, b.real ** 2 + b.imag ** 2]) * twice
+        sums.index_add_(1, shell[keep], terms.reshape(3, -1)[:, keep])
+    num, den = sums[0], torch.sqrt(sums[1] * sums[2])
     curve = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
-    freq = torch.arange(n, dtype=torch.float64, device=vol1.device) / D
+    freq = torch.arange(n, dtype=torch.float64, device=dev) / D
     return freq, curve
 
 

@@ -77,10 +77,19 @@ def run_case(spec: DatasetSpec, root: Path, label: str, settings: dict, threads:
     return dict(case=spec.name, label=label, settings=settings, threads=threads, wall_s=round(wall, 1),
                 timings_s=report["timings_s"], peak_memory_mb=report.get("peak_memory_mb", {}),
                 work_scale=report.get("work_scale", {}), median_rotation_deg=round(ev["rotation"]["median_deg"], 2),
-                median_shift_px=round(ev["translation"]["median_px"], 3),
+                **_mate_fields(ev["rotation_mate"]), median_shift_px=round(ev["translation"]["median_px"], 3),
                 map_fsc05_A=round(ours05, 2), true_pose_map_fsc05_A=round(true05, 2),
                 map_vs_true_pose=round(ours05 / true05, 3), verdict=report["quality"]["verdict"],
                 junk=report.get("junk", {}).get("n_flagged"))
+
+
+def _mate_fields(mate: dict) -> dict:
+    """The pose errors allowing a 180°-type mate of the map frame (``metrics.mate_errors``): on a
+    pseudo-symmetric structure the plain median says more about how the particles split between a pose and
+    its mate than about how close either is."""
+    angle = mate["mate_angle_deg"]
+    return dict(mate_fraction=round(mate["mate_fraction"], 3), mate_angle_deg=None if angle is None else round(angle, 1),
+                median_rotation_modulo_mate_deg=round(mate["median_deg_modulo_mate"], 2))
 
 
 def run_relion(spec: DatasetSpec, root: Path, threads: int, minutes: float) -> dict:

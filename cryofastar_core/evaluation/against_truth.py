@@ -4,7 +4,9 @@ Particles of ``--pred`` and ``--truth`` (RELION ``.star`` or CryoSPARC ``.cs``) 
 (stack file and slice, i.e. ``rlnImageName``); particles found in only one file are ignored with a
 warning. Rotation errors are measured after the best global rotation and hand (an ab initio frame and hand
 are arbitrary):
-median and mean geodesic angle, mean ``||R_true - G R_pred||_F``; translation error in pixels.
+median and mean geodesic angle, mean ``||R_true - G R_pred||_F``; translation error in pixels; and the
+same allowing one 180°-type mate of the frame (``metrics.mate_errors``: a pseudo-symmetric structure can
+split its particles between a pose and its mate, and the plain median then says how they split).
 With ``--map`` and ``--truth-map`` the map is moved into the truth frame with the same ``G`` and the
 FSC resolution against the truth map is reported (0.5 and 0.143 thresholds).
 """
@@ -63,6 +65,7 @@ def evaluate(pred_path: Path, truth_path: Path, map_path: Path | None = None, tr
         log.warning("evaluating %d particles found in both files (%d predicted, %d true)", len(ip), len(pred), len(truth))
     rot = metrics.rotation_errors(pred.rotations[ip], truth.rotations[it], allow_mirror=allow_mirror)
     result = {"n_particles": int(len(ip)), "rotation": rot,
+              "rotation_mate": metrics.mate_errors(pred.rotations[ip], truth.rotations[it], allow_mirror=allow_mirror),
               "translation": metrics.translation_errors(pred.shifts[ip], truth.shifts[it])}
     if map_path is not None:
         vol, apix_map = read_map(map_path)
@@ -91,6 +94,12 @@ def format_report(r: dict) -> str:
              f"rotation F-norm         mean {rot['mean_fnorm']:.4f}   median {rot['median_fnorm']:.4f}",
              f"hand                    {'mirrored (poses compared as F R F)' if rot['mirrored'] else 'same as truth'}",
              f"translation error (px)  median {tr['median_px']:.3f}   mean {tr['mean_px']:.3f}"]
+    mate = r.get("rotation_mate", {})
+    if mate.get("mate_angle_deg") is not None:
+        label = f"at a {mate['mate_angle_deg']:.0f}° mate"
+        lines.insert(3, f"{label:<24}{100 * mate['mate_fraction']:.1f} % of the particles "
+                        f"(a pseudo-symmetry?); error to the nearer of pose and mate: median "
+                        f"{mate['median_deg_modulo_mate']:.3f}")
     if "map" in r:
         m = r["map"]
         lines.append(f"map vs truth FSC        {m['resolution_fsc0.5']:.2f} Å at 0.5, {m['resolution_fsc0.143']:.2f} Å "

@@ -88,6 +88,41 @@ def rotation_errors(R_pred, R_true, allow_mirror: bool = True) -> dict:
             "mirrored": bool(mirrored), "G": np.asarray(G).tolist(), "n": int(len(Rt))}
 
 
+def mate_errors(R_pred, R_true, allow_mirror: bool = True, min_fraction: float = 0.02) -> dict:
+    """Pose errors allowing one 180°-type "mate" of the map frame: for a structure with a (pseudo-)symmetry
+    axis, refinement can put a particle at ``S G R_true``-like poses that the symmetry nearly explains.
+
+    Particles more than 90° off after the global alignment are taken as the mate's; ``S`` (map frame) is
+    their chordal mean relative rotation, and ``G`` is refitted with their truths brought back by ``S^T``
+    (three rounds), so the mates do not pull the alignment. Returns ``mate_fraction`` (particles closer to
+    ``S G R`` than to ``G R``), ``mate_angle_deg`` (the angle of ``S``; ``None`` when fewer than
+    ``min_fraction`` of the particles are far off), ``mate_spread_deg`` (median angle between each mate's
+    relative rotation and ``S``: small when it is one operation, not scatter) and ``median_deg_modulo_mate``
+    (each particle's error to the nearer of the two). For an asymmetric structure a mate is still a wrong
+    pose: it puts the particle's high-resolution detail in the wrong place.
+    """
+    G, mirrored = align_rotations(R_pred, R_true, allow_mirror)
+    Ra, Rt = apply_alignment(R_pred, G, mirrored), _as64(R_true)
+    ang = rotation_angle_deg(Ra, Rt)
+    far = ang > 90
+    if float(far.double().mean()) < min_fraction:
+        return {"mate_fraction": float(far.double().mean()), "mate_angle_deg": None, "mate_spread_deg": None,
+                "median_deg_modulo_mate": _median(ang)}
+    Ra0 = Ra
+    for _ in range(3):
+        S = _project_so3((Rt[far] @ Ra[far].transpose(-1, -2)).sum(0))
+        back = torch.where(far[:, None, None], S.T @ Rt, Rt)
+        Ra = _fit(Ra0, back)[0] @ Ra0
+        ang_same, ang_mate = rotation_angle_deg(Ra, Rt), rotation_angle_deg(S @ Ra, Rt)
+        far = ang_mate < ang_same
+    S = _project_so3((Rt[far] @ Ra[far].transpose(-1, -2)).sum(0))
+    spread = rotation_angle_deg(Rt[far] @ Ra[far].transpose(-1, -2), S.expand(int(far.sum()), 3, 3))
+    return {"mate_fraction": float(far.double().mean()),
+            "mate_angle_deg": float(rotation_angle_deg(S[None], torch.eye(3, dtype=S.dtype)[None])[0]),
+            "mate_spread_deg": _median(spread),
+            "median_deg_modulo_mate": _median(torch.minimum(rotation_angle_deg(Ra, Rt), rotation_angle_deg(S @ Ra, Rt)))}
+
+
 def translation_errors(t_pred, t_true) -> dict:
     """``||t_pred - t_true||_2`` per particle (px): ``mean_px``, ``median_px``.
 

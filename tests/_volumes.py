@@ -29,8 +29,8 @@ def blob_volume(box: int, n_blobs: int = 12, seed: int = 0, centred: bool = Fals
     return vol
 
 
-def blob_particles(n: int, box: int, apix: float, g: torch.Generator):
-    """``n`` views of :func:`blob_volume` at SNR 1 with CTF (defocus 0.4-1.0 um: at box 32 a larger one
+def blob_particles(n: int, box: int, apix: float, g: torch.Generator, volume: torch.Tensor | None = None):
+    """``n`` views of :func:`blob_volume` (or of ``volume``) at SNR 1 with CTF (defocus 0.4-1.0 um: at box 32 a larger one
     spreads the signal past the box) and shifts within 2 px, drawn from ``g``: ``(R (n, 3, 3) float64,
     s (n, 2) float64, ctf, images (n, box, box))``."""
     from cryofastar_core.geometry import random_rotations
@@ -43,6 +43,7 @@ def blob_particles(n: int, box: int, apix: float, g: torch.Generator):
     dfu = 4000 + 6000 * torch.rand(n, generator=g, dtype=torch.float64)
     ctf = CTFParams.from_arrays(dict(defocus_u=dfu, defocus_v=dfu - 300, defocus_angle=torch.rand(n, generator=g) * 180,
                                      voltage=300.0, cs=2.7, amplitude_contrast=0.1))
-    _, images = simulate_images(prepare_volume(blob_volume(box)), R.float(), s.float(), ctf, apix, snr=1.0,
+    vol = blob_volume(box) if volume is None else volume
+    _, images = simulate_images(prepare_volume(vol), R.float(), s.float(), ctf, apix, snr=1.0,
                                 generator=g)
     return R, s, ctf, images

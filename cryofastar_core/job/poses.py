@@ -19,6 +19,7 @@ from cryofastar_core.job.classes import refine_classes
 from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
 from cryofastar_core.job.work_scale import balanced_subset, plan_work
 from cryofastar_core.reconstruct import half_sets
+from cryofastar_core.refine.mates import MATE_PASSES
 from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.errors import InputError
@@ -139,7 +140,7 @@ def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, s
         return refine_classes(cfg, particles, rotations, shifts, half, keep, apix, device, progress, comm)
     idx = np.flatnonzero(keep)
     scale = plan_work(particles.box, apix, half[idx], cfg.target_resolution, cfg.ab_initio_particles, cfg.seed)
-    rcfg = RefineConfig(iterations=cfg.refine_iters, exclude_junk=not cfg.keep_junk,
+    rcfg = RefineConfig(iterations=cfg.refine_iters, exclude_junk=not cfg.keep_junk, mate_passes=MATE_PASSES,
                         global_step_deg=RefineConfig.global_step_deg if cfg.refine_global else None)
     R, s = rotations[idx].copy(), shifts[idx].copy()
     initial, history = None, []

@@ -108,6 +108,7 @@ from torch import Tensor
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.refine.config import RefineConfig, matching_shells
 from cryofastar_core.refine.grids import perturbation_grid, shift_grid
+from cryofastar_core.refine.mates import resolve_mates
 from cryofastar_core.refine.origin import final_maps, move_origin
 from cryofastar_core.refine.passes import global_search, initial_maps, local_iteration
 from cryofastar_core.refine.state import start_state
@@ -177,6 +178,7 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     global_search(st)
     for it in range(cfg.iterations):
         local_iteration(st, it)
+    resolve_mates(st)
     if cfg.centre_origin and len(st.history) > 1:
         move_origin(st)
     full = final_maps(st)

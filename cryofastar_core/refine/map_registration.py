@@ -301,3 +301,11 @@ def register_map(moving: Tensor, fixed: Tensor, shells: float, *, radius_deg: fl
         t = t_new
         score, G, mirrored = _best_rotation(pair, t, False, G, mirrored)
     return Registration(G=G, mirrored=mirrored, correlation=score, identity_correlation=identity, t=t)
+
+
+def self_match_scores(volume: Tensor, rotations: Tensor, shells: float, pad: int = 2, chunk: int = 64) -> Tensor:
+    """How well ``volume`` ``(D, D, D)`` matches itself turned by each of ``rotations`` ``(B, 3, 3)``
+    (``out(w) = volume(G^T w)``): the registration score ``(B,)`` over shells ``1 .. shells``, 1 at the
+    identity. What :mod:`cryofastar_core.refine.mates` looks for a pseudo-symmetry with."""
+    pair = _map_pair(volume, volume, shells, None, pad, chunk=chunk)
+    return _scores(pair, rotations.to(torch.float64), False, pair.wb.conj())

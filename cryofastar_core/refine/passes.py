@@ -229,7 +229,7 @@ class _LocalPlan(PassPlan):
     shift_at_edge: Tensor
 
 
-def _local_plan(st: RefineState, it: int) -> _LocalPlan:
+def local_plan(st: RefineState, it: int) -> _LocalPlan:
     """Local iteration ``it``'s (from 0) search: steps and radii shrunk by ``shrink ** it``, the band up to the
     FSC = 0.5 (first) or 0.143 (later) crossing, references and half-2 registration from the current maps."""
     cfg, D, dev = st.cfg, st.box, st.device
@@ -277,7 +277,7 @@ def local_iteration(st: RefineState, it: int) -> None:
     half map, new maps from them, and a history entry."""
     cfg = st.cfg
     t0 = time.perf_counter()
-    plan = _local_plan(st, it)
+    plan = local_plan(st, it)
     (moved_deg, moved_px), (edge_rot, edge_shift) = run_matching_pass(
         st, plan, _local_step, f"refine {it + 1}/{cfg.iterations}", PassTally(at_edge=[0, 0]))
     N = st.n

@@ -210,7 +210,7 @@ def frame_fields(frame: HalfFrame) -> dict:
 def record(st: RefineState, entry: dict) -> None:
     """Append a pass's ``entry`` to the history, log it, and show the caller the poses it produced."""
     st.history.append(entry)
-    name = "global pass" if entry["stage"] == "global" else "local iteration"
+    name = {"global": "global pass", "mates": "mate pass"}.get(entry["stage"], "local iteration")
     junk = entry.get("junk")
     flagged = f", {junk['n_flagged']} particles without evidence for any pose (junk)" if (junk or {}).get("n_flagged") else ""
     log.info("refinement %s %d: poses moved %.1f deg (median), half-map FSC 0.143 at %.1f Å, %.1f s%s", name,

@@ -1,0 +1,193 @@
+"""Pose mates of a pseudo-symmetric structure: every particle chooses between its pose and its mate.
+
+Many proteins are nearly symmetric (a homodimer, a domain repeat): turned by 180° about some axis, the
+map matches itself at low resolution and differs only in finer detail. The global passes assign poses at
+low resolution (``global_max_shells``), where a pose and its mate ``S R`` look alike, and local searches
+cannot cross 180°; so particles split between the two, the maps become a blend, the blend is symmetric
+enough to keep the split, and the fine detail that tells the halves of the structure apart is averaged
+away (6FLR: half of the particles at the mate in every run, the map up to 21 % coarser than the true
+poses give; ``bench/results/2026-12-06-scale.md``).
+
+After the local iterations: ``S`` is the 180° rotation that best matches half 1's map onto itself
+(:func:`find_mate`, a hemisphere of axes, then finer about the best). Then mate passes: each particle is
+scored at its pose and at ``S R`` against its own half map over the last local iteration's band, keeps
+the better, and the maps are rebuilt from the choices (gold standard as every pass). A blend map is not
+exactly symmetric (the halves never split exactly evenly), and each pass sharpens whichever way it leans,
+so the split resolves in a few passes; on a structure without such a mate the first pass keeps nearly
+every pose and the passes stop. Each half resolves on its own, possibly towards the other side: if half 2's
+map then matches half 1's better turned by ``S``, half 2's particles all take their mates in one more pass.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from cryofastar_core.physics.centre import volume_centroid
+from cryofastar_core.physics.shift import shift_volume
+from cryofastar_core.refine.map_registration import register_map, self_match_scores, shifts_after_moving_map
+from cryofastar_core.refine.matching import candidate_scores
+from cryofastar_core.refine.passes import local_plan
+from cryofastar_core.refine.scan import (PassTally, band_fields, frame_fields, fsc_entry, moved_fields, record,
+                                         run_matching_pass)
+from cryofastar_core.refine.state import RefineState
+
+COARSE_AXIS_STEP_DEG = 3.0
+COARSE_SHELLS = 12.0
+COARSE_CANDIDATES = 3
+REGISTER_SHELLS = 20.0   # the offset and fine angle need no finer shells, and each costs
+MATE_PASSES = 8          # what the job asks for (RefineConfig.mate_passes); 6FLR resolved in 7
+MIN_RESOLVED_FRACTION = 0.05  # passes that changed fewer particles than this resolved nothing
+
+
+def half_turns(axes: Tensor) -> Tensor:
+    """The 180° rotations ``2 n n^T - I`` ``(B, 3, 3)`` about unit axes ``(B, 3)``."""
+    n = axes / axes.norm(dim=-1, keepdim=True)
+    return 2 * n[:, :, None] * n[:, None, :] - torch.eye(3, dtype=n.dtype)
+
+
+def hemisphere_axes(step_deg: float) -> Tensor:
+    """Unit axes ``(B, 3)`` float64 about ``step_deg`` apart covering the upper hemisphere (a Fibonacci
+    lattice; an axis and its opposite give the same half turn)."""
+    n = max(8, int(2 * math.pi / math.radians(step_deg) ** 2))
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1 - i / n                                   # uniform in z on [0, 1]: equal areas
+    phi = i * math.pi * (3 - math.sqrt(5))
+    r = torch.sqrt(1 - z * z)
+    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1)
+
+
+def _axes_near(axis: Tensor, radius_deg: float, step_deg: float) -> Tensor:
+    """Axes within ``radius_deg`` of ``axis`` ``(3,)`` on a grid of ``step_deg`` (tangent-plane offsets)."""
+    a = axis / axis.norm()
+    helper = torch.tensor([1.0, 0.0, 0.0], dtype=a.dtype) if abs(float(a[0])) < 0.9 else torch.tensor([0.0, 1.0, 0.0], dtype=a.dtype)
+    u = torch.linalg.cross(a, helper)
+    u = u / u.norm()
+    v = torch.linalg.cross(a, u)
+    k = int(radius_deg // step_deg)
+    g = torch.arange(-k, k + 1, dtype=a.dtype) * math.radians(step_deg)
+    gu, gv = torch.meshgrid(g, g, indexing="ij")
+    keep = gu ** 2 + gv ** 2 <= math.radians(radius_deg) ** 2 + 1e-12
+    return a + gu[keep, None] * u + gv[keep, None] * v
+
+
+def find_mate(volume: Tensor, shells: float, pad: int = 2, max_shift_px: float = 3.0) -> tuple[Tensor, Tensor, float]:
+    """The mate of ``volume`` ``(D, D, D)``: ``(A, t, score)`` with ``A`` ``(3, 3)`` float64 close to a half
+    turn and ``t`` ``(3,)`` px such that ``volume(A^T (w - t))`` best matches ``volume(w)``, and that
+    match's score (1 for an exact symmetry). Half turns on a hemisphere of axes ``COARSE_AXIS_STEP_DEG``
+    apart over the first ``COARSE_SHELLS`` shells (an axis off the box centre costs little there), then 0.5°
+    about the best; then rotation and offset refined together on ``shells``, as half 2 is registered onto
+    half 1 (the axis of a pseudo-symmetry need not pass through the box centre). The search runs on the
+    map moved so that its centre of mass sits at the box centre, which the axis of a pseudo-symmetric
+    assembly passes near (an axis far off the centre would decorrelate the coarse shells)."""
+    c = volume_centroid(volume)
+    A, t_c, score = _mate_about_centre(shift_volume(volume, -c).to(volume.dtype), shells, pad, max_shift_px)
+    # volume(w) = centred(w - c): the mate of the centred map, moved back
+    return A, c + t_c - A @ c, score
+
+
+def _mate_about_centre(volume: Tensor, shells: float, pad: int, max_shift_px: float) -> tuple[Tensor, Tensor, float]:
+    # several candidate axes from the coarse shells (an offset left by the centring still costs there),
+    # each registered with rotation and offset on every shell
+    coarse_shells = min(shells, COARSE_SHELLS)
+    axes = hemisphere_axes(COARSE_AXIS_STEP_DEG)
+    coarse = self_match_scores(volume, half_turns(axes), coarse_shells, pad)
+    best = None
+    for k in _distinct_best(axes, coarse, COARSE_CANDIDATES):
+        near = _axes_near(axes[k], COARSE_AXIS_STEP_DEG, 0.5)
+        S = half_turns(near[int(self_match_scores(volume, half_turns(near), coarse_shells, pad).argmax())][None])[0]
+        reg = register_map(_moved(volume, S, torch.zeros(3, dtype=torch.float64)), volume,
+                           min(shells, REGISTER_SHELLS), radius_deg=2.0,
+                           max_shift_px=max_shift_px, pad=pad)
+        if best is None or reg.correlation > best[2]:
+            best = (reg.G @ S, reg.t, reg.correlation)
+    return best
+
+
+def _distinct_best(axes: Tensor, scores: Tensor, k: int, apart_deg: float = 10.0) -> list[int]:
+    """The ``k`` best-scoring axes at least ``apart_deg`` from each other (an axis and its opposite alike)."""
+    chosen: list[int] = []
+    for i in scores.argsort(descending=True).tolist():
+        if all(float((axes[i] @ axes[j]).abs()) < math.cos(math.radians(apart_deg)) for j in chosen):
+            chosen.append(i)
+            if len(chosen) == k:
+                break
+    return chosen
+
+
+def resolve_mates(st: RefineState) -> None:
+    """The mate passes of the module docstring, after the local iterations (nothing without any)."""
+    cfg = st.cfg
+    if cfg.mate_passes <= 0 or cfg.iterations <= 0:
+        return
+    plan = local_plan(st, cfg.iterations - 1)
+    mate = find_mate(st.maps[0] * st.mask, plan.r_lim, cfg.pad)
+    total = 0
+    for i in range(cfg.mate_passes):
+        flipped = _mate_pass(st, mate, i, "choose")
+        total += flipped
+        if flipped <= cfg.mate_settle_fraction * st.n:
+            break
+    # Each half resolved on its own, perhaps to opposite sides: then half 2 moved by the mate matches half 1
+    # far better than as it is (as well as the halves match, against as well as the mates do). Only a
+    # resolved split is judged, with a margin: between two blends the difference is noise.
+    A, t, score = mate
+    half1, half2 = st.maps[0] * st.mask, st.maps[1] * st.mask
+    resolved = flipped <= cfg.mate_settle_fraction * st.n and total >= MIN_RESOLVED_FRACTION * st.n
+    if resolved and _correlation(_moved(half2, A, t), half1) > _correlation(half2, half1) + 0.25 * (1 - score):
+        _mate_pass(st, mate, cfg.mate_passes, "half 2 to its mates")
+
+
+def _correlation(a: Tensor, b: Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def _moved(volume: Tensor, A: Tensor, t: Tensor) -> Tensor:
+    """``out(w) = volume(A^T (w - t))`` (trilinear, ``w`` about the box centre ``D // 2``, zero outside)."""
+    D = volume.shape[-1]
+    c = D // 2
+    r = torch.arange(D, dtype=torch.float64, device=volume.device) - c
+    z, y, x = torch.meshgrid(r, r, r, indexing="ij")
+    w = torch.stack([x, y, z], -1) - t.to(volume.device)
+    src = w @ A.to(volume.device)                                    # A^T (w - t), as row vectors times A
+    grid = (2 * (src + c) / (D - 1) - 1).to(volume.dtype)
+    return torch.nn.functional.grid_sample(volume[None, None], grid[None], mode="bilinear", padding_mode="zeros",
+                                           align_corners=True)[0, 0]
+
+
+def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode: str) -> int:
+    """One pass: every particle at its pose or its mate (``A R``, the shift taking up the offset ``t``;
+    ``mode`` "choose": the better against its own half map; otherwise half 2's particles all take their
+    mates); returns how many changed."""
+    A, t, score = mate
+    t0 = time.perf_counter()
+    plan = local_plan(st, st.cfg.iterations - 1)
+    zero = int((plan.deltas.abs().sum(-1)).argmin())
+    E0, eye = plan.E[:, zero:zero + 1].contiguous(), torch.eye(3, dtype=torch.float64)[None]
+
+    def step(st: RefineState, plan, k: int, X: Tensor, gi: Tensor, w: Tensor, tally: PassTally):
+        R, s = st.R[gi], st.s[gi]
+        mates = A @ R
+        s_mates = shifts_after_moving_map(mates, s, t)
+        if mode == "choose":
+            args = (plan.band, X)
+            same = candidate_scores(plan.refs[k - 1], *args, R, s, eye, E0, w, st.ctf_of(gi), st.apix, st.cfg.batch_points)
+            other = candidate_scores(plan.refs[k - 1], *args, mates, s_mates, eye, E0, w, st.ctf_of(gi), st.apix,
+                                     st.cfg.batch_points)
+            take = (other[:, 0, 0] > same[:, 0, 0]).cpu()
+        else:
+            take = torch.full((len(gi),), k == 2)
+        R_new = torch.where(take[:, None, None], mates, R)
+        s_new = torch.where(take[:, None], s_mates, s)
+        tally.record(R, R_new, s, s_new, gi)
+        return R_new, s_new
+
+    (moved_deg, moved_px), _ = run_matching_pass(st, plan, step, f"mates {i + 1}", PassTally(at_edge=[0, 0]))
+    flipped = int((moved_deg > 90).sum())
+    entry = fsc_entry(i + 1, st.freq, st.curve, st.apix, "mates", t0)
+    entry.update(mode=mode, mate_score=score, n_flipped=flipped, **band_fields(st, plan),
+                 **moved_fields(moved_deg, moved_px), **frame_fields(plan.frame))
+    record(st, entry)
+    return flipped

@@ -225,7 +225,7 @@ def test_refine_iters_runs_inside_the_job(sim_star, tiny_weights, tmp_path):
     assert all(h["seconds"] >= 0 and h["median_rotation_change_deg"] >= 0 for h in report.refinement[1:])
     assert "refine" in report.timings_s
     no_global = run(_cfg(sim_star, tmp_path / "local_only", tiny_weights, refine_iters=1, refine_global=False))
-    assert [h["stage"] for h in no_global.refinement] == ["start", "local"]
+    assert [h["stage"] for h in no_global.refinement if h["stage"] != "mates"] == ["start", "local"]
     assert read_particles(out / "particles.star", sim_star.parent).rotations is not None
     # The written maps are refinement's last reconstruction, reused rather than rebuilt: they must equal a
     # fresh CTF-corrected reconstruction of the written particles at their refined poses and half sets.

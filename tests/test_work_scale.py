@@ -100,7 +100,7 @@ def test_subset_then_every_particle(particles40, tiny_weights, tmp_path):
     np.testing.assert_array_equal(np.flatnonzero(ff), balanced_subset(read_particles(particles40).half_set, 300, 0))
     stages = [(h.get("particles"), h["stage"]) for h in data["refinement"]]
     assert stages[0] == ("ab initio subset", "start") and ("ab initio subset", "global") in stages
-    assert stages[-1] == (None, "mates") and (None, "local") in stages and sum(s == (None, "global") for s in stages) == 1
+    assert stages[-1] == (None, "local") and (None, "mates") in stages and sum(s == (None, "global") for s in stages) == 1
     assert mrcfile.read(out / "map.mrc").shape == (BOX, BOX, BOX)
     assert not (out / ".cryofastar" / "scratch").exists()  # the cropped images' scratch is removed
     assert set(data["peak_memory_mb"]) >= {"read", "poses", "refine", "reconstruct", "write"}

@@ -33,6 +33,12 @@ shifts follow it as they are made, so the next maps share one frame; the frame i
 images of the same data score (:mod:`cryofastar_core.refine.junk`); particles with none are left out of
 the maps from the next pass on (``exclude_junk``), and reported.
 
+**Pose mates.** A pseudo-symmetric structure (nearly symmetric under a half turn) lets the low-resolution
+global passes split its particles between a pose and its mate, which local searches cannot undo; with
+``mate_passes`` the driver finds the map's mate before the last local iteration and lets every particle
+choose between the two against its own half map until the split resolves
+(:mod:`cryofastar_core.refine.mates`); the last iteration then refines the poses and shifts chosen.
+
 **One origin.** The frame's origin is as free as its orientation and drifts over the passes. With
 ``centre_origin`` the shifts are moved so that the maps' centre of mass sits at the box centre, and the
 maps are rebuilt from them (one more reconstruction pass): the origin the feed-forward shifts (image
@@ -177,8 +183,9 @@ def refine_poses(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | N
     initial_maps(st, initial_half_maps)
     global_search(st)
     for it in range(cfg.iterations):
+        if it == cfg.iterations - 1:
+            resolve_mates(st)   # before the last local iteration, which refines the mates' poses and shifts
         local_iteration(st, it)
-    resolve_mates(st)
     if cfg.centre_origin and len(st.history) > 1:
         move_origin(st)
     full = final_maps(st)

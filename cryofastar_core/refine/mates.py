@@ -8,8 +8,8 @@ enough to keep the split, and the fine detail that tells the halves of the struc
 away (6FLR: half of the particles at the mate in every run, the map up to 21 % coarser than the true
 poses give; ``bench/results/2026-12-06-scale.md``).
 
-After the local iterations: ``S`` is the 180° rotation that best matches half 1's map onto itself
-(:func:`find_mate`, a hemisphere of axes, then finer about the best). Then mate passes: each particle is
+Before the last local iteration (which then refines the chosen poses and shifts): the mate is the half turn
+and offset that best match half 1's map onto itself (:func:`find_mate`). Then mate passes: each particle is
 scored at its pose and at ``S R`` against its own half map over the last local iteration's band, keeps
 the better, and the maps are rebuilt from the choices (gold standard as every pass). A blend map is not
 exactly symmetric (the halves never split exactly evenly), and each pass sharpens whichever way it leans,
@@ -118,7 +118,8 @@ def _distinct_best(axes: Tensor, scores: Tensor, k: int, apart_deg: float = 10.0
 
 
 def resolve_mates(st: RefineState) -> None:
-    """The mate passes of the module docstring, after the local iterations (nothing without any)."""
+    """The mate passes of the module docstring, on the band of the last local iteration (nothing without
+    local iterations)."""
     cfg = st.cfg
     if cfg.mate_passes <= 0 or cfg.iterations <= 0:
         return

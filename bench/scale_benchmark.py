@@ -3,7 +3,9 @@
 Per case (``STRUCTURE:N:BOX``, simulated by our simulator from an evaluation structure, SNR ``--snr``,
 CTF, shifts up to ``box / 32`` px; ``bench/datasets.py``): ``cryofastar run`` in its own process with
 ``--threads`` (its ``report.json`` gives the time and peak resident memory per stage), then against the
-truth: median rotation and shift error of every particle, and the map's FSC against the true map beside
+truth: median rotation and shift error of every particle (also allowing a 180° mate of the frame, and
+with the frame's origin aligned: ``metrics.mate_errors``, ``translation_errors_origin_aligned``), and the
+map's FSC against the true map beside
 the FSC of the **true-pose map** (the same particles reconstructed at their true poses by
 ``cryofastar reconstruct``, same box) against the true map: the ratio says what the poses cost.
 ``--set KEY=VALUE`` passes job options (e.g. ``target_resolution=8``), so settings are compared on the
@@ -78,6 +80,7 @@ def run_case(spec: DatasetSpec, root: Path, label: str, settings: dict, threads:
                 timings_s=report["timings_s"], peak_memory_mb=report.get("peak_memory_mb", {}),
                 work_scale=report.get("work_scale", {}), median_rotation_deg=round(ev["rotation"]["median_deg"], 2),
                 **_mate_fields(ev["rotation_mate"]), median_shift_px=round(ev["translation"]["median_px"], 3),
+                median_shift_origin_aligned_px=round(ev["translation_origin_aligned"]["median_px"], 3),
                 map_fsc05_A=round(ours05, 2), true_pose_map_fsc05_A=round(true05, 2),
                 map_vs_true_pose=round(ours05 / true05, 3), verdict=report["quality"]["verdict"],
                 junk=report.get("junk", {}).get("n_flagged"))

@@ -133,3 +133,20 @@ def test_mate_errors_find_a_pseudo_symmetry_flip_and_measure_modulo_it():
     assert m["median_deg_modulo_mate"] < rotation_errors(R_pred, R_true)["median_deg"]
     clean = mate_errors(torch.as_tensor((frame * (noise * truth)).as_matrix()), R_true)
     assert clean["mate_angle_deg"] is None and clean["mate_fraction"] < 0.02
+
+
+def test_origin_aligned_shift_errors_remove_one_offset_of_the_frame():
+    """Shifts made by moving the map's origin by o (plus 0.1 px of noise): the raw error is o's projection,
+    the origin-aligned one the noise, and |o| is recovered."""
+    from cryofastar_core.evaluation.metrics import translation_errors_origin_aligned
+    from cryofastar_core.refine.map_registration import shifts_after_moving_map
+
+    g = torch.Generator().manual_seed(8)
+    R = _rots(3000, 8)
+    s = torch.rand(3000, 2, generator=g, dtype=torch.float64) * 4 - 2
+    o = torch.tensor([0.4, -0.2, 0.45], dtype=torch.float64)
+    moved = shifts_after_moving_map(R, s, o) + 0.1 * torch.randn(3000, 2, generator=g, dtype=torch.float64)
+    raw = translation_errors(moved, s)["median_px"]
+    aligned = translation_errors_origin_aligned(moved, s, R)
+    assert raw > 0.3 and aligned["median_px"] < 0.15
+    assert abs(aligned["origin_offset_px"] - float(o.norm())) < 0.02

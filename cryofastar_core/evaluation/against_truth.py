@@ -6,7 +6,8 @@ warning. Rotation errors are measured after the best global rotation and hand (a
 are arbitrary):
 median and mean geodesic angle, mean ``||R_true - G R_pred||_F``; translation error in pixels; and the
 same allowing one 180°-type mate of the frame (``metrics.mate_errors``: a pseudo-symmetric structure can
-split its particles between a pose and its mate, and the plain median then says how they split).
+split its particles between a pose and its mate, and the plain median then says how they split); and the
+shift error once the frame's origin, as free as its orientation, is aligned too.
 With ``--map`` and ``--truth-map`` the map is moved into the truth frame with the same ``G`` and the
 FSC resolution against the truth map is reported (0.5 and 0.143 thresholds).
 """
@@ -66,7 +67,9 @@ def evaluate(pred_path: Path, truth_path: Path, map_path: Path | None = None, tr
     rot = metrics.rotation_errors(pred.rotations[ip], truth.rotations[it], allow_mirror=allow_mirror)
     result = {"n_particles": int(len(ip)), "rotation": rot,
               "rotation_mate": metrics.mate_errors(pred.rotations[ip], truth.rotations[it], allow_mirror=allow_mirror),
-              "translation": metrics.translation_errors(pred.shifts[ip], truth.shifts[it])}
+              "translation": metrics.translation_errors(pred.shifts[ip], truth.shifts[it]),
+              "translation_origin_aligned": metrics.translation_errors_origin_aligned(pred.shifts[ip], truth.shifts[it],
+                                                                                      truth.rotations[it])}
     if map_path is not None:
         vol, apix_map = read_map(map_path)
         truth_vol, apix = read_map(truth_map_path)
@@ -94,6 +97,10 @@ def format_report(r: dict) -> str:
              f"rotation F-norm         mean {rot['mean_fnorm']:.4f}   median {rot['median_fnorm']:.4f}",
              f"hand                    {'mirrored (poses compared as F R F)' if rot['mirrored'] else 'same as truth'}",
              f"translation error (px)  median {tr['median_px']:.3f}   mean {tr['mean_px']:.3f}"]
+    if "translation_origin_aligned" in r:
+        oa = r["translation_origin_aligned"]
+        lines.append(f"  origin aligned (px)   median {oa['median_px']:.3f}   mean {oa['mean_px']:.3f}   "
+                     f"(frame origin {oa['origin_offset_px']:.2f} px from the truth's)")
     mate = r.get("rotation_mate", {})
     if mate.get("mate_angle_deg") is not None:
         label = f"at a {mate['mate_angle_deg']:.0f}° mate"

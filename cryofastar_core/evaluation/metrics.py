@@ -136,6 +136,20 @@ def translation_errors(t_pred, t_true) -> dict:
     return {"mean_px": float(d.mean()), "median_px": _median(d)}
 
 
+def translation_errors_origin_aligned(t_pred, t_true, R_true) -> dict:
+    """Shift errors once the frame's origin is aligned too: an ab initio map's origin is as free as its
+    orientation, and moving it by ``o`` ``(3,)`` px moves every particle's shift by ``(R^T o)_xy``
+    (:func:`cryofastar_core.refine.map_registration.shifts_after_moving_map`). ``o`` is the least-squares fit
+    over all particles (``R_true`` ``(N, 3, 3)``); returns ``median_px``, ``mean_px`` after removing it and
+    ``origin_offset_px`` (``|o|``)."""
+    tp, tt, R = _as64(t_pred), _as64(t_true), _as64(R_true)
+    d = tp - tt
+    A = R.transpose(-1, -2)[:, :2, :].reshape(-1, 3)
+    o = torch.linalg.lstsq(A, d.reshape(-1, 1)).solution[:, 0]
+    rest = (d.reshape(-1) - A @ o).reshape(-1, 2).norm(dim=-1)
+    return {"median_px": _median(rest), "mean_px": float(rest.mean()), "origin_offset_px": float(o.norm())}
+
+
 def resample_volume(vol, M) -> torch.Tensor:
     """``out(w) = vol(M w)`` for every voxel ``w`` (coordinates ``(x, y, z)`` in px about index ``n // 2``),
     trilinear, zero outside. ``vol``: ``(D, D, D)`` ``V[z, y, x]``; ``M``: ``(3, 3)``."""

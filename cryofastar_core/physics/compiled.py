@@ -3,7 +3,7 @@
 ``setup.py`` builds ``slice_kernels.c`` as an optional extension (``_slice_kernels*.so`` beside this file);
 it has no Python entry point and is called through ``ctypes``, which releases the GIL, so threads share
 the work. Where it was not built (no C compiler at install time), or for tensors that are not float32 /
-complex64 on the CPU, callers keep their torch paths (``projection.sample_at`` /
+complex64 on the CPU, callers keep their torch paths (``projection.project_at`` /
 ``backproject.Backprojector``); :func:`backend` says which one runs (the job logs it).
 ``CRYOFASTAR_NO_COMPILED=1`` forces the torch paths (benchmarks and tests compare the two).
 """

@@ -176,7 +176,7 @@ class Backprojector:
         if wiener_constant is None:
             total, count = 0.0, 0
             for a, b in slabs:
-                wt = self._spectrum_slab(a, b, weights_only=True)[1]
+                wt = self._spectrum_slab(self.weight, a, b)
                 live = _live_voxels(wt, yz2, self.r_max_padded, a)
                 total += float(wt.masked_fill_(~live, 0).sum(dtype=torch.float64))
                 count += int(live.count_nonzero())
@@ -187,7 +187,7 @@ class Backprojector:
         crop = torch.remainder(torch.arange(D, device=self.device) - D // 2, Dp)
         half = torch.empty((D, D, hx), dtype=self.numerator.dtype, device=self.device)
         for a, b in slabs:
-            num, wt = self._spectrum_slab(a, b)
+            num, wt = self._spectrum_slab(self.numerator, a, b), self._spectrum_slab(self.weight, a, b)
             live = _live_voxels(wt, yz2, self.r_max_padded, a)
             num.div_(wt.add_(c)).masked_fill_(~live, 0)
             del wt, live
@@ -205,23 +205,20 @@ class Backprojector:
             vol = vol / gridding_kernel(D, Dp, device=self.device, dtype=vol.dtype)
         return vol.contiguous()
 
-    def _spectrum_slab(self, a: int, b: int, weights_only: bool = False) -> tuple[Tensor | None, Tensor]:
-        """Copies of the half spectrum's numerator and weight ``(Dp, Dp, b - a)`` at ``kx = a .. b - 1``
-        (``kz``, ``ky`` centred at ``Dp // 2``), completed where the stored half is not the spectrum: the
-        ``kx = 0`` plane, where samples and their Friedel partners both landed (``S(0, k) = H(0, k) +
-        conj(H(0, -k))``), and for an even ``Dp`` the Nyquist planes (:func:`_fold_nyquist_planes`).
-        ``weights_only``: the numerator is neither copied nor returned."""
+    def _spectrum_slab(self, stored: Tensor, a: int, b: int) -> Tensor:
+        """A copy of one accumulator (``numerator`` or ``weight``) as the half spectrum ``(Dp, Dp, b - a)`` at
+        ``kx = a .. b - 1`` (``kz``, ``ky`` centred at ``Dp // 2``), completed where the stored half is not
+        the spectrum: the ``kx = 0`` plane, where samples and their Friedel partners both landed (``S(0, k) =
+        H(0, k) + conj(H(0, -k))``), and for an even ``Dp`` the Nyquist planes (:func:`_fold_nyquist_planes`).
+        The conjugations leave the real weight as it is."""
         Dp, c0, h = self.padded_box, self._grid_n // 2, self.padded_box // 2
         zy = slice(c0 - h, c0 - h + Dp)
-        wt = self.weight[zy, zy, a:b].clone()
-        # the completions read both accumulators; with weights only, they fill a throwaway numerator slab
-        num = self.numerator[zy, zy, a:b].clone() if not weights_only else \
-            torch.empty(wt.shape, dtype=self.numerator.dtype, device=self.device)
+        slab = stored[zy, zy, a:b].clone()
         if a == 0:
-            _complete_kx0_plane(num, wt, self.numerator, self.weight, c0, Dp)
+            _complete_kx0_plane(slab, stored, c0, Dp)
         if Dp % 2 == 0:
-            _fold_nyquist_planes(num, wt, self.numerator, self.weight, c0, h, a)
-        return (None if weights_only else num), wt
+            _fold_nyquist_planes(slab, stored, c0, h, a)
+        return slab
 
 
 def _live_voxels(wt: Tensor, yz2: Tensor, r_max: float, x0: int = 0) -> Tensor:
@@ -238,52 +235,43 @@ def _radial_yz2(Dp: int, h: int, device) -> Tensor:
     return f[:, None] + f[None, :]
 
 
-def _complete_kx0_plane(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, Dp: int) -> None:
-    """The ``kx = 0`` plane of the half spectrum ``num`` / ``wt`` ``(Dp, Dp, ·)`` completed in place with its
-    Friedel partners, ``S(0, kz, ky) = H(0, kz, ky) + conj(H(0, -kz, -ky))``, read from the stored plane
-    ``H`` / ``Wh`` (centre ``c0``). For an even ``Dp`` the ``+Dp/2`` row and column (one line with
-    ``-Dp/2`` on the periodic grid) are folded in too."""
+def _complete_kx0_plane(slab: Tensor, H: Tensor, c0: int, Dp: int) -> None:
+    """The ``kx = 0`` plane of the half-spectrum slab ``(Dp, Dp, ·)`` completed in place with its Friedel
+    partners, ``S(0, kz, ky) = H(0, kz, ky) + conj(H(0, -kz, -ky))``, read from the stored accumulator ``H``
+    (centre ``c0``; a real weight is its own conjugate). For an even ``Dp`` the ``+Dp/2`` row and column
+    (one line with ``-Dp/2`` on the periodic grid) are folded in too."""
     h = Dp // 2
     ext = slice(c0 - h, c0 + h + 1)  # kz, ky = -h .. +h: the flip maps k to -k
     plane = H[ext, ext, 0]
-    plane_w = Wh[ext, ext, 0]
     full = plane + torch.flip(plane, dims=(0, 1)).conj()
-    full_w = plane_w + torch.flip(plane_w, dims=(0, 1))
-    num[:, :, 0] = full[:Dp, :Dp]
-    wt[:, :, 0] = full_w[:Dp, :Dp]
+    slab[:, :, 0] = full[:Dp, :Dp]
     if Dp % 2 == 0:
-        num[0, :, 0] += full[Dp, :Dp]
-        num[:, 0, 0] += full[:Dp, Dp]
-        wt[0, :, 0] += full_w[Dp, :Dp]
-        wt[:, 0, 0] += full_w[:Dp, Dp]
+        slab[0, :, 0] += full[Dp, :Dp]
+        slab[:, 0, 0] += full[:Dp, Dp]
 
 
-def _fold_nyquist_planes(num: Tensor, wt: Tensor, H: Tensor, Wh: Tensor, c0: int, h: int, x0: int = 0) -> None:
+def _fold_nyquist_planes(slab: Tensor, H: Tensor, c0: int, h: int, x0: int = 0) -> None:
     """Complete the ``-Dp/2`` planes of a half-spectrum slab (even ``Dp = 2 h``) in place, for its columns
     ``kx = x0 ..`` with ``kx > 0`` (:func:`_complete_kx0_plane` did ``kx = 0``).
 
     On the periodic ``Dp`` grid of the final transform the planes at ``-Dp/2`` and ``+Dp/2`` of each axis
-    are one plane, so it gets the data inserted at both: ``num`` / ``wt`` ``(Dp, Dp, w)`` (kz, ky centred,
-    kx = x0 .. x0 + w - 1) hold ``S(k)`` for kz, ky in ``[-h, h)``; the ``+h`` data come from the stored
-    half ``H`` / ``Wh`` (centre ``c0``, margin included). The cube's edges, where two axes are at Nyquist,
+    are one plane, so it gets the data inserted at both: ``slab`` ``(Dp, Dp, w)`` (kz, ky centred,
+    kx = x0 .. x0 + w - 1) holds ``S(k)`` for kz, ky in ``[-h, h)``; the ``+h`` data come from the stored
+    accumulator ``H`` (centre ``c0``, margin included). The cube's edges, where two axes are at Nyquist,
     lie outside the insertion sphere and are not completed.
     """
-    lo, hi = max(x0, 1), min(x0 + num.shape[-1], h + 1)   # columns kx = lo .. hi - 1 of this slab
+    lo, hi = max(x0, 1), min(x0 + slab.shape[-1], h + 1)   # columns kx = lo .. hi - 1 of this slab
     if lo < hi:
         zy, x, local = slice(c0 - h, c0 + h), slice(lo, hi), slice(lo - x0, hi - x0)
-        num[0, :, local] += H[c0 + h, zy, x]  # kz = +h is the plane kz = -h of the periodic grid
-        wt[0, :, local] += Wh[c0 + h, zy, x]
-        num[:, 0, local] += H[zy, c0 + h, x]  # ky = +h
-        wt[:, 0, local] += Wh[zy, c0 + h, x]
-    if not x0 <= h < x0 + num.shape[-1]:
+        slab[0, :, local] += H[c0 + h, zy, x]  # kz = +h is the plane kz = -h of the periodic grid
+        slab[:, 0, local] += H[zy, c0 + h, x]  # ky = +h
+    if not x0 <= h < x0 + slab.shape[-1]:
         return
     # kx = +h is stored; kx = -h is its Friedel partner within the plane: S(-h, ky, kz) = conj(S(h, -ky, -kz))
-    f2 = lambda t: torch.flip(t, dims=(0, 1))
-    mirror = lambda t: torch.roll(f2(t), shifts=(1, 1), dims=(0, 1))   # (ky, kz) -> (-ky, -kz), centred
     col = h - x0
-    pn, pw = num[:, :, col].clone(), wt[:, :, col].clone()
-    num[:, :, col] = pn + mirror(pn).conj()
-    wt[:, :, col] = pw + mirror(pw)
+    plane = slab[:, :, col].clone()
+    mirrored = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))  # (ky, kz) -> (-ky, -kz)
+    slab[:, :, col] = plane + mirrored.conj()
 
 
 def _splat_trilinear(coords: Tensor, values: Tensor, weights: Tensor, numerator: Tensor, weight: Tensor,

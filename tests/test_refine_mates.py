@@ -9,7 +9,8 @@ from _volumes import blob_particles, blob_volume
 from cryofastar_core.geometry import rotation_angle_deg
 from cryofastar_core.refine.driver import RefineConfig, refine_poses
 from cryofastar_core.refine.map_registration import shifts_after_moving_map
-from cryofastar_core.refine.mates import _moved, find_mate, half_turns, hemisphere_axes
+from cryofastar_core.evaluation.metrics import resample_volume
+from cryofastar_core.refine.mates import find_mate, half_turns, hemisphere_axes
 
 BOX, APIX = 32, 3.0
 AXIS = torch.tensor([[0.48, -0.36, 0.8]], dtype=torch.float64)
@@ -23,7 +24,7 @@ def _pseudo_dimer() -> tuple[torch.Tensor, torch.Tensor]:
     S = half_turns(AXIS)[0]
     blobs = blob_volume(BOX, n_blobs=8, seed=3)
     extra = blob_volume(BOX, n_blobs=2, seed=11)
-    return blobs + _moved(blobs + extra, S, OFFSET), S
+    return blobs + resample_volume(blobs + extra, S.T, OFFSET), S
 
 
 def test_hemisphere_axes_cover_it_evenly():

@@ -150,9 +150,10 @@ def translation_errors_origin_aligned(t_pred, t_true, R_true) -> dict:
     return {"median_px": _median(rest), "mean_px": float(rest.mean()), "origin_offset_px": float(o.norm())}
 
 
-def resample_volume(vol, M) -> torch.Tensor:
-    """``out(w) = vol(M w)`` for every voxel ``w`` (coordinates ``(x, y, z)`` in px about index ``n // 2``),
-    trilinear, zero outside. ``vol``: ``(D, D, D)`` ``V[z, y, x]``; ``M``: ``(3, 3)``."""
+def resample_volume(vol, M, offset=None) -> torch.Tensor:
+    """``out(w) = vol(M (w - offset))`` for every voxel ``w`` (coordinates ``(x, y, z)`` in px about index
+    ``n // 2``), trilinear, zero outside. ``vol``: ``(D, D, D)`` ``V[z, y, x]``; ``M``: ``(3, 3)``;
+    ``offset``: ``(3,)`` px, none by default."""
     v = torch.as_tensor(vol)
     dtype = v.dtype if v.is_floating_point() else torch.float32
     v = v.to(dtype)
@@ -161,6 +162,8 @@ def resample_volume(vol, M) -> torch.Tensor:
     r = torch.arange(n, dtype=torch.float64, device=v.device) - c
     z, y, x = torch.meshgrid(r, r, r, indexing="ij")
     w = torch.stack([x, y, z], -1)  # (D, D, D, 3) as (x, y, z)
+    if offset is not None:
+        w = w - _as64(offset).to(v.device)
     src = w @ _as64(M).to(v.device).T
     # align_corners=True: normalised -1 / +1 are the centres of voxels 0 / n - 1.
     grid = (2 * (src + c) / (n - 1) - 1).to(dtype)

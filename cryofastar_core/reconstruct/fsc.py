@@ -16,7 +16,7 @@ def fsc(vol1: Tensor, vol2: Tensor) -> tuple[Tensor, Tensor]:
 
     From the half transforms (``rfftn``; a sample at ``kx > 0`` stands for its Friedel partner too, counted
     twice), without centring (no shell sum depends on the phase), a ``kz`` plane at a time: at box 256 the
-    temporaries are two half transforms, not a dozen full-grid arrays (tests/test_reconstruct_fsc.py holds
+    temporaries are two half transforms, not a dozen full-grid arrays (tests/test_reconstruct_fsc_mask.py holds
     the full-grid definition).
     """
     if vol1.shape != vol2.shape or vol1.ndim != 3:

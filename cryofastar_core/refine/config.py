@@ -63,8 +63,8 @@ class RefineConfig:
     exclude_junk: bool = True
     junk_null_every: int = 8
     junk_min_bic_gain: float = 10.0
-    # Pose mates of a pseudo-symmetric map (refine/mates.py): at most this many passes after the local
-    # iterations (0: off; the job asks for MATE_PASSES), stopping once a pass changes no more than this
+    # Pose mates of a pseudo-symmetric map (refine/mates.py): at most this many passes before the last local
+    # iteration (0: off; the job asks for MATE_PASSES), stopping once a pass changes no more than this
     # fraction of the particles.
     mate_passes: int = 0
     mate_settle_fraction: float = 0.005

@@ -25,6 +25,7 @@ import time
 import torch
 from torch import Tensor
 
+from cryofastar_core.evaluation.metrics import resample_volume, rotate_volume
 from cryofastar_core.physics.centre import volume_centroid
 from cryofastar_core.physics.shift import shift_volume
 from cryofastar_core.refine.map_registration import register_map, self_match_scores, shifts_after_moving_map
@@ -98,7 +99,7 @@ def _mate_about_centre(volume: Tensor, shells: float, pad: int, max_shift_px: fl
     for k in _distinct_best(axes, coarse, COARSE_CANDIDATES):
         near = _axes_near(axes[k], COARSE_AXIS_STEP_DEG, 0.5)
         S = half_turns(near[int(self_match_scores(volume, half_turns(near), coarse_shells, pad).argmax())][None])[0]
-        reg = register_map(_moved(volume, S, torch.zeros(3, dtype=torch.float64)), volume,
+        reg = register_map(rotate_volume(volume, S), volume,
                            min(shells, REGISTER_SHELLS), radius_deg=2.0,
                            max_shift_px=max_shift_px, pad=pad)
         if best is None or reg.correlation > best[2]:
@@ -137,25 +138,13 @@ def resolve_mates(st: RefineState) -> None:
     A, t, score = mate
     half1, half2 = st.maps[0] * st.mask, st.maps[1] * st.mask
     resolved = flipped <= cfg.mate_settle_fraction * st.n and total >= MIN_RESOLVED_FRACTION * st.n
-    if resolved and _correlation(_moved(half2, A, t), half1) > _correlation(half2, half1) + 0.25 * (1 - score):
+    turned = resample_volume(half2, A.T, t)                          # half2(A^T (w - t))
+    if resolved and _correlation(turned, half1) > _correlation(half2, half1) + 0.25 * (1 - score):
         _mate_pass(st, mate, cfg.mate_passes, "half 2 to its mates")
 
 
 def _correlation(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
-def _moved(volume: Tensor, A: Tensor, t: Tensor) -> Tensor:
-    """``out(w) = volume(A^T (w - t))`` (trilinear, ``w`` about the box centre ``D // 2``, zero outside)."""
-    D = volume.shape[-1]
-    c = D // 2
-    r = torch.arange(D, dtype=torch.float64, device=volume.device) - c
-    z, y, x = torch.meshgrid(r, r, r, indexing="ij")
-    w = torch.stack([x, y, z], -1) - t.to(volume.device)
-    src = w @ A.to(volume.device)                                    # A^T (w - t), as row vectors times A
-    grid = (2 * (src + c) / (D - 1) - 1).to(volume.dtype)
-    return torch.nn.functional.grid_sample(volume[None, None], grid[None], mode="bilinear", padding_mode="zeros",
-                                           align_corners=True)[0, 0]
 
 
 def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode: str) -> int:

@@ -19,6 +19,7 @@ from cryofastar_core.job import JobConfig, run
 from cryofastar_core.job.maps import reconstruct_maps
 from cryofastar_core.job.work_scale import balanced_subset, cropped_loader, local_box_for, plan_work, scratch_for
 from cryofastar_core.physics.fourier import fourier_crop
+from cryofastar_core.reconstruct.centring import centring_offset
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
 N, BOX = 600, 40
@@ -110,6 +111,15 @@ def test_subset_then_every_particle(particles40, tiny_weights, tmp_path):
     ev = evaluate(out / "particles.star", particles40, project_dir=particles40.parent)
     print("rotation error", ev["rotation"]["median_deg"], "deg, shift", ev["translation"]["median_px"], "px")
     assert ev["rotation"]["median_deg"] < 25.0 and ev["translation"]["median_px"] < 1.0
+    # The frame's origin is measured again at the input box: the map written is centred there, and it is
+    # the reconstruction of the shifts written (both moved together).
+    written = torch.as_tensor(mrcfile.read(out / "map.mrc").astype(np.float32))
+    assert float(centring_offset(written).norm()) < 0.05
+    assert len(posed) == report.n_kept  # every particle written went into the maps
+    kept = np.ones(len(posed), dtype=bool)
+    again = reconstruct_maps(posed, posed.rotations, posed.shifts, posed.half_set, kept, float(posed.apix[0]),
+                             torch.device("cpu"))[0]
+    assert float(torch.corrcoef(torch.stack([again.flatten(), written.flatten()]))[0, 1]) > 0.999
 
 
 def test_streamed_reconstruction_does_not_depend_on_chunks(particles40):

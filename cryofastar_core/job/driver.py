@@ -32,7 +32,8 @@ from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.physics.compiled import backend as slice_backend
 from cryofastar_core.io.atomic_write import atomic_output
 from cryofastar_core.job.config import JobConfig, settings_of
-from cryofastar_core.job.maps import accumulate_shard, finalize_halves, with_fsc
+from cryofastar_core.job.maps import (accumulate_shard, centring_at_input_box, finalize_halves, moved_maps, moved_shifts,
+                                      with_fsc)
 from cryofastar_core.job.outputs import ClassOutput, class_summary, refuse_overwriting_inputs, write_outputs
 from cryofastar_core.job.judge import assess_quality
 from cryofastar_core.job.poses import estimate_feed_forward, kept_by_confidence, refine_kept
@@ -310,13 +311,21 @@ def _members(poses: _Poses, number: int) -> np.ndarray:
 
 def _maps_of(ctx: _Context, inputs: _Inputs, poses: _Poses, members: np.ndarray, refined_maps: tuple | None):
     """Rank 0's maps with their FSC of the particles ``members``: refinement's when it made them at the input
-    box (its last pass inserted them at their final poses: no second read), else reconstructed (every rank)."""
+    box (its last pass inserted them at their final poses: no second read), else reconstructed (every rank);
+    then the frame's origin moved to the map's centre of mass, measured at the input box (the members'
+    shifts move with it, on every rank)."""
     apix = inputs.apix
     if refined_maps is not None:
-        return ctx.comm.on_main(lambda: with_fsc(refined_maps, apix), share=False)
-    halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, members, apix,
-                               ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
-    return ctx.comm.on_main(lambda: with_fsc(finalize_halves(halves), apix), share=False)
+        maps = refined_maps
+    else:
+        halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, members, apix,
+                                  ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
+        maps = ctx.comm.on_main(lambda: finalize_halves(halves), share=False)
+    t = ctx.comm.on_main(lambda: centring_at_input_box(maps[0]))
+    if bool(t.any()):
+        log.info("final map's centre of mass moved to the box centre (%.2f px at the input box)", float(t.norm()))
+    poses.shifts[members] = moved_shifts(poses.rotations[members], poses.shifts[members], t)
+    return ctx.comm.on_main(lambda: with_fsc(moved_maps(maps, t), apix), share=False)
 
 
 def _reconstruct_other_classes(ctx: _Context, inputs: _Inputs, poses: _Poses) -> list[tuple[int, tuple | None]]:

@@ -149,3 +149,15 @@ def fourier_pad_volume(vol: Tensor, new_box: int) -> Tensor:
 def pad_centred(x: Tensor, new: int, ndim: int) -> Tensor:
     """Zero-pad (or crop) the last ``ndim`` axes of a real-space array, keeping the centre at ``n // 2``."""
     return _crop_or_pad_centred(x, new, ndim)
+
+
+def lowpass_volume(volume: Tensor, sigma: float) -> Tensor:
+    """A real volume ``(D, D, D)`` times a Gaussian of width ``sigma`` cycles/px in Fourier space, one axis
+    at a time on the half spectrum (float32 volumes stay in single precision)."""
+    d = volume.shape[-1]
+    real = torch.float64 if volume.dtype == torch.float64 else torch.float32
+    spec = torch.fft.rfftn(volume.to(real), dim=(-3, -2, -1))
+    for axis, k in ((0, torch.fft.fftfreq(d)), (1, torch.fft.fftfreq(d)), (2, torch.fft.rfftfreq(d))):
+        g = torch.exp(-k.to(device=volume.device, dtype=real) ** 2 / (2 * sigma ** 2))
+        spec *= g.reshape([-1 if a == axis else 1 for a in range(3)])
+    return torch.fft.irfftn(spec, s=volume.shape[-3:], dim=(-3, -2, -1)).to(volume.dtype)

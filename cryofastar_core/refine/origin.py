@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import Tensor
 
-from cryofastar_core.physics.centre import volume_centroid
-from cryofastar_core.physics.shift import shift_volume
 from cryofastar_core.reconstruct import Backprojector
+from cryofastar_core.reconstruct.centring import centring_offset
 from cryofastar_core.refine.map_registration import shifts_after_moving_map
 from cryofastar_core.refine.state import RefineState
 
@@ -18,14 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def move_origin(st: RefineState) -> None:
-    """Move every shift so that the summed half maps' centre of mass (inside the mask) sits at the box
-    centre; the offset goes into the last history entry (``origin_moved_px``). The maps are rebuilt from
-    the moved shifts by :func:`final_maps` rather than moved themselves, so they stay exactly the
-    reconstruction of the poses returned."""
-    both = st.maps[0] + st.maps[1]
-    t = torch.zeros(3, dtype=torch.float64, device=both.device)
-    for _ in range(3):  # the fixed mask sees a little more or less of a moved map: settle
-        t = t - volume_centroid(shift_volume(both, t), st.mask)
+    """Move every shift so that the summed half maps' centre of mass
+    (:func:`~cryofastar_core.reconstruct.centring.centring_offset`) sits at the box centre; the offset
+    goes into the last history entry (``origin_moved_px``). The maps are rebuilt from the moved shifts
+    by :func:`final_maps` rather than moved themselves, so they stay exactly the reconstruction of the
+    poses returned."""
+    t = centring_offset(st.maps[0] + st.maps[1])
     st.s = shifts_after_moving_map(st.R, st.s, t.cpu())
     st.history[-1]["origin_moved_px"] = float(t.norm())
     log.info("refined map's centre of mass moved to the box centre (%.2f px)", float(t.norm()))

@@ -57,4 +57,3 @@ def volume_centroid(volume: Tensor, mask: Tensor | None = None) -> Tensor:
     if float(mass) <= 0:
         return torch.zeros(3, dtype=torch.float64, device=volume.device)
     return torch.stack([(w * r[None, None, :]).sum(), (w * r[None, :, None]).sum(), (w * r[:, None, None]).sum()]) / mass
-

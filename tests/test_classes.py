@@ -187,6 +187,23 @@ def test_job_with_two_classes(mixed_star, tmp_path):
     assert len(posed) == len(rows)
 
 
+def test_a_one_class_run_says_when_its_particles_split_in_two(mixed_star, tmp_path):
+    """The one-class job's split test (cryofastar_core/evaluation/heterogeneity.py): on both conformations
+    the verdict is not ``ok`` and says to run two classes; on one conformation alone it finds no split."""
+    figures = {}
+    for name, star in (("mixed", mixed_star), ("one", mixed_star.parent / "conf0" / "particles.star")):
+        run(JobConfig(particles=star, out_dir=tmp_path / name, views=16, candidates=3, anchors=4, device="cpu",
+                      refine_iters=1))
+        data = json.loads((tmp_path / name / "report.json").read_text())
+        figures[name] = (data["quality"], data["timings_s"]["heterogeneity"])
+    print({k: (q["verdict"], q["heterogeneity"]) for k, (q, _) in figures.items()})
+    mixed, one = figures["mixed"][0], figures["one"][0]
+    assert mixed["heterogeneity"]["heterogeneous"] and mixed["verdict"] != "ok"
+    assert "--classes 2" in " ".join(mixed["reasons"])
+    assert one["heterogeneity"]["shells"] >= 3 and not one["heterogeneity"]["heterogeneous"]
+    assert not any("--classes 2" in r for r in one["reasons"])
+
+
 def test_a_class_stuck_on_wrong_maps_is_refined_afresh(mixed_star):
     """A class whose local refinement starts from maps of another volume and random poses cannot leave them
     (its verdict is not ``ok``); the class step then runs a one-class ab initio of its particles, judges both

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryofastar_core.evaluation.heterogeneity import HETEROGENEOUS_ABOVE, SplitTest
 from cryofastar_core.evaluation.orientation import OrientationReport, orientation_report, shell_directions
 from cryofastar_core.geometry import random_rotations, rotations_at_angle
 from cryofastar_core.physics.ctf import CTFParams
@@ -83,6 +84,7 @@ class PoseQuality:
     n_particles_scored: int
     thresholds: dict = field(default_factory=dict)
     orientation: dict = field(default_factory=dict)  # OrientationReport.to_dict() of every judged pose
+    heterogeneity: dict = field(default_factory=dict)  # SplitTest.to_dict() (evaluation/heterogeneity.py), one class
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -286,3 +288,20 @@ def with_class_disagreement(quality: PoseQuality, support: float, threshold: flo
     if quality.verdict == "ok" and not refined:
         return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])
     return replace(quality, reasons=[*quality.reasons, line])
+
+
+def with_heterogeneity(quality: PoseQuality, test: SplitTest) -> PoseQuality:
+    """``quality`` told whether its particles split reproducibly into two populations
+    (:mod:`cryofastar_core.evaluation.heterogeneity`). The pose figures cannot see it: a consensus fits
+    the conformation most particles share and the others' poses still beat random ones (a 50:50 mixture
+    of two conformations read ``ok`` at 73 degrees off, bench/results/2026-12-06-classes.md). A
+    heterogeneous set's ``ok`` becomes ``doubtful``, with the reason first (after a failure's)."""
+    quality = replace(quality, heterogeneity=test.to_dict())
+    if not test.heterogeneous:
+        return quality
+    line = (f"the particles split into two groups whose maps differ beyond their noise in both half sets "
+            f"(split figure {test.figure:.3f}; one population stays below {HETEROGENEOUS_ABOVE}): a mixture of "
+            f"conformations or of proteins; run with --classes 2 or classify in the host")
+    if quality.verdict == "failed":  # the failure stays the headline
+        return replace(quality, reasons=[*quality.reasons, line])
+    return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cryofastar_core import __version__
-from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_junk
+from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_heterogeneity, with_junk
 from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.physics.compiled import backend as slice_backend
 from cryofastar_core.io.atomic_write import atomic_output
@@ -35,7 +35,7 @@ from cryofastar_core.job.config import JobConfig, settings_of
 from cryofastar_core.job.maps import (accumulate_shard, centring_at_input_box, finalize_halves, moved_maps, moved_shifts,
                                       with_fsc)
 from cryofastar_core.job.outputs import ClassOutput, class_summary, refuse_overwriting_inputs, write_outputs
-from cryofastar_core.job.judge import assess_quality
+from cryofastar_core.job.judge import assess_quality, split_test
 from cryofastar_core.job.poses import estimate_feed_forward, kept_by_confidence, refine_kept
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
@@ -311,16 +311,15 @@ def _members(poses: _Poses, number: int) -> np.ndarray:
 
 def _maps_of(ctx: _Context, inputs: _Inputs, poses: _Poses, members: np.ndarray, refined_maps: tuple | None):
     """Rank 0's maps with their FSC of the particles ``members``: refinement's when it made them at the input
-    box (its last pass inserted them at their final poses: no second read), else reconstructed (every rank);
-    then the frame's origin moved to the map's centre of mass, measured at the input box (the members'
-    shifts move with it, on every rank)."""
+    box (its last pass inserted them at their final poses, in the frame it centred there: no second read),
+    else reconstructed (every rank) and the frame's origin moved to the map's centre of mass measured at
+    the input box (the members' shifts move with it, on every rank)."""
     apix = inputs.apix
-    if refined_maps is not None:
-        maps = refined_maps
-    else:
-        halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, members, apix,
-                                  ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
-        maps = ctx.comm.on_main(lambda: finalize_halves(halves), share=False)
+    if refined_maps is not None:  # refinement centred its frame at this very box
+        return ctx.comm.on_main(lambda: with_fsc(refined_maps, apix), share=False)
+    halves = accumulate_shard(inputs.particles, poses.rotations, poses.shifts, poses.half, members, apix,
+                              ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
+    maps = ctx.comm.on_main(lambda: finalize_halves(halves), share=False)
     t = ctx.comm.on_main(lambda: centring_at_input_box(maps[0]))
     if bool(t.any()):
         log.info("final map's centre of mass moved to the box centre (%.2f px at the input box)", float(t.norm()))
@@ -368,6 +367,13 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     if "class_support" in poses.est:
         quality = with_class_disagreement(quality, float(poses.est["class_support"]), LOW_SUPPORT,
                                           refined=ctx.cfg.refine_iters > 0)
+    if poses.classes is None and ctx.cfg.refine_iters > 0:
+        with ctx.timer.stage("heterogeneity"):
+            idx = np.flatnonzero(poses.keep)
+            test = split_test(inputs.particles, idx, poses.rotations[idx], poses.shifts[idx], poses.half[idx],
+                              ctx.device, ctx.cfg.seed)
+        if test is not None:
+            quality = with_heterogeneity(quality, test)
     return quality
 
 

@@ -1,5 +1,6 @@
 """The data-only verdict on a set of posed particles, as the job judges every map it writes (class 1, each
-further class) and every class it refines: :func:`assess_quality`."""
+further class) and every class it refines: :func:`assess_quality`; and, for a one-class run, whether its
+particles hold two populations: :func:`split_test`."""
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,14 @@ import logging
 import numpy as np
 import torch
 
+from cryofastar_core.evaluation.heterogeneity import SplitTest, split_reproducibility
 from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.job.work_scale import AB_INITIO_BOX, cropped_loader
 from cryofastar_core.physics.fourier import fourier_crop_volume
+from cryofastar_core.reconstruct import soft_sphere_mask
+from cryofastar_core.refine.classes import classify_poses
+from cryofastar_core.refine.config import RefineConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +40,41 @@ def assess_quality(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarra
     maps = tuple(fourier_crop_volume(m, box) if box < particles.box else m for m in half_maps)
     return assess_poses(load, ctf, float(particles.apix[0]) / to_box, np.asarray(rotations),
                         np.asarray(shifts) * to_box, np.asarray(half), maps, device=device)
+
+
+# The split test classifies a sample of the kept particles at the judging box, from their final poses, by a
+# few class passes on a coarse grid (30 degrees, shifts within 1 px: mostly each particle's pose is kept and
+# only its class is chosen). On the adenylate-kinase mixture that separates the conformations (90 % right) as
+# well as the 15-degree grid, in 10 s instead of 30 s for 2,000 particles (bench/results/2026-12-06-classes.md,
+# session 16).
+SPLIT_PARTICLES = 2000
+SPLIT_PASSES = 4
+SPLIT_STEP_DEG = 30.0
+SPLIT_SHIFT_RADIUS_PX = 1.0
+SPLIT_MIN_PARTICLES = 200  # fewer: the class maps are too noisy for a judgement
+
+
+def split_test(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,
+               device: torch.device, seed: int = 0) -> SplitTest | None:
+    """Whether the particles ``idx`` (at poses ``rotations`` ``(n, 3, 3)``, ``shifts`` ``(n, 2)`` input px, half
+    sets ``half`` ``(n,)``) split reproducibly into two populations
+    (:mod:`cryofastar_core.evaluation.heterogeneity`): up to :data:`SPLIT_PARTICLES` of them, drawn with
+    ``seed``, classified into two classes by :data:`SPLIT_PASSES` coarse class passes at the judging box; None
+    for fewer than :data:`SPLIT_MIN_PARTICLES`."""
+    if len(idx) < SPLIT_MIN_PARTICLES:
+        return None
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(len(idx))[:SPLIT_PARTICLES])
+    box = min(particles.box, JUDGING_BOX)
+    to_box = box / particles.box
+    log.info("testing whether %d of the particles split into two populations (2 classes, box %d)", len(pick), box)
+    chosen = idx[pick]
+    ctf = particles.ctf_params(chosen) if particles.ctf is not None else None
+    found = classify_poses(cropped_loader(particles, chosen, box, torch.device("cpu")), ctf,
+                           float(particles.apix[0]) / to_box, np.asarray(rotations)[pick],
+                           np.asarray(shifts)[pick] * to_box, np.asarray(half)[pick], 2,
+                           RefineConfig(global_passes=SPLIT_PASSES, global_step_deg=SPLIT_STEP_DEG,
+                                        global_shift_radius_px=SPLIT_SHIFT_RADIUS_PX), device)
+    sizes = np.bincount(found.labels.numpy(), minlength=2).tolist()
+    mask = soft_sphere_mask(box, 0.45 * box - 3.0, 3.0, device=found.maps[0][0].device)
+    return split_reproducibility(found.maps[0], found.maps[1], mask, sizes)

@@ -37,7 +37,7 @@ def centring_at_input_box(full: torch.Tensor) -> torch.Tensor:
 
     Refinement centres its frame at the box it works at (``refine/origin.py``); at a quarter of the input
     box a tenth of a pixel there is most of a pixel here, so the job measures again on the input-box map
-    (tests/test_job_centring.py)."""
+    (tests/test_work_scale.py)."""
     t = centring_offset(full).cpu()
     return t if float(t.norm()) > CENTRED_WITHIN_PX else torch.zeros(3, dtype=torch.float64)
 

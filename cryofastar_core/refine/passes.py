@@ -25,8 +25,8 @@ from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, s
 from cryofastar_core.refine.grids import ball_grid, parabola_vertex, shift_grid
 from cryofastar_core.refine.junk import flag_junk, randomised_phases
 from cryofastar_core.refine.matching import FourierBand, candidate_scores
-from cryofastar_core.refine.scan import (PassPlan, PassTally, band_fields, frame_fields, fsc_entry, fsc_filter,
-                                         half_frame, moved_fields, record, run_matching_pass)
+from cryofastar_core.refine.scan import (HalfFrame, PassPlan, PassTally, band_fields, frame_fields, fsc_entry,
+                                         fsc_filter, half_frame, moved_fields, record, run_matching_pass)
 from cryofastar_core.refine.state import RefineState, share
 
 
@@ -229,9 +229,10 @@ class _LocalPlan(PassPlan):
     shift_at_edge: Tensor
 
 
-def local_plan(st: RefineState, it: int) -> _LocalPlan:
+def local_plan(st: RefineState, it: int, register: bool = True) -> _LocalPlan:
     """Local iteration ``it``'s (from 0) search: steps and radii shrunk by ``shrink ** it``, the band up to the
-    FSC = 0.5 (first) or 0.143 (later) crossing, references and half-2 registration from the current maps."""
+    FSC = 0.5 (first) or 0.143 (later) crossing, references and (``register``) half-2 registration from the
+    current maps."""
     cfg, D, dev = st.cfg, st.box, st.device
     scale = cfg.shrink ** it
     a_step, a_rad = cfg.angle_step_deg * scale, cfg.angle_radius_deg * scale
@@ -250,7 +251,8 @@ def local_plan(st: RefineState, it: int) -> _LocalPlan:
         omegas=omegas, deltas=deltas, perturb=rotvec_to_matrix(omegas), neighbours=nbs, soft_grids=grids,
         E=band.ramps(deltas.to(dev), torch.float32).T.contiguous(),
         refs=[prepare_volume(fourier_crop_volume(m * st.mask, band.crop), pad=cfg.pad) for m in st.maps],
-        filt=fsc_filter(st.curve, band, cfg), frame=half_frame(st.maps, st.mask, r_lim, st.curve, cfg),
+        filt=fsc_filter(st.curve, band, cfg),
+        frame=half_frame(st.maps, st.mask, r_lim, st.curve, cfg) if register else HalfFrame(None),
         rot_at_edge=(nb_rot < 0).any(-1).any(-1), shift_at_edge=(nb_sh < 0).any(-1).any(-1))
 
 

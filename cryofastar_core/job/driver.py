@@ -321,10 +321,11 @@ def _maps_of(ctx: _Context, inputs: _Inputs, poses: _Poses, members: np.ndarray,
                               ctx.device, ctx.cfg.read_chunk, ctx.progress, ctx.comm)
     maps = ctx.comm.on_main(lambda: finalize_halves(halves), share=False)
     t = ctx.comm.on_main(lambda: centring_at_input_box(maps[0]))
-    if bool(t.any()):
+    if t is not None:
         log.info("final map's centre of mass moved to the box centre (%.2f px at the input box)", float(t.norm()))
-    poses.shifts[members] = moved_shifts(poses.rotations[members], poses.shifts[members], t)
-    return ctx.comm.on_main(lambda: with_fsc(moved_maps(maps, t), apix), share=False)
+        poses.shifts[members] = moved_shifts(poses.rotations[members], poses.shifts[members], t)
+        maps = ctx.comm.on_main(lambda: moved_maps(maps, t), share=False)
+    return ctx.comm.on_main(lambda: with_fsc(maps, apix), share=False)
 
 
 def _reconstruct_other_classes(ctx: _Context, inputs: _Inputs, poses: _Poses) -> list[tuple[int, tuple | None]]:

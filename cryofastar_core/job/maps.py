@@ -32,26 +32,25 @@ def with_fsc(maps: tuple, apix: float) -> tuple:
 CENTRED_WITHIN_PX = 0.01  # an offset this small is left alone (the maps are not moved for nothing)
 
 
-def centring_at_input_box(full: torch.Tensor) -> torch.Tensor:
-    """The offset ``(3,)`` px (float64, CPU) that moves the final map's centre of mass to the box centre.
+def centring_at_input_box(full: torch.Tensor) -> torch.Tensor | None:
+    """The offset ``(3,)`` px (float64, CPU) that moves the final map's centre of mass to the box centre, or
+    None within :data:`CENTRED_WITHIN_PX` of it.
 
     Refinement centres its frame at the box it works at (``refine/origin.py``); at a quarter of the input
     box a tenth of a pixel there is most of a pixel here, so the job measures again on the input-box map
     (tests/test_work_scale.py)."""
     t = centring_offset(full).cpu()
-    return t if float(t.norm()) > CENTRED_WITHIN_PX else torch.zeros(3, dtype=torch.float64)
+    return t if float(t.norm()) > CENTRED_WITHIN_PX else None
 
 
 def moved_maps(maps: tuple, t: torch.Tensor) -> tuple:
     """``(full, half1, half2)`` moved by ``t`` px (:func:`~cryofastar_core.physics.shift.shift_volume`):
     the maps of the shifts :func:`moved_shifts` gives, up to interpolation."""
-    return maps if not bool(t.any()) else tuple(shift_volume(m, t) for m in maps)
+    return tuple(shift_volume(m, t) for m in maps)
 
 
 def moved_shifts(rotations: np.ndarray, shifts: np.ndarray, t: torch.Tensor) -> np.ndarray:
     """Shifts ``(N, 2)`` px of particles at ``rotations`` ``(N, 3, 3)`` after their map moved by ``t``."""
-    if not bool(t.any()):
-        return shifts
     moved = shifts_after_moving_map(torch.as_tensor(rotations, dtype=torch.float64),
                                     torch.as_tensor(shifts, dtype=torch.float64), t)
     return moved.numpy().astype(shifts.dtype, copy=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cryofastar_core.physics.fourier import fft2c, freq_1d, ifft2c
+from cryofastar_core.physics.fourier import fft2c, filter_half_spectrum, freq_1d, ifft2c
 
 
 def phase_ramp(box: int, shifts: Tensor) -> Tensor:
@@ -37,19 +37,17 @@ def shift_images(images: Tensor, shifts: Tensor) -> Tensor:
 
 def shift_volume(volume: Tensor, t: Tensor) -> Tensor:
     """A real volume ``(D, D, D)`` (``V[z, y, x]``) moved by ``t = (tx, ty, tz)`` px: ``out(w) = vol(w - t)``,
-    by Fourier phase ramp (periodic), one axis at a time on the half spectrum (float32 volumes stay in
-    single precision: a box-256 map moves in a few hundred MB). A particle's shift follows a map moved by
-    ``t`` as :meth:`cryofastar_core.refine.map_registration.Registration.shifts_for` says."""
+    by Fourier phase ramp (periodic), one axis at a time on the half spectrum
+    (:func:`~cryofastar_core.physics.fourier.filter_half_spectrum`). A particle's shift follows a map moved
+    by ``t`` as :meth:`cryofastar_core.refine.map_registration.Registration.shifts_for` says."""
     d = volume.shape[-1]
-    real = torch.float64 if volume.dtype == torch.float64 else torch.float32
     t = torch.as_tensor(t, dtype=torch.float64).cpu()
-    spec = torch.fft.rfftn(volume.to(real), dim=(-3, -2, -1))
-    for axis, k, tk in ((0, torch.fft.fftfreq(d, dtype=torch.float64), t[2]),
-                        (1, torch.fft.fftfreq(d, dtype=torch.float64), t[1]),
-                        (2, torch.fft.rfftfreq(d, dtype=torch.float64), t[0])):
-        ramp = torch.polar(torch.ones_like(k), -2 * torch.pi * k * tk)
+
+    def ramp(axis: int, k: Tensor) -> Tensor:
+        tk = t[2 - axis]  # axis 0 is z
+        out = torch.polar(torch.ones_like(k), -2 * torch.pi * k * tk)
         if d % 2 == 0:  # the Nyquist term is its own mirror: its real ramp keeps the moved volume real
-            ramp[d // 2] = torch.cos(torch.pi * tk)
-        ramp = ramp.to(device=volume.device, dtype=spec.dtype)
-        spec *= ramp.reshape([-1 if a == axis else 1 for a in range(3)])
-    return torch.fft.irfftn(spec, s=volume.shape[-3:], dim=(-3, -2, -1)).to(volume.dtype)
+            out[d // 2] = torch.cos(torch.pi * tk)
+        return out
+
+    return filter_half_spectrum(volume, ramp)

@@ -18,7 +18,7 @@ from cryofastar_core.evaluation.metrics import rotation_errors
 from cryofastar_core.geometry import random_rotations, rotvec_to_matrix
 from cryofastar_core.io import read_particles, write_map
 from cryofastar_core.job import JobConfig, run
-from cryofastar_core.refine.classes import _best_permutation, classify_poses, dealt_labels, ranked_labels
+from cryofastar_core.refine.classes import _best_permutation, classify_poses, dealt_labels, ranked_labels, seeded_labels
 from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.simulation.particle_sets import SimulateConfig, simulate
 
@@ -54,6 +54,20 @@ def test_classes_start_ranked_by_fit_within_each_half():
     # half 1 holds fits 5, 4, 3, 2, 1, 0 in that order, half 2 holds 1, 2, 3, 4, 5, 6: best two in class 0
     assert labels[half == 1].tolist() == [0, 0, 1, 1, 2, 2]
     assert labels[half == 2].tolist() == [2, 2, 1, 1, 0, 0]
+
+
+def test_the_worst_fitting_particles_seed_the_other_classes():
+    half = np.array([1, 2] * 10)
+    fit = torch.arange(20.0).flip(0)  # half 1 holds fits 19, 17, ..., 1; half 2 holds 18, 16, ..., 0
+    labels = seeded_labels(fit, half, 2, 0.2).numpy()
+    # In each half the worst-fitting fifth (2 of 10, the last two rows) starts class 1, the rest class 0.
+    assert labels[half == 1].tolist() == [0] * 8 + [1] * 2
+    assert labels[half == 2].tolist() == [0] * 8 + [1] * 2
+    labels = seeded_labels(fit, half, 3, 0.2).numpy()
+    assert labels[half == 1].tolist() == [0] * 6 + [1] * 2 + [2] * 2  # the worst into the last class
+    # With many classes each seeds at most 1/K of a half: class 0 keeps some.
+    labels = seeded_labels(fit, half, 5, 0.3).numpy()
+    assert np.bincount(labels[half == 2], minlength=5).tolist() == [2, 2, 2, 2, 2]
 
 
 def test_peak_over_spread_tells_the_maps_structure_from_another():

@@ -3,9 +3,10 @@
 1. **Consensus.** The one-class global passes, as a one-class run's ab initio (on the subset at the ab
    initio box when there is one, :mod:`cryofastar_core.job.work_scale`): poses that fit one map of every
    conformation. From random poses the classes do not converge (:mod:`cryofastar_core.refine.classes`).
-2. **Classes** on the same particles, from the consensus poses, the particles the consensus fits worst
-   starting together (:func:`~cryofastar_core.refine.classes.classify_poses`), until they settle; junk is
-   found there.
+2. **Classes** on the same particles (:func:`~cryofastar_core.refine.classes.classify_poses`), until they
+   settle; junk is found there. The particles the consensus fits worst seed the classes after the first,
+   each from an ab initio of its own seed (:func:`_seeded_start`); the rest start the first class at their
+   consensus poses.
 3. **Every particle** (with a subset): one class pass at the local box against the classes' maps.
 4. **Each class** refined on its own particles by the local iterations (no global pass), from its maps; a
    class whose poses are then not judged ``ok`` is also refined from a one-class ab initio of its own
@@ -20,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io import ParticleSet
@@ -27,7 +29,7 @@ from cryofastar_core.job.judge import assess_quality
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.refine_at import Refined, ab_initio_at, ab_initio_on_subset, padded_to, refine_at
 from cryofastar_core.job.work_scale import cropped_loader, plan_work
-from cryofastar_core.refine.classes import ClassResult, classify_poses, dealt_labels
+from cryofastar_core.refine.classes import ClassResult, classify_poses, consensus_fit, dealt_labels, seeded_labels
 from cryofastar_core.refine.driver import RefineConfig
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.progress import Progress
@@ -54,7 +56,9 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
         cons = ab_initio_at(particles, idx, box, R, s, half[idx], apix, rcfg, device, progress, comm)
         R, s = cons.rotations.numpy(), cons.shifts.numpy()
         history = [dict(h, particles="consensus") for h in cons.history]
-    found = _classify_at(particles, idx[sub], box, R[sub], s[sub], half[idx[sub]], apix, rcfg, cfg, None, None,
+    start, R[sub], s[sub] = _seeded_start(particles, idx[sub], scale, R[sub], s[sub], half, apix, rcfg, cfg, device,
+                                          progress, comm)
+    found = _classify_at(particles, idx[sub], box, R[sub], s[sub], half[idx[sub]], apix, rcfg, cfg, start, None,
                          device, progress, comm)
     history += [dict(h, particles="classes" if scale.subset is None else "classes, ab initio subset")
                 for h in found.history]
@@ -87,6 +91,51 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
         numbers[labels == c] = number
     return _refined(rotations, shifts, idx, R, s, numbers, junk, score, rule, history, scale,
                     class_maps if scale.local_box == particles.box else None, len(keep))
+
+
+# The share of each half set, per class after the first, that the consensus fits worst and that starts that
+# class from an ab initio of its own. Another protein as 18 % of the kept particles: the worst-fitting fifth
+# is 71 % of it, and from there the classes separate (bench/results/2026-12-06-classes.md, session 17).
+SEED_FRACTION = 0.2
+# ...but at least this many particles per half set: a seed's maps are built from a quarter of it per
+# sub-half, and with 60 per half (300 of each of two blob volumes, tests/test_classes.py) the seeded class
+# drained to a sink.
+SEED_PARTICLES_PER_HALF = 250
+
+
+def _seeded_start(particles: ParticleSet, idx: np.ndarray, scale, R: np.ndarray, s: np.ndarray, half: np.ndarray,
+                  apix: float, rcfg: RefineConfig, cfg: JobConfig, device: torch.device, progress: Progress | None,
+                  comm: Communicator | None) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """The class passes' start for the particles ``idx`` at consensus poses ``R`` ``(n, 3, 3)``, ``s`` ``(n, 2)``
+    (input px): classes 1..K-1 (0-based) seeded with the particles the consensus fits worst
+    (:func:`~cryofastar_core.refine.classes.seeded_labels`); class 0 the rest at their consensus poses. A
+    seed's poses come from an ab initio of the seed alone, from its consensus poses when that is judged
+    ``ok`` (another conformation: the consensus fits it roughly), else from random poses (another protein:
+    its consensus poses are noise, and a class started from them makes a map of the consensus, which its
+    particles never leave; the "fit" start of session 13 lost a third of the good particles to it).
+    Returns the labels ``(n,)`` and the poses."""
+    box = scale.ab_initio_box
+    to_box = box / particles.box
+    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
+    fit = consensus_fit(cropped_loader(particles, idx, box, device), ctf, apix / to_box, R, s * to_box, half[idx],
+                        rcfg, device, comm)
+    per_half = min(int((half[idx] == k).sum()) for k in (1, 2))
+    labels = seeded_labels(fit, half[idx], cfg.classes, max(SEED_FRACTION, SEED_PARTICLES_PER_HALF / max(per_half, 1)))
+    R, s = R.copy(), s.copy()
+    for c in range(1, cfg.classes):
+        rows = np.flatnonzero(labels.numpy() == c)
+        log.info("classes: class %d of %d starts from the %d particles the consensus fits worst", c + 1, cfg.classes,
+                 len(rows))
+        seeded = ab_initio_at(particles, idx[rows], box, R[rows], s[rows], half[idx[rows]], apix, rcfg, device,
+                              progress, comm)
+        judged = _judge(particles, idx[rows], seeded, half, device)
+        if judged.verdict != "ok":
+            log.info("classes: class %d's seed at its consensus poses is judged %s; an ab initio from random poses",
+                     c + 1, judged.verdict)
+            seeded = _ab_initio_restarts(particles, idx[rows], scale, s[rows], half, apix, rcfg,
+                                         cfg.seed + 104729 * c, device, progress, comm)
+        R[rows], s[rows] = seeded.rotations.numpy(), seeded.shifts.numpy()
+    return labels, R, s
 
 
 _RANK = {"failed": 0, "doubtful": 1, "ok": 2}

@@ -208,6 +208,33 @@ def ranked_labels(fit: Tensor, half: np.ndarray | Tensor, n_classes: int) -> Ten
     return labels
 
 
+def seeded_labels(fit: Tensor | np.ndarray, half: np.ndarray | Tensor, n_classes: int, fraction: float) -> Tensor:
+    """Classes ``(N,)`` int64 in ``0..K-1`` that seed classes ``1..K-1`` with the particles ``fit`` ``(N,)`` ranks
+    worst: within each half set, the worst-fitting ``min(fraction, 1/K)`` start class ``K-1``, the next as many
+    class ``K-2``, and so on; the rest class 0."""
+    half = torch.as_tensor(np.asarray(half))
+    share = min(fraction, 1.0 / n_classes)
+    labels = torch.zeros(half.shape[0], dtype=torch.int64)
+    for k in (1, 2):
+        members = torch.nonzero(half == k).flatten()
+        order = members[torch.argsort(torch.as_tensor(fit)[members].double(), stable=True)]
+        size = int(round(share * order.numel()))
+        for c in range(n_classes - 1, 0, -1):
+            labels[order[:size]] = c
+            order = order[size:]
+    return labels
+
+
+def consensus_fit(load_images: Callable[[np.ndarray], Tensor], ctf: CTFParams | None, apix: float,
+                  rotations: Tensor | np.ndarray, shifts: Tensor | np.ndarray, half_set: Tensor | np.ndarray,
+                  cfg: RefineConfig, device: torch.device | str | None = None,
+                  comm: Communicator | None = None) -> Tensor:
+    """How well one map of all the particles fits each of them at its pose: the peak over spread ``(N,)``
+    float64 of :func:`_consensus_fit` (arguments as :func:`classify_poses`; ``cfg.global_step_deg`` the grid)."""
+    st = start_state(load_images, ctf, apix, rotations, shifts, half_set, cfg, device, None, None, comm)
+    return _consensus_fit(st)
+
+
 def _starting_labels(st: RefineState, n_classes: int, seed: int) -> Tensor:
     """The classes the passes start from (``cfg.class_start``): dealt at random, or ranked by how well the
     consensus fits each particle. Dealt, the classes start alike and split along whatever differs most, which

@@ -58,6 +58,7 @@ def mix(case_dir: Path, good: Path, other: Path, kind: str, fraction: float, see
     rng = np.random.default_rng(seed)
     G, O = starfile.read(good, always_dict=True), starfile.read(other, always_dict=True)
     gi, oi = mrcfile.read(good.parent / "particles.mrcs"), mrcfile.read(other.parent / "particles.mrcs")
+    oi = oi.reshape(-1, *gi.shape[1:])  # a one-image stack (a case without the other protein) reads as 2D
     n_good = len(gi)
     n_junk = int(round(fraction / (1 - fraction) * n_good)) if kind != "clean" else 0
     n_noise = {"mixed": n_junk // 2, "noise": n_junk, "other": 0, "clean": 0}[kind]

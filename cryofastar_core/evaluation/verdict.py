@@ -140,11 +140,15 @@ def _sample_particles(n: int, max_particles: int, gen: torch.Generator) -> np.nd
     return np.sort(torch.randperm(n, generator=gen)[: min(n, max_particles)].numpy())
 
 
+def judging_mask(box: int, device: torch.device | str | None = None) -> Tensor:
+    """The soft spherical mask ``(box, box, box)`` the verdict and the split test judge maps under."""
+    return soft_sphere_mask(box, 0.45 * box - 3.0, 3.0, device=device)
+
+
 def _masked_half_maps(half_maps: tuple[Tensor, Tensor], apix: float,
                       dev: torch.device) -> tuple[list[Tensor], float]:
-    """The half maps under a soft spherical mask (on ``dev``, float32) and their FSC 0.143 resolution (Å)."""
-    D = int(half_maps[0].shape[-1])
-    mask = soft_sphere_mask(D, 0.45 * D - 3.0, 3.0, device=dev)
+    """The half maps under the :func:`judging_mask` (on ``dev``, float32) and their FSC 0.143 resolution (Å)."""
+    mask = judging_mask(int(half_maps[0].shape[-1]), dev)
     maps = [m.to(dev, torch.float32) * mask for m in half_maps]
     freq, curve = fsc(maps[0], maps[1])
     return maps, resolution_at(freq, curve, apix, 0.143)

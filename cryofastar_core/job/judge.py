@@ -9,11 +9,10 @@ import numpy as np
 import torch
 
 from cryofastar_core.evaluation.heterogeneity import SplitTest, split_reproducibility
-from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses
+from cryofastar_core.evaluation.verdict import PoseQuality, assess_poses, judging_mask
 from cryofastar_core.io import ParticleSet
 from cryofastar_core.job.work_scale import AB_INITIO_BOX, cropped_loader
 from cryofastar_core.physics.fourier import fourier_crop_volume
-from cryofastar_core.reconstruct import soft_sphere_mask
 from cryofastar_core.refine.classes import classify_poses
 from cryofastar_core.refine.config import RefineConfig
 
@@ -32,8 +31,7 @@ def assess_quality(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarra
     (``JUDGING_BOX``, or the input box when smaller): images and half maps Fourier-cropped, shifts and pixel
     size scaled (at box 256 the full-box verdict took longer than the reconstruction,
     ``bench/results/2026-12-06-scale.md``)."""
-    box = min(particles.box, JUDGING_BOX)
-    to_box = box / particles.box
+    box, to_box = _judging_box(particles)
     log.info("judging the poses of up to %d particles against the half maps (box %d)", min(len(idx), 2000), box)
     load = cropped_loader(particles, idx, box, torch.device("cpu"))
     ctf = particles.ctf_params(idx) if particles.ctf is not None else None
@@ -65,8 +63,7 @@ def split_test(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarray, s
         return None
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.permutation(len(idx))[:SPLIT_PARTICLES])
-    box = min(particles.box, JUDGING_BOX)
-    to_box = box / particles.box
+    box, to_box = _judging_box(particles)
     log.info("testing whether %d of the particles split into two populations (2 classes, box %d)", len(pick), box)
     chosen = idx[pick]
     ctf = particles.ctf_params(chosen) if particles.ctf is not None else None
@@ -78,5 +75,11 @@ def split_test(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarray, s
                            RefineConfig(global_passes=SPLIT_PASSES, global_step_deg=SPLIT_STEP_DEG,
                                         global_shift_radius_px=SPLIT_SHIFT_RADIUS_PX), device)
     sizes = np.bincount(found.labels.numpy(), minlength=2).tolist()
-    mask = soft_sphere_mask(box, 0.45 * box - 3.0, 3.0, device=found.maps[0][0].device)
-    return split_reproducibility(found.maps[0], found.maps[1], mask, sizes)
+    return split_reproducibility(found.maps[0], found.maps[1], judging_mask(box, found.maps[0][0].device), sizes)
+
+
+def _judging_box(particles: ParticleSet) -> tuple[int, float]:
+    """The box the verdict and the split test work at (:data:`JUDGING_BOX`, or the input box when smaller)
+    and its ratio to the input box."""
+    box = min(particles.box, JUDGING_BOX)
+    return box, box / particles.box

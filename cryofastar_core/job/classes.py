@@ -98,8 +98,8 @@ def refine_classes(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray
 # is 71 % of it, and from there the classes separate (bench/results/2026-12-06-classes.md, session 17).
 SEED_FRACTION = 0.2
 # ...but at least this many particles per half set: a seed's maps are built from a quarter of it per
-# sub-half, and with 60 per half (300 of each of two blob volumes, tests/test_classes.py) the seeded class
-# drained to a sink.
+# sub-half; with 60 per half (a fifth of 300 of each of two blob volumes, tests/test_classes.py, seeded
+# from random poses) the seeded class drained to a sink of 73 particles.
 SEED_PARTICLES_PER_HALF = 250
 
 

@@ -115,18 +115,17 @@ def _seeded_start(particles: ParticleSet, idx: np.ndarray, scale, R: np.ndarray,
     particles never leave; the "fit" start of session 13 lost a third of the good particles to it).
     Returns the labels ``(n,)`` and the poses."""
     box = scale.ab_initio_box
-    to_box = box / particles.box
-    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
-    fit = consensus_fit(cropped_loader(particles, idx, box, device), ctf, apix / to_box, R, s * to_box, half[idx],
-                        rcfg, device, comm)
-    per_half = min(int((half[idx] == k).sum()) for k in (1, 2))
-    labels = seeded_labels(fit, half[idx], cfg.classes, max(SEED_FRACTION, SEED_PARTICLES_PER_HALF / max(per_half, 1)))
+    load, ctf, to_box = _cropped(particles, idx, box, device)
+    own_half = half[idx]
+    fit = consensus_fit(load, ctf, apix / to_box, R, s * to_box, own_half, rcfg, device, comm)
+    per_half = min(int((own_half == k).sum()) for k in (1, 2))
+    labels = seeded_labels(fit, own_half, cfg.classes, max(SEED_FRACTION, SEED_PARTICLES_PER_HALF / max(per_half, 1)))
     R, s = R.copy(), s.copy()
     for c in range(1, cfg.classes):
         rows = np.flatnonzero(labels.numpy() == c)
         log.info("classes: class %d of %d starts from the %d particles the consensus fits worst", c + 1, cfg.classes,
                  len(rows))
-        seeded = ab_initio_at(particles, idx[rows], box, R[rows], s[rows], half[idx[rows]], apix, rcfg, device,
+        seeded = ab_initio_at(particles, idx[rows], box, R[rows], s[rows], own_half[rows], apix, rcfg, device,
                               progress, comm)
         judged = _judge(particles, idx[rows], seeded, half, device)
         if judged.verdict != "ok":
@@ -222,12 +221,17 @@ def _classify_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarra
                  progress: Progress | None, comm: Communicator | None, passes: int | None = None) -> ClassResult:
     """:func:`~cryofastar_core.refine.classes.classify_poses` of the particles ``idx`` at ``box`` (shifts in
     input pixels in, the box's out)."""
-    to_box = box / particles.box
-    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
+    load, ctf, to_box = _cropped(particles, idx, box, device)
     ccfg = replace(rcfg, global_passes=passes or rcfg.global_passes)
-    return classify_poses(cropped_loader(particles, idx, box, device), ctf, apix / to_box, R, np.asarray(s) * to_box,
-                          half, cfg.classes, ccfg, device=device, progress=progress, labels=labels,
-                          initial_maps=maps, seed=cfg.seed, comm=comm)
+    return classify_poses(load, ctf, apix / to_box, R, np.asarray(s) * to_box, half, cfg.classes, ccfg, device=device,
+                          progress=progress, labels=labels, initial_maps=maps, seed=cfg.seed, comm=comm)
+
+
+def _cropped(particles: ParticleSet, idx: np.ndarray, box: int, device: torch.device):
+    """What the engine's passes take for the particles ``idx`` at ``box``: their image loader (Fourier-cropped as
+    read), their CTF (None without one) and the box's ratio to the input box (pixel size and shifts scale by it)."""
+    ctf = particles.ctf_params(idx).to(device) if particles.ctf is not None else None
+    return cropped_loader(particles, idx, box, device), ctf, box / particles.box
 
 
 def _every_particle(particles, idx, scale, R, s, half, apix, rcfg, cfg, labels, sub, found, device, progress, comm):

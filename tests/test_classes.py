@@ -159,15 +159,20 @@ def test_refining_needs_global_passes_for_classes(tmp_path):
 def mixed_star(tmp_path_factory):
     """A STAR of both conformations simulated by the project's simulator (SNR 1, CTF, shifts), one after the
     other in the table (each row's image name says which)."""
-    root = tmp_path_factory.mktemp("classes")
+    return _mixture_star(tmp_path_factory.mktemp("classes"), "conf", _conformations(), (PER_CLASS, PER_CLASS), 11)
+
+
+def _mixture_star(root, name: str, volumes: list[torch.Tensor], counts: tuple[int, ...], seed: int):
+    """``root/particles.star``: ``counts[c]`` views of each volume ``c`` (the project's simulator: SNR 1, CTF,
+    shifts), in ``root/<name><c>/``, one volume after the other in the table (each image name says which)."""
     tables = []
-    for c, vol in enumerate(_conformations()):
-        write_map(root / f"conf{c}.mrc", vol.numpy(), APIX)
-        star = simulate(SimulateConfig(out_dir=root / f"conf{c}", n=PER_CLASS, box=BOX, snr=1.0, seed=11 + c,
-                                       map_path=root / f"conf{c}.mrc", ctf=True, max_shift=1.5))
+    for c, (vol, n) in enumerate(zip(volumes, counts)):
+        write_map(root / f"{name}{c}.mrc", vol.numpy(), APIX)
+        star = simulate(SimulateConfig(out_dir=root / f"{name}{c}", n=n, box=BOX, snr=1.0, seed=seed + c,
+                                       map_path=root / f"{name}{c}.mrc", ctf=True, max_shift=1.5))
         t = starfile.read(star, always_dict=True)
-        t["particles"]["rlnImageName"] = [f"{name.split('@')[0]}@conf{c}/{name.split('@')[1]}"
-                                          for name in t["particles"]["rlnImageName"]]
+        t["particles"]["rlnImageName"] = [f"{image.split('@')[0]}@{name}{c}/{image.split('@')[1]}"
+                                          for image in t["particles"]["rlnImageName"]]
         tables.append(t)
     both = {"optics": tables[0]["optics"], "particles": pd.concat([t["particles"] for t in tables], ignore_index=True)}
     starfile.write(both, root / "particles.star", overwrite=True)
@@ -264,18 +269,8 @@ def test_another_structure_seeds_its_own_class_from_random_poses(tmp_path, monke
     from cryofastar_core.reconstruct import half_sets
 
     counts = (400, 100)
-    tables = []
-    for c, (n, seed) in enumerate(zip(counts, (0, 7))):
-        write_map(tmp_path / f"vol{c}.mrc", blob_volume(BOX, n_blobs=12, seed=seed).numpy(), APIX)
-        star = simulate(SimulateConfig(out_dir=tmp_path / f"vol{c}", n=n, box=BOX, snr=1.0, seed=21 + c,
-                                       map_path=tmp_path / f"vol{c}.mrc", ctf=True, max_shift=1.5))
-        t = starfile.read(star, always_dict=True)
-        t["particles"]["rlnImageName"] = [f"{name.split('@')[0]}@vol{c}/{name.split('@')[1]}"
-                                          for name in t["particles"]["rlnImageName"]]
-        tables.append(t)
-    both = {"optics": tables[0]["optics"], "particles": pd.concat([t["particles"] for t in tables], ignore_index=True)}
-    starfile.write(both, tmp_path / "particles.star", overwrite=True)
-    particles = read_particles(tmp_path / "particles.star", tmp_path)
+    volumes = [blob_volume(BOX, n_blobs=12, seed=seed) for seed in (0, 7)]
+    particles = read_particles(_mixture_star(tmp_path, "vol", volumes, counts, 21), tmp_path)
     other = np.arange(len(particles)) >= counts[0]
     start = np.asarray(particles.rotations).copy()
     start[other] = random_rotations(int(other.sum()), torch.Generator().manual_seed(3), dtype=torch.float64).numpy()

@@ -20,7 +20,7 @@ from cryofastar_core.inference.pose_model import load_pose_model, pose_model_ide
 from cryofastar_core.inference.preprocess import to_model_input
 from cryofastar_core.io import read_map
 from cryofastar_core.physics.projection import project
-from cryofastar_core.runtime.errors import WeightsError
+from cryofastar_core.runtime.errors import InputError, WeightsError
 from cryofastar_core.training.line_encoder import LineTrainConfig, train_line_encoder
 from cryofastar_core.training.volumes import VolumeLibrary
 
@@ -71,6 +71,40 @@ def test_the_untrained_encoder_is_the_classical_estimator():
         same = [detect_common_lines(encode_lines(prepared.masked, prepared.mask, cfg, e), shift_ramps(cfg)).angles
                 for e in (encoder, None)]
     assert torch.allclose(same[0], same[1], atol=2e-3)  # radians: the sub-step parabola on rounded scores
+
+
+def _line_error_deg(found: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per pair, the larger of the two angles' errors, a pair found as its conjugate counting as itself."""
+    same = torch.maximum(_wrapped_deg(found - reference), _wrapped_deg(found.T - reference.T))
+    conj = torch.maximum(_wrapped_deg(found - reference - math.pi), _wrapped_deg(found.T - reference.T - math.pi))
+    return torch.minimum(same, conj)[~torch.eye(len(found), dtype=torch.bool)]
+
+
+def test_proposals_limit_the_classical_search_to_their_neighbourhood():
+    images, R = _clean_views(10, seed=6)
+    cfg = CommonLinesConfig()
+    prepared = prepare_views(images, cfg)
+    classical, ramps = encode_lines(prepared.masked, prepared.mask, cfg), shift_ramps(cfg)
+    free = detect_common_lines(classical, ramps)
+    # proposals at the free detection: the classical scores place each line exactly where they did alone
+    placed = detect_common_lines(classical, ramps, prior=free.angles, window=3)
+    assert torch.allclose(placed.angles, free.angles, atol=1e-9)
+    # proposals 20° off the truth: every line stays within the window (3 steps + the sub-step parabola)
+    off = true_common_lines(R) + math.radians(20.0)
+    held = detect_common_lines(classical, ramps, prior=off, window=3)
+    assert float(_line_error_deg(held.angles, off).max()) <= 4.0 + 1e-6
+    assert float(_line_error_deg(free.angles, off).median()) > 15.0  # alone they go back to the truth
+
+
+def test_an_encoder_without_a_cnn_is_the_line_metric_alone(tmp_path):
+    cfg = CommonLinesConfig()
+    encoder = LineEncoder(len(cfg.radii), depth=0)
+    images = torch.randn(3, 64, 64)
+    assert encoder.cnn is None and torch.equal(encoder.denoise(images), images)
+    save_line_encoder(tmp_path / "enc.pt", encoder, cfg, {})
+    assert load_line_encoder(tmp_path / "enc.pt")[0].cnn is None
+    with pytest.raises(ValueError, match="depth"):
+        LineEncoder(len(cfg.radii), depth=1)
 
 
 def test_loss_rewards_the_true_common_line():
@@ -132,3 +166,14 @@ def test_train_lines_checkpoints_and_resumes_exactly(tmp_path):
 def test_train_lines_cli_refuses_a_bad_step_count(tmp_path, capsys):
     assert cli_main(["train-lines", "--o", str(tmp_path / "r"), "--steps", "0"]) != 0
     assert "--steps" in capsys.readouterr().err
+    assert cli_main(["train-lines", "--o", str(tmp_path / "r"), "--depth", "1"]) != 0
+    assert "--depth" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resuming_with_another_cnn_depth_is_refused(tmp_path):
+    kw = dict(batch_size=1, views=6, train_lines=36, channels=4, n_pseudo=2, include_real=False,
+              cache_dir=str(tmp_path / "cache"), checkpoint_every=1, val_every=100, val_samples=1, val_snrs=(1.0,))
+    train_line_encoder(LineTrainConfig(steps=2, depth=3, **kw), tmp_path / "r", max_steps=1)
+    with pytest.raises(InputError, match=r"checkpoint.pt, field 'depth'.*--depth 3"):
+        train_line_encoder(LineTrainConfig(steps=2, depth=0, **kw), tmp_path / "r", resume=True)

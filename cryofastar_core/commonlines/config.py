@@ -24,7 +24,11 @@ class CommonLinesConfig:
     1: fully, which lets radii without signal, such as a class average's beyond its resolution, count as
     much as the rest; 0.5 chosen on the model ladder's heldout split and on RELION class averages:
     docs/model-history.md, session 10). ``ctf_correction`` is the job's
-    preprocessing contract (phase flipping keeps the sign of every common line's samples)."""
+    preprocessing contract (phase flipping keeps the sign of every common line's samples).
+    ``proposal_window_deg``: with a learned encoder, its detections are proposals and the classical
+    scores choose each common line within this many degrees of them (the encoder finds the right
+    neighbourhood in noise; the untouched lines place it exactly: a CNN is not rotation-equivariant, and
+    its own detections cost accuracy on clean images); ``None``: the encoder's detections as they are."""
 
     box: int = 64
     n_lines: int = 360
@@ -36,6 +40,7 @@ class CommonLinesConfig:
     refine_iterations: int = 30
     whiten: float = 0.5
     ctf_correction: str = "phase_flip"
+    proposal_window_deg: float | None = 3.0
 
     def __post_init__(self) -> None:
         if self.n_lines < 8 or self.n_lines % 2:
@@ -47,6 +52,8 @@ class CommonLinesConfig:
             raise ValueError(f"mask_radius must be in (0, 1] (a fraction of D/2) or None, got {self.mask_radius}")
         if self.max_shift_px < 0 or self.shift_step_px <= 0:
             raise ValueError("max_shift_px must be >= 0 and shift_step_px > 0")
+        if self.proposal_window_deg is not None and self.proposal_window_deg < 0:
+            raise ValueError(f"proposal_window_deg must be >= 0 or None, got {self.proposal_window_deg}")
         if self.ctf_correction not in CTF_CORRECTIONS:
             raise ValueError(f"ctf_correction must be one of {CTF_CORRECTIONS}, got {self.ctf_correction!r}")
 

@@ -54,10 +54,31 @@ def shift_ramps(radii: Tensor | tuple[float, ...], shifts: tuple[float, ...], bo
     return torch.polar(torch.ones(len(s), len(radii_t), device=device), 2 * math.pi * s[:, None] * radii_t[None, :] / box)
 
 
-def detect_common_lines(features: Tensor, ramps: Tensor) -> CommonLines:
+def _near_prior(prior_i: Tensor, prior_j: Tensor, n_lines: int, window: int) -> Tensor:
+    """``(M, L, L/2)`` bool: the half-line pairs ``(θ, φ)`` within ``window`` line steps of each pair's
+    prior common line ``(prior_i, prior_j)`` ``(M,)`` radians, in both angles, counting the conjugate
+    pair ``(θ + π, φ + π)`` as the same line."""
+    step = 2 * math.pi / n_lines
+    half = n_lines // 2
+    dev = prior_i.device
+    theta = torch.arange(n_lines, device=dev, dtype=torch.float64)
+    phi = torch.arange(half, device=dev, dtype=torch.float64)
+
+    def cyc(x: Tensor) -> Tensor:
+        return (torch.remainder(x + half, n_lines) - half).abs()
+
+    a, b = (prior_i / step)[:, None, None], (prior_j / step)[:, None, None]
+    direct = torch.maximum(cyc(theta[None, :, None] - a), cyc(phi[None, None, :] - b))
+    conj = torch.maximum(cyc(theta[None, :, None] + half - a), cyc(phi[None, None, :] + half - b))
+    return torch.minimum(direct, conj) <= window
+
+
+def detect_common_lines(features: Tensor, ramps: Tensor, prior: Tensor | None = None,
+                        window: int = 0) -> CommonLines:
     """Common lines of every pair of views from their unit line features ``(N, L, K)`` complex
     (:func:`line_features`, or a learned encoder's), searching the relative shifts whose phase ramps
-    ``(S, K)`` are given (:func:`shift_ramps`)."""
+    ``(S, K)`` are given (:func:`shift_ramps`). With ``prior`` ``(N, N)`` radians (another detection's
+    angles), each pair's search is limited to within ``window`` line steps of its prior common line."""
     n, n_lines, _ = features.shape
     half = n_lines // 2
     dev = features.device
@@ -71,7 +92,11 @@ def detect_common_lines(features: Tensor, ramps: Tensor) -> CommonLines:
         others = moved[i + 1:]  # (M, S, L/2, 2K)
         m = others.shape[0]
         corr = torch.einsum("lc,mspc->mslp", mine[i], others)  # (M, S, L, L/2)
-        flat = corr.reshape(m, -1)
+        searched = corr
+        if prior is not None:
+            near = _near_prior(prior[i, i + 1:], prior[i + 1:, i], n_lines, window)
+            searched = corr.masked_fill(~near[:, None], -math.inf)
+        flat = searched.reshape(m, -1)
         best, where = flat.max(dim=1)
         si, rest = where // (n_lines * half), where % (n_lines * half)
         li, pj = rest // half, rest % half

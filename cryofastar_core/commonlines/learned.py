@@ -48,24 +48,24 @@ class LineEncoder(nn.Module):
     """Residual CNN on images ``(N, D, D)`` and a complex metric on lines ``(N, L, K)``; identity at start.
 
     ``n_radii``: ``K``, the radii the estimator samples (:attr:`~.config.CommonLinesConfig.radii`);
-    ``channels``/``depth``: the CNN's width and number of 3×3 convolutions."""
+    ``channels``/``depth``: the CNN's width and number of 3×3 convolutions (``depth`` 0: no CNN, the
+    line metric alone — a CNN is not rotation-equivariant, and its correction costs accuracy on clean
+    images: docs/model-history.md, session 12)."""
 
     def __init__(self, n_radii: int, channels: int = 16, depth: int = 4):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, padding=1), nn.GELU()]
-        for _ in range(depth - 2):
-            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GELU()]
-        last = nn.Conv2d(channels, 1, 3, padding=1)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.cnn = nn.Sequential(*layers, last)
+        if depth == 1 or depth < 0:
+            raise ValueError(f"depth must be 0 (no CNN) or at least 2, got {depth}")
+        self.cnn = _residual_cnn(channels, depth) if depth else None
         self.metric_re = nn.Parameter(torch.eye(n_radii))
         self.metric_im = nn.Parameter(torch.zeros(n_radii, n_radii))
         self.log_tau = nn.Parameter(torch.tensor(math.log(0.02)))  # softmax temperature of the loss only
         self.n_radii, self.channels, self.depth = n_radii, channels, depth
 
     def denoise(self, images: Tensor) -> Tensor:
-        """``(N, D, D)`` -> ``(N, D, D)``: the image plus the CNN's correction."""
+        """``(N, D, D)`` -> ``(N, D, D)``: the image plus the CNN's correction (the image itself without one)."""
+        if self.cnn is None:
+            return images
         return images + self.cnn(images[:, None].float())[:, 0]
 
     def embed(self, features: Tensor) -> Tensor:
@@ -73,6 +73,17 @@ class LineEncoder(nn.Module):
         metric = torch.complex(self.metric_re, self.metric_im)
         out = features @ metric
         return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def _residual_cnn(channels: int, depth: int) -> nn.Sequential:
+    """``depth`` 3×3 convolutions ``1 -> channels -> ... -> 1``, the last one zero (an identity correction)."""
+    layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, padding=1), nn.GELU()]
+    for _ in range(depth - 2):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GELU()]
+    last = nn.Conv2d(channels, 1, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
 
 
 def pair_scores(features: Tensor, ramps: Tensor) -> Tensor:

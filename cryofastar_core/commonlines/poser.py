@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cryofastar_core.commonlines.config import CommonLinesConfig
-from cryofastar_core.commonlines.detect import detect_common_lines, line_features
+from cryofastar_core.commonlines.detect import CommonLines, detect_common_lines, line_features
 from cryofastar_core.commonlines.detect import shift_ramps as line_shift_ramps
 from cryofastar_core.commonlines.learned import LineEncoder
 from cryofastar_core.commonlines.polar import centre_images, fit_mask_radius, fourier_lines, soft_mask
@@ -75,6 +75,21 @@ def shift_ramps(cfg: CommonLinesConfig, device=None) -> Tensor:
     return line_shift_ramps(cfg.radii, cfg.shifts, cfg.box, device=device)
 
 
+def find_common_lines(prepared: PreparedViews, cfg: CommonLinesConfig,
+                      encoder: LineEncoder | None = None) -> CommonLines:
+    """Every pair's common line: classical, or proposed by the learned ``encoder`` and placed by the
+    classical scores within ``cfg.proposal_window_deg`` of each proposal."""
+    ramps = shift_ramps(cfg, prepared.masked.device)
+    if encoder is None:
+        return detect_common_lines(encode_lines(prepared.masked, prepared.mask, cfg), ramps)
+    proposed = detect_common_lines(encode_lines(prepared.masked, prepared.mask, cfg, encoder), ramps)
+    if cfg.proposal_window_deg is None:
+        return proposed
+    window = int(round(cfg.proposal_window_deg * cfg.n_lines / 360))
+    classical = encode_lines(prepared.masked, prepared.mask, cfg)
+    return detect_common_lines(classical, ramps, prior=proposed.angles, window=window)
+
+
 def estimate_rotations(images: Tensor, cfg: CommonLinesConfig, encoder: LineEncoder | None = None) -> RotationEstimate:
     """Rotations of ``N`` views ``(N, D, D)`` (preprocessed, ``D = cfg.box``) from their common lines,
     scored through a learned ``encoder`` when one is given (:mod:`~.learned`)."""
@@ -82,8 +97,7 @@ def estimate_rotations(images: Tensor, cfg: CommonLinesConfig, encoder: LineEnco
     if n < 3:
         raise ValueError(f"common lines need at least 3 views, got {n}")
     prepared = prepare_views(images, cfg)
-    features = encode_lines(prepared.masked, prepared.mask, cfg, encoder)
-    found = detect_common_lines(features, shift_ramps(cfg, images.device))
+    found = find_common_lines(prepared, cfg, encoder)
     cos_theta, weight = vote_dihedral_angles(found.angles, cfg.vote_sigma_deg)
     start = synchronize(relative_blocks(found.angles, cos_theta), weight)
     rotations = refine_rotations(start, found.angles, weight, cfg.refine_iterations)

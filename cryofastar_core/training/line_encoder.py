@@ -29,6 +29,7 @@ from cryofastar_core.commonlines.learned import LineEncoder, common_line_loss, p
 from cryofastar_core.commonlines.poser import encode_lines, prepare_views, shift_ramps
 from cryofastar_core.commonlines.weights import save_line_encoder
 from cryofastar_core.io.atomic_write import atomic_output
+from cryofastar_core.runtime.errors import InputError
 from cryofastar_core.training.config import StageConfig
 from cryofastar_core.training.data import TRAIN_STREAM, VALIDATION_STREAM, BatchSimulator, VolumeFTCache
 from cryofastar_core.training.volumes import VolumeLibrary
@@ -142,6 +143,7 @@ def train_line_encoder(cfg: LineTrainConfig, out: Path, resume: bool = False,
     start = 0
     if resume and (out / CHECKPOINT).is_file():
         state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        _check_resumable(out / CHECKPOINT, state, cfg)
         encoder.load_state_dict(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -169,6 +171,16 @@ def train_line_encoder(cfg: LineTrainConfig, out: Path, resume: bool = False,
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             _log_metrics(out, step + 1, validate(encoder, val_sim, cfg, lines_cfg))
     return encoder
+
+
+def _check_resumable(path: Path, state: dict, cfg: LineTrainConfig) -> None:
+    """A resumed run must build the encoder it saved: the same CNN depth and width."""
+    saved = state.get("config", {})
+    for field in ("depth", "channels"):
+        if field in saved and saved[field] != getattr(cfg, field):
+            raise InputError(path, field, f"the run was started with {field} {saved[field]}, "
+                             f"this command asks for {getattr(cfg, field)}",
+                             f"resume with --{field} {saved[field]}, or start a new run folder")
 
 
 def _log_metrics(out: Path, step: int, metrics: dict) -> None:

@@ -16,7 +16,8 @@ network is trained hand-invariantly; the job resolves the hand with anchors).
     python bench/model_accuracy.py --ladder --weights common-lines --baseline default --out bench/results/cl
 
 ``--weights common-lines`` measures the classical estimator (:mod:`cryofastar_core.commonlines`) on the
-same draws as any weights file, so the network and the geometry compare pair by pair.
+same draws as any weights file, so the network and the geometry compare pair by pair; ``aspire-cl3n``
+measures ASPIRE's ``CLSync3N``, the external peer (a bench extra, ``bench/peers/aspire_poser.py``).
 
 ``--ladder`` measures the three rungs of the training curriculum's targets instead of a grid:
 1 = clean, no CTF, no shifts, 16 views; 2 = SNR 1, CTF, shifts ±3 px, 32 views; 3 = SNR 0.1, CTF,
@@ -45,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``bench`` importable when run as a script
 
 from bench.ladder_compare import paired_median_difference, ship_decision
+from bench.peers.aspire_poser import ASPIRE_CL3N, AspireSync3N
 from cryofastar_core.commonlines import COMMON_LINES
 from cryofastar_core.inference.pose_model import load_pose_model
 from cryofastar_core.physics.centre import centroid_shifts
@@ -91,8 +93,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cells = _cells(args)
     path = _identity(args.weights)
-    model = load_pose_model(args.weights, device=args.device)
-    baseline = load_pose_model(args.baseline, device=args.device) if args.baseline else None
+    model = _load(args.weights, args.device, args.out)
+    baseline = (RecordedBaseline(args.baseline_json, args.seed) if args.baseline_json else
+                _load(args.baseline, args.device, args.out) if args.baseline else None)
     t0 = time.perf_counter()
     rows = _evaluate_splits(args, cells, model, baseline)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,15 +108,46 @@ def main() -> None:
     print("\n".join(lines))
 
 
+class RecordedBaseline:
+    """The baseline's per-sample errors read from an earlier run's ``accuracy.json`` with the same seed
+    (the draws are a function of seed, split and cell, so its first ``samples`` are this run's samples):
+    a slow baseline, such as classical common lines at 128 views, is measured once for every candidate."""
+
+    def __init__(self, path: Path, seed: int):
+        data = json.loads(Path(path).read_text())
+        if data["meta"]["seed"] != seed:
+            raise SystemExit(f"{path}: field meta.seed is {data['meta']['seed']}, this run's --seed is {seed}. "
+                             "Fix: rerun with the same --seed, or measure the baseline with --baseline")
+        self.path, self.name, self.rows = Path(path), data["meta"]["weights"], data["rows"]
+
+    def cell(self, row: dict, samples: int) -> dict:
+        """The recorded errors of ``row``'s split and cell: its first ``samples``."""
+        keys = ("split", "rung", "snr", "ctf", "max_shift_px", "views", "max_tilt_deg")
+        for r in self.rows:
+            if all(r[k] == row[k] for k in keys) and len(r["rot_errors_deg"]) >= samples:
+                errors = np.array(r["rot_errors_deg"][:samples])
+                return {"median_rot_deg": float(np.median(errors)), "mean_rot_deg": float(np.mean(errors)),
+                        "median_shift_px": r["median_shift_px"], "rot_errors_deg": errors.tolist()}
+        raise SystemExit(f"{self.path}: no row for {dict((k, row[k]) for k in keys)} with at least {samples} "
+                         "samples. Fix: measure that cell for the baseline first, or use --baseline")
+
+
+def _load(weights: str, device: str, out: Path) -> Any:
+    """The pose model a ``--weights``/``--baseline`` name gives: ours, or the ASPIRE peer (its logs in ``out``)."""
+    return AspireSync3N(out / "aspire") if weights == ASPIRE_CL3N else load_pose_model(weights, device=device)
+
+
 def _identity(weights: str) -> Path | str:
-    """The weights file a name resolves to, or ``common-lines`` (no file)."""
-    return weights if weights == COMMON_LINES else resolve_weights(weights)
+    """The weights file a name resolves to, or the method's name (no file)."""
+    return weights if weights in (COMMON_LINES, ASPIRE_CL3N) else resolve_weights(weights)
 
 
 def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="default", help="weights name or file, or common-lines (classical, no learning)")
-    ap.add_argument("--baseline", default=None, help="weights to compare with on the same draws (e.g. default, common-lines)")
+    ap.add_argument("--weights", default="default", help="weights name or file, common-lines (classical, no learning) or aspire-cl3n (the peer)")
+    ap.add_argument("--baseline", default=None, help="weights to compare with on the same draws (e.g. default, common-lines, aspire-cl3n)")
+    ap.add_argument("--baseline-json", type=Path, default=None,
+                    help="instead of --baseline: its errors from an earlier run's accuracy.json (same --seed)")
     ap.add_argument("--splits", nargs="+", default=["heldout", "eval"])
     ap.add_argument("--snr", type=float, nargs="+", default=[10.0, 1.0, 0.1],
                     help="signal-to-noise ratios; inf: clean images")
@@ -127,6 +161,7 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
     ap.add_argument("--ladder", action="store_true", help="the curriculum's three rungs instead of the grid")
+    ap.add_argument("--rungs", type=int, nargs="+", default=sorted(LADDER), help="with --ladder: only these rungs")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return ap.parse_args()
 
@@ -134,7 +169,8 @@ def _parse_args() -> argparse.Namespace:
 def _cells(args: argparse.Namespace) -> list[Cell]:
     """The ladder's rungs, or the grid SNR x views x max tilt."""
     if args.ladder:
-        return [(rung, snr, ctf, shift, views, 180.0) for rung, (snr, ctf, shift, views) in LADDER.items()]
+        return [(rung, snr, ctf, shift, views, 180.0) for rung, (snr, ctf, shift, views) in LADDER.items()
+                if rung in args.rungs]
     return [(None, None if np.isinf(snr) else snr, not args.no_ctf, args.max_shift, views, tilt)
             for snr in args.snr for views in args.views for tilt in args.max_tilt]
 
@@ -164,7 +200,8 @@ def _evaluate_row(args: argparse.Namespace, model: Any, baseline: Any | None, si
             f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
             f"median shift error {r['median_shift_px']:5.2f} px (centroid {r['median_centroid_shift_px']:4.2f})")
     if baseline is not None:
-        rb = evaluate_cell(baseline, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf)
+        rb = (baseline.cell(row, args.samples) if isinstance(baseline, RecordedBaseline) else
+              evaluate_cell(baseline, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf))
         cmp = paired_median_difference(np.array(r["rot_errors_deg"]), np.array(rb["rot_errors_deg"]))
         row["baseline"] = {k: rb[k] for k in ("median_rot_deg", "mean_rot_deg", "median_shift_px")}
         row["paired"] = cmp
@@ -178,7 +215,8 @@ def _meta(args: argparse.Namespace, path: Path, box: int, compared: bool, rows: 
     meta = {"weights": str(path), "box": box, "samples_per_cell": args.samples, "ladder": args.ladder,
             "seed": args.seed, "device": args.device, "seconds": round(time.perf_counter() - t0, 1)}
     if compared:
-        meta["baseline"] = str(_identity(args.baseline))
+        meta["baseline"] = (f"{_identity(args.baseline)}" if not args.baseline_json else
+                            f"{json.loads(args.baseline_json.read_text())['meta']['weights']} (recorded: {args.baseline_json})")
         meta["ship"] = ship_decision([r["paired"]["verdict"] for r in rows])
     return meta
 

@@ -121,6 +121,54 @@ def test_aspire_rotations_are_ours(tmp_path):
     assert transposed < 0.95, transposed  # the other common convention does not match
 
 
+ASPIRE_POSER_CHECK = r"""
+import torch
+from pathlib import Path
+from bench.peers.aspire_poser import AspireSync3N
+from cryofastar_core.geometry import random_rotations, rotation_angle_deg
+from cryofastar_core.inference.preprocess import to_model_input
+from cryofastar_core.io import read_map
+from cryofastar_core.physics.projection import project
+from _class2d import DEMO_MAP
+
+vol, _ = read_map(DEMO_MAP)
+R = random_rotations(16, torch.Generator().manual_seed(3)).double()
+views = to_model_input(project(torch.from_numpy(vol).float(), R.float()), 64)
+found = torch.from_numpy(AspireSync3N(Path("aspire")).rotations(views))
+rel = lambda r: r[:1].transpose(-1, -2) @ r  # relative to view 0: the global rotation no method fixes
+hand = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+errs = [rotation_angle_deg(rel(found), rel(R)).median(), rotation_angle_deg(hand @ rel(found) @ hand, rel(R)).median()]
+print(float(min(errs)), sorted(p.name for p in Path(".").iterdir()))
+"""
+
+
+def test_aspire_peer_poses_clean_views_on_the_ladder_interface(tmp_path):
+    """``bench/model_accuracy.py --weights aspire-cl3n``: ASPIRE's CLSync3N on our preprocessed views
+    poses clean projections to well under a degree, and its logs stay in the folder it is given."""
+    out = _run_isolated("aspire", ASPIRE_POSER_CHECK, tmp_path).strip().splitlines()[-1].split(None, 1)
+    assert float(out[0]) < 1.0, out
+    assert out[1].strip() == "['aspire']", out  # no ./logs, no ./aspire.err.log
+
+
+def test_recorded_baseline_gives_the_same_draws_errors_and_refuses_another_seed(tmp_path):
+    from bench.model_accuracy import RecordedBaseline
+
+    row = {"split": "eval", "rung": 2, "snr": 1.0, "ctf": True, "max_shift_px": 3.0, "views": 32,
+           "max_tilt_deg": 180.0}
+    run = {"meta": {"seed": 2026, "weights": "common-lines"},
+           "rows": [{**row, "median_shift_px": 0.5, "rot_errors_deg": [1.0, 9.0, 2.0, 50.0]}]}
+    (tmp_path / "accuracy.json").write_text(json.dumps(run))
+    recorded = RecordedBaseline(tmp_path / "accuracy.json", seed=2026)
+    first3 = recorded.cell(row, samples=3)
+    assert first3["rot_errors_deg"] == [1.0, 9.0, 2.0] and first3["median_rot_deg"] == 2.0
+    with pytest.raises(SystemExit, match="at least 5 samples"):
+        recorded.cell(row, samples=5)
+    with pytest.raises(SystemExit, match="no row"):
+        recorded.cell({**row, "views": 128}, samples=3)
+    with pytest.raises(SystemExit, match="meta.seed"):
+        RecordedBaseline(tmp_path / "accuracy.json", seed=1)
+
+
 def _record(ds, method, wall, rot, res, status="ok"):
     return {"dataset": ds, "method": method, "status": status, "reason": "", "wall_s": wall, "cpu_s": wall,
             "max_rss_mib": 100.0, "n_posed": 10, "n_particles": 10, "rot_median_deg": rot, "shift_median_px": 0.5,

@@ -138,13 +138,24 @@ found = torch.from_numpy(AspireSync3N(Path("aspire")).rotations(views))
 rel = lambda r: r[:1].transpose(-1, -2) @ r  # relative to view 0: the global rotation no method fixes
 hand = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 errs = [rotation_angle_deg(rel(found), rel(R)).median(), rotation_angle_deg(hand @ rel(found) @ hand, rel(R)).median()]
+import numpy as np
+from aspire.abinitio.J_sync import JSync
+from bench.peers import aspire_poser
+sync = JSync(9, seed=0, disable_gpu=True)
+rng = np.random.default_rng(0)
+rijs = np.linalg.qr(rng.normal(size=(36, 3, 3)))[0]
+rijs[::3] = np.diag([1.0, 1.0, -1.0]) @ rijs[::3] @ np.diag([1.0, 1.0, -1.0])
+vec = rng.normal(size=36)
+gap = np.abs(aspire_poser._STOCK_SIGNS_TIMES_V(sync, rijs, vec) - JSync._signs_times_v_host(sync, rijs, vec)).max()
+assert JSync._signs_times_v_host is aspire_poser._vectorised_signs_times_v and gap < 1e-12, gap
 print(float(min(errs)), sorted(p.name for p in Path(".").iterdir()))
 """
 
 
 def test_aspire_peer_poses_clean_views_on_the_ladder_interface(tmp_path):
     """``bench/model_accuracy.py --weights aspire-cl3n``: ASPIRE's CLSync3N on our preprocessed views
-    poses clean projections to well under a degree, and its logs stay in the folder it is given."""
+    poses clean projections to well under a degree, its logs stay in the folder it is given, and its
+    vectorised J-synchronisation product equals the stock one."""
     out = _run_isolated("aspire", ASPIRE_POSER_CHECK, tmp_path).strip().splitlines()[-1].split(None, 1)
     assert float(out[0]) < 1.0, out
     assert out[1].strip() == "['aspire']", out  # no ./logs, no ./aspire.err.log

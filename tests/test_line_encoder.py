@@ -11,9 +11,10 @@ import torch
 
 from cryofastar_core.cli.main import main as cli_main
 from cryofastar_core.commonlines import CommonLinesConfig, CommonLinesPoser, estimate_rotations
-from cryofastar_core.commonlines.detect import detect_common_lines
+from cryofastar_core.commonlines.detect import CommonLines, detect_common_lines
 from cryofastar_core.commonlines.learned import LineEncoder, common_line_loss, true_common_lines
-from cryofastar_core.commonlines.poser import encode_lines, prepare_views, shift_ramps
+from cryofastar_core.commonlines.poser import encode_lines, most_consistent, prepare_views, shift_ramps
+from cryofastar_core.commonlines.sync import vote_dihedral_angles
 from cryofastar_core.commonlines.weights import load_line_encoder, save_line_encoder
 from cryofastar_core.geometry import random_rotations, rotation_angle_deg
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
@@ -94,6 +95,19 @@ def test_proposals_limit_the_classical_search_to_their_neighbourhood():
     held = detect_common_lines(classical, ramps, prior=off, window=3)
     assert float(_line_error_deg(held.angles, off).max()) <= 4.0 + 1e-6
     assert float(_line_error_deg(free.angles, off).median()) > 15.0  # alone they go back to the truth
+
+
+def test_the_estimator_keeps_the_common_lines_whose_triangles_agree():
+    images, _ = _clean_views(12, seed=7)
+    cfg = CommonLinesConfig()
+    prepared = prepare_views(images, cfg)
+    right = detect_common_lines(encode_lines(prepared.masked, prepared.mask, cfg), shift_ramps(cfg))
+    g = torch.Generator().manual_seed(0)
+    wrong = CommonLines(angles=torch.rand(12, 12, generator=g, dtype=torch.float64) * 2 * math.pi, score=right.score)
+    for candidates in ([right, wrong], [wrong, right]):
+        kept, _, weight = most_consistent(candidates, cfg.vote_sigma_deg)
+        assert kept is right and float(weight.mean()) > 0.5
+    assert float(vote_dihedral_angles(wrong.angles)[1].mean()) < 0.2  # the other set's triangles disagree
 
 
 def test_an_encoder_without_a_cnn_is_the_line_metric_alone(tmp_path):

@@ -28,7 +28,9 @@ class CommonLinesConfig:
     ``proposal_window_deg``: with a learned encoder, its detections are proposals and the classical
     scores choose each common line within this many degrees of them (the encoder finds the right
     neighbourhood in noise; the untouched lines place it exactly: a CNN is not rotation-equivariant, and
-    its own detections cost accuracy on clean images); ``None``: the encoder's detections as they are."""
+    its own detections cost accuracy on clean images); ``None``: the encoder's detections as they are.
+    Either way they compete with the classical detections, and the set whose triangles agree most is
+    kept (:func:`~.poser.most_consistent`)."""
 
     box: int = 64
     n_lines: int = 360

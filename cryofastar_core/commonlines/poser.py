@@ -75,19 +75,29 @@ def shift_ramps(cfg: CommonLinesConfig, device=None) -> Tensor:
     return line_shift_ramps(cfg.radii, cfg.shifts, cfg.box, device=device)
 
 
-def find_common_lines(prepared: PreparedViews, cfg: CommonLinesConfig,
-                      encoder: LineEncoder | None = None) -> CommonLines:
-    """Every pair's common line: classical, or proposed by the learned ``encoder`` and placed by the
-    classical scores within ``cfg.proposal_window_deg`` of each proposal."""
+def candidate_common_lines(prepared: PreparedViews, cfg: CommonLinesConfig,
+                           encoder: LineEncoder | None = None) -> list[CommonLines]:
+    """Every pair's common line, classical; with a learned ``encoder`` also its proposals placed by the
+    classical scores within ``cfg.proposal_window_deg`` (or, with no window, as the encoder found them)."""
     ramps = shift_ramps(cfg, prepared.masked.device)
+    classical = encode_lines(prepared.masked, prepared.mask, cfg)
+    found = [detect_common_lines(classical, ramps)]
     if encoder is None:
-        return detect_common_lines(encode_lines(prepared.masked, prepared.mask, cfg), ramps)
+        return found
     proposed = detect_common_lines(encode_lines(prepared.masked, prepared.mask, cfg, encoder), ramps)
     if cfg.proposal_window_deg is None:
-        return proposed
+        return found + [proposed]
     window = int(round(cfg.proposal_window_deg * cfg.n_lines / 360))
-    classical = encode_lines(prepared.masked, prepared.mask, cfg)
-    return detect_common_lines(classical, ramps, prior=proposed.angles, window=window)
+    return found + [detect_common_lines(classical, ramps, prior=proposed.angles, window=window)]
+
+
+def most_consistent(candidates: list[CommonLines], sigma_deg: float) -> tuple[CommonLines, Tensor, Tensor]:
+    """The candidate set of common lines whose triangles agree most (the highest mean vote share,
+    :func:`~.sync.vote_dihedral_angles`), with its ``cos θ`` and vote weights. The votes are the
+    estimator's own check: proposals of a learned encoder that the geometry does not bear out (on
+    clean images, where the classical lines are right) lose to the classical set."""
+    voted = [(c, *vote_dihedral_angles(c.angles, sigma_deg)) for c in candidates]
+    return max(voted, key=lambda v: float(v[2].mean()))
 
 
 def estimate_rotations(images: Tensor, cfg: CommonLinesConfig, encoder: LineEncoder | None = None) -> RotationEstimate:
@@ -97,8 +107,7 @@ def estimate_rotations(images: Tensor, cfg: CommonLinesConfig, encoder: LineEnco
     if n < 3:
         raise ValueError(f"common lines need at least 3 views, got {n}")
     prepared = prepare_views(images, cfg)
-    found = find_common_lines(prepared, cfg, encoder)
-    cos_theta, weight = vote_dihedral_angles(found.angles, cfg.vote_sigma_deg)
+    found, cos_theta, weight = most_consistent(candidate_common_lines(prepared, cfg, encoder), cfg.vote_sigma_deg)
     start = synchronize(relative_blocks(found.angles, cos_theta), weight)
     rotations = refine_rotations(start, found.angles, weight, cfg.refine_iterations)
     support = weight.sum(1) / max(n - 1, 1)

@@ -304,7 +304,7 @@ def with_heterogeneity(quality: PoseQuality, test: SplitTest) -> PoseQuality:
     if not test.heterogeneous:
         return quality
     line = (f"the particles split into two groups whose maps differ beyond their noise in both half sets "
-            f"(split figure {test.figure:.3f}; one population stays below {HETEROGENEOUS_ABOVE}): a mixture of "
+            f"(split figure {test.figure:.4f}; one population stays below {HETEROGENEOUS_ABOVE}): a mixture of "
             f"conformations or of proteins; run with --classes 2 or classify in the host")
     if quality.verdict == "failed":  # the failure stays the headline
         return replace(quality, reasons=[*quality.reasons, line])

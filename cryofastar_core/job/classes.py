@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io import ParticleSet
-from cryofastar_core.job.judge import assess_quality
+from cryofastar_core.job.judge import judge_result, judged_key
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.refine_at import Refined, ab_initio_at, ab_initio_on_subset, padded_to, refine_at
 from cryofastar_core.job.work_scale import cropped_loader, plan_work
@@ -127,7 +127,7 @@ def _seeded_start(particles: ParticleSet, idx: np.ndarray, scale, R: np.ndarray,
                  len(rows))
         seeded = ab_initio_at(particles, idx[rows], box, R[rows], s[rows], own_half[rows], apix, rcfg, device,
                               progress, comm)
-        judged = _judge(particles, idx[rows], seeded, half, device)
+        judged = judge_result(particles, idx[rows], seeded, half, device)
         if judged.verdict != "ok":
             log.info("classes: class %d's seed at its consensus poses is judged %s; an ab initio from random poses",
                      c + 1, judged.verdict)
@@ -135,15 +135,6 @@ def _seeded_start(particles: ParticleSet, idx: np.ndarray, scale, R: np.ndarray,
                                          cfg.seed + 104729 * c, device, progress, comm)
         R[rows], s[rows] = seeded.rotations.numpy(), seeded.shifts.numpy()
     return labels, R, s
-
-
-_RANK = {"failed": 0, "doubtful": 1, "ok": 2}
-
-
-def _judged_key(quality) -> tuple[int, float]:
-    """How two verdicts on one class's poses compare: by verdict, then by sharpness (none counts as -1,
-    below any measured one)."""
-    return _RANK[quality.verdict], quality.sharpness if np.isfinite(quality.sharpness) else -1.0
 
 
 def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndarray, s: np.ndarray, half: np.ndarray,
@@ -158,7 +149,7 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
     local = replace(rcfg, global_step_deg=None)
     result = refine_at(particles, members, scale.local_box, R, s, half[members], apix, local, maps, device,
                        progress, comm)
-    judged = _judge(particles, members, result, half, device)
+    judged = judge_result(particles, members, result, half, device)
     if judged.verdict == "ok":
         return result, ""
     log.info("class %d: its poses are judged %s; an ab initio of its %d particles from random poses",
@@ -168,10 +159,10 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
     again = refine_at(particles, members, scale.local_box, fresh.rotations.numpy(), fresh.shifts.numpy(),
                       half[members], apix, local, padded_to((fresh.half1, fresh.half2), scale.local_box), device,
                       progress, comm)
-    rejudged = _judge(particles, members, again, half, device)
+    rejudged = judge_result(particles, members, again, half, device)
     log.info("class %d: from its maps %s (sharpness %.2f), afresh %s (sharpness %.2f)", number, judged.verdict,
              judged.sharpness, rejudged.verdict, rejudged.sharpness)
-    if _judged_key(rejudged) > _judged_key(judged):
+    if judged_key(rejudged) > judged_key(judged):
         again.history = fresh.history + again.history
         return again, ", afresh"
     return result, ""
@@ -199,21 +190,15 @@ def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: n
         fresh = ab_initio_at(particles, members, scale.ab_initio_box, start, s, half[members], apix,
                              replace(rcfg, global_passes=max(rcfg.global_passes, RANDOM_START_PASSES)), device,
                              progress, comm)
-        judged = _judge(particles, members, fresh, half, device)
+        judged = judge_result(particles, members, fresh, half, device)
         log.info("ab initio from random poses, start %d of %d: %s (sharpness %.2f)", attempt + 1, RESTARTS,
                  judged.verdict, judged.sharpness)
-        key = _judged_key(judged)
+        key = judged_key(judged)
         if best_key is None or key > best_key:
             best, best_key = fresh, key
         if judged.verdict == "ok":
             break
     return best
-
-
-def _judge(particles: ParticleSet, members: np.ndarray, result, half: np.ndarray, device: torch.device):
-    """The verdict on ``members``' poses in ``result`` against its half maps."""
-    return assess_quality(particles, members, result.rotations.numpy(), result.shifts.numpy(), half[members],
-                          (result.half1, result.half2), device)
 
 
 def _classify_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,

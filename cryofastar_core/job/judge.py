@@ -40,6 +40,23 @@ def assess_quality(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarra
                         np.asarray(shifts) * to_box, np.asarray(half), maps, device=device)
 
 
+_RANK = {"failed": 0, "doubtful": 1, "ok": 2}
+
+
+def judge_result(particles: ParticleSet, members: np.ndarray, result, half: np.ndarray,
+                 device: torch.device) -> PoseQuality:
+    """The verdict on ``members``' poses in a refinement ``result`` (its ``rotations``, ``shifts`` in input px
+    and half maps) with half sets ``half`` over all particles."""
+    return assess_quality(particles, members, result.rotations.numpy(), result.shifts.numpy(), half[members],
+                          (result.half1, result.half2), device)
+
+
+def judged_key(quality: PoseQuality) -> tuple[int, float]:
+    """How two verdicts on the same particles' poses compare: by verdict, then by sharpness (none counts as
+    -1, below any measured one)."""
+    return _RANK[quality.verdict], quality.sharpness if np.isfinite(quality.sharpness) else -1.0
+
+
 # The split test classifies a sample of the kept particles at the judging box, from their final poses, by a
 # few class passes on a coarse grid (30 degrees, shifts within 1 px: mostly each particle's pose is kept and
 # only its class is chosen). On the adenylate-kinase mixture that separates the conformations (90 % right) as

@@ -43,12 +43,14 @@ def assess_quality(particles: ParticleSet, idx: np.ndarray, rotations: np.ndarra
 _RANK = {"failed": 0, "doubtful": 1, "ok": 2}
 
 
-def judge_result(particles: ParticleSet, members: np.ndarray, result, half: np.ndarray,
-                 device: torch.device) -> PoseQuality:
+def judge_result(particles: ParticleSet, members: np.ndarray, result, half: np.ndarray, device: torch.device,
+                 rows: np.ndarray | None = None) -> PoseQuality:
     """The verdict on ``members``' poses in a refinement ``result`` (its ``rotations``, ``shifts`` in input px
-    and half maps) with half sets ``half`` over all particles."""
-    return assess_quality(particles, members, result.rotations.numpy(), result.shifts.numpy(), half[members],
-                          (result.half1, result.half2), device)
+    and half maps) with half sets ``half`` over all particles; only the ``rows`` of ``members`` (a bool
+    selection, e.g. those not found to be junk) when given."""
+    rows = np.ones(len(members), dtype=bool) if rows is None else rows
+    return assess_quality(particles, members[rows], result.rotations.numpy()[rows], result.shifts.numpy()[rows],
+                          half[members[rows]], (result.half1, result.half2), device)
 
 
 def judged_key(quality: PoseQuality) -> tuple[int, float]:

@@ -17,7 +17,7 @@ from cryofastar_core.io.class2d import find_class_averages
 from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.classes import RANDOM_START_PASSES, refine_classes
-from cryofastar_core.job.judge import assess_quality, judged_key
+from cryofastar_core.job.judge import judge_result, judged_key
 from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
 from cryofastar_core.job.work_scale import balanced_subset, plan_work
 from cryofastar_core.reconstruct import half_sets
@@ -182,9 +182,8 @@ def _restarted_if_not_ok(particles: ParticleSet, idx: np.ndarray, scale, s: np.n
 def _judged_without_junk(particles: ParticleSet, idx: np.ndarray, result, half: np.ndarray, device: torch.device):
     """The verdict on the refined particles ``idx`` that ``result`` did not find to be junk (the job judges its
     run the same way, after setting junk apart)."""
-    good = np.ones(len(idx), dtype=bool) if result.junk is None else ~result.junk.numpy()
-    return assess_quality(particles, idx[good], result.rotations.numpy()[good], result.shifts.numpy()[good],
-                          half[idx[good]], (result.half1, result.half2), device)
+    return judge_result(particles, idx, result, half, device, rows=None if result.junk is None else
+                        ~result.junk.numpy())
 
 
 def refine_kept(cfg: JobConfig, particles: ParticleSet, rotations: np.ndarray, shifts: np.ndarray, half: np.ndarray,

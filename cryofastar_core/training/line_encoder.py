@@ -180,7 +180,8 @@ def _check_resumable(path: Path, state: dict, cfg: LineTrainConfig) -> None:
         if field in saved and saved[field] != getattr(cfg, field):
             raise InputError(path, field, f"the run was started with {field} {saved[field]}, "
                              f"this command asks for {getattr(cfg, field)}",
-                             f"resume with --{field} {saved[field]}, or start a new run folder")
+                             f"resume with --depth {saved[field]}, or start a new run folder" if field == "depth"
+                             else "start a new run folder (the command trains the default width)")
 
 
 def _log_metrics(out: Path, step: int, metrics: dict) -> None:

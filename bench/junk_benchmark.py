@@ -115,7 +115,9 @@ def judge(case_dir: Path, labels: np.ndarray, names: list[str], seconds: float) 
     report = json.loads((out / "report.json").read_text())
     row.update(good_median_deg=round(ev["rotation"]["median_deg"], 2), good_mean_deg=round(ev["rotation"]["mean_deg"], 2),
                map_fsc05_A=round(float(ev["map"]["resolution_fsc0.5"]), 2), verdict=report["quality"]["verdict"],
-               junk_rule=report.get("junk", {}).get("rule"), seconds=round(seconds, 1))
+               junk_rule=report.get("junk", {}).get("rule"), seconds=round(seconds, 1),
+               classes=len(report.get("classes") or []) or 1,
+               split_figure=(report["quality"].get("heterogeneity") or {}).get("figure"))
     return row
 
 

@@ -179,15 +179,22 @@ def _mixture_star(root, name: str, volumes: list[torch.Tensor], counts: tuple[in
     return root / "particles.star"
 
 
-def test_job_with_two_classes(mixed_star, tmp_path):
+@pytest.fixture(scope="module")
+def two_class_job(mixed_star, tmp_path_factory):
+    """The job with ``classes 2`` on both conformations: its report and output folder."""
+    out = tmp_path_factory.mktemp("two_classes") / "job"
+    report = run(JobConfig(particles=mixed_star, out_dir=out, views=16, candidates=3, anchors=4, device="cpu",
+                           refine_iters=1, classes=2))
+    return report, out
+
+
+def test_job_with_two_classes(mixed_star, two_class_job):
     """``classes 2`` through the whole job: every particle gets a class (rlnClassNumber), each class its maps,
     FSC and verdict; the two conformations land in different classes. The shipped weights start it (their
     poses are near chance here, but spread over the sphere, which the consensus needs: untrained weights
     give every view almost the same pose)."""
     star = mixed_star
-    out = tmp_path / "job"
-    report = run(JobConfig(particles=star, out_dir=out, views=16, candidates=3, anchors=4, device="cpu",
-                           refine_iters=1, classes=2))
+    report, out = two_class_job
     data = json.loads((out / "report.json").read_text())
     classes = data["classes"]
     assert [c["number"] for c in classes] == [1, 2] and classes[0]["particles"] >= classes[1]["particles"]
@@ -207,12 +214,13 @@ def test_job_with_two_classes(mixed_star, tmp_path):
 
 
 def test_a_one_class_run_says_when_its_particles_split_in_two(mixed_star, tmp_path):
-    """The one-class job's split test (cryofastar_core/evaluation/heterogeneity.py): on both conformations
-    the verdict is not ``ok`` and says to run two classes; on one conformation alone it finds no split."""
+    """The one-class job's split test (cryofastar_core/evaluation/heterogeneity.py), told to keep one class:
+    on both conformations the verdict is not ``ok`` and says to run two classes; on one conformation alone it
+    finds no split."""
     figures = {}
     for name, star in (("mixed", mixed_star), ("one", mixed_star.parent / "conf0" / "particles.star")):
         run(JobConfig(particles=star, out_dir=tmp_path / name, views=16, candidates=3, anchors=4, device="cpu",
-                      refine_iters=1))
+                      refine_iters=1, split_mixed=False))
         data = json.loads((tmp_path / name / "report.json").read_text())
         figures[name] = (data["quality"], data["timings_s"]["heterogeneity"])
     print({k: (q["verdict"], q["heterogeneity"]) for k, (q, _) in figures.items()})
@@ -221,6 +229,28 @@ def test_a_one_class_run_says_when_its_particles_split_in_two(mixed_star, tmp_pa
     assert "--classes 2" in " ".join(mixed["reasons"])
     assert one["heterogeneity"]["shells"] >= 3 and not one["heterogeneity"]["heterogeneous"]
     assert not any("--classes 2" in r for r in one["reasons"])
+
+
+def test_a_one_class_run_whose_particles_split_goes_on_as_two_classes(mixed_star, two_class_job, tmp_path):
+    """With one class asked (the default) and the split test finding two structures, the job refines the
+    particles again as two classes (cryofastar_core/job/driver.py, ``_split_into_classes``), exactly as
+    ``classes 2`` does: each conformation gets its own class and maps (every particle in the same class as in
+    the ``classes 2`` run), and class 1's verdict says why the run has classes."""
+    out = tmp_path / "job"
+    run(JobConfig(particles=mixed_star, out_dir=out, views=16, candidates=3, anchors=4, device="cpu", refine_iters=1))
+    data = json.loads((out / "report.json").read_text())
+    assert data["settings"]["classes"] == 1 and [c["number"] for c in data["classes"]] == [1, 2]
+    assert data["quality"]["heterogeneity"]["heterogeneous"] and "refine_classes" in data["timings_s"]
+    assert any("refined as two classes" in r for r in data["quality"]["reasons"])
+    assert (out / "class002_map.mrc").exists()
+    rows = starfile.read(out / "particles.star", always_dict=True)["particles"]
+    conf = np.array([1 if "conf1/" in name else 0 for name in rows["rlnImageName"]])
+    acc = _accuracy(rows["rlnClassNumber"].to_numpy() - 1, conf)
+    print(f"split into classes: right class {acc:.3f}; classes {data['classes']}")
+    assert acc >= 0.9
+    asked = starfile.read(two_class_job[1] / "particles.star", always_dict=True)["particles"]
+    assert list(asked["rlnImageName"]) == list(rows["rlnImageName"])
+    assert (asked["rlnClassNumber"].to_numpy() == rows["rlnClassNumber"].to_numpy()).all()
 
 
 def test_a_class_stuck_on_wrong_maps_is_refined_afresh(mixed_star):

@@ -294,18 +294,23 @@ def with_class_disagreement(quality: PoseQuality, support: float, threshold: flo
     return replace(quality, reasons=[*quality.reasons, line])
 
 
-def with_heterogeneity(quality: PoseQuality, test: SplitTest) -> PoseQuality:
+def with_heterogeneity(quality: PoseQuality, test: SplitTest, into_classes: bool = False) -> PoseQuality:
     """``quality`` told whether its particles split reproducibly into two populations
     (:mod:`cryofastar_core.evaluation.heterogeneity`). The pose figures cannot see it: a consensus fits
     the conformation most particles share and the others' poses still beat random ones (a 50:50 mixture
     of two conformations read ``ok`` at 73 degrees off, bench/results/2026-12-06-classes.md). A
-    heterogeneous set's ``ok`` becomes ``doubtful``, with the reason first (after a failure's)."""
+    heterogeneous set's ``ok`` becomes ``doubtful``, with the reason first (after a failure's); unless the run
+    went on as two classes (``into_classes``): ``quality`` is then class 1's own, and a line says why the
+    run has classes."""
     quality = replace(quality, heterogeneity=test.to_dict())
     if not test.heterogeneous:
         return quality
-    line = (f"the particles split into two groups whose maps differ beyond their noise in both half sets "
-            f"(split figure {test.figure:.4f}; one population stays below {HETEROGENEOUS_ABOVE}): a mixture of "
-            f"conformations or of proteins; run with --classes 2 or classify in the host")
+    found = (f"the particles split into two groups whose maps differ beyond their noise in both half sets "
+             f"(split figure {test.figure:.4f}; one population stays below {HETEROGENEOUS_ABOVE}): a mixture of "
+             f"conformations or of proteins")
+    if into_classes:
+        return replace(quality, reasons=[*quality.reasons, f"{found}; refined as two classes, this is class 1"])
+    line = f"{found}; run with --classes 2 (or without --no-split-mixed) or classify in the host"
     if quality.verdict == "failed":  # the failure stays the headline
         return replace(quality, reasons=[*quality.reasons, line])
     return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])

@@ -69,6 +69,11 @@ class JobConfig:
     classes: int = option(1, "classes in the ab initio: several conformations (or junk of another protein) each "
                           "build their own map; maps, FSC and verdict per class, rlnClassNumber per particle",
                           minimum=1, maximum=MAX_CLASSES, fix=f"use 1 to {MAX_CLASSES} classes")
+    # A one-class run whose particles fail the split test (evaluation/heterogeneity.py) holds two structures;
+    # the classes then set the other one apart (tests/test_classes.py; bench/results/2026-12-06-classes.md).
+    split_mixed: bool = option(True, "with one class, when the particles split reproducibly into two structures "
+                               "(another protein or conformation), continue as two classes; off: one class, and "
+                               "the verdict says doubtful")
     keep_fraction: float | None = option(None, "keep only this fraction of the most confident particles, e.g. 0.8",
                                          default_text="keep all", minimum=0, maximum=1, open_min=True,
                                          fix="use e.g. 0.8 to keep 80 %")

@@ -20,13 +20,14 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cryofastar_core import __version__
+from cryofastar_core.evaluation.heterogeneity import SplitTest
 from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_heterogeneity, with_junk
 from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.physics.compiled import backend as slice_backend
@@ -36,7 +37,9 @@ from cryofastar_core.job.maps import (accumulate_shard, centring_at_input_box, f
                                       with_fsc)
 from cryofastar_core.job.outputs import ClassOutput, class_summary, refuse_overwriting_inputs, write_outputs
 from cryofastar_core.job.judge import assess_quality, split_test
+from cryofastar_core.job.classes import refine_classes
 from cryofastar_core.job.poses import estimate_feed_forward, kept_by_confidence, refine_kept
+from cryofastar_core.job.refine_at import Refined
 from cryofastar_core.job.report import REPORT, Report, pose_trust_note
 from cryofastar_core.inference.pose_model import load_pose_model, pose_model_identity
 from cryofastar_core.job.class_route import LOW_SUPPORT
@@ -138,6 +141,8 @@ class _Poses:
     work_scale: dict = field(default_factory=dict)  # where refinement worked (job/work_scale.py)
     classes: np.ndarray | None = None  # (N,) class 1..K of each particle with several classes (job/classes.py)
     class_maps: list = field(default_factory=list)  # refinement's (full, half1, half2) per class, None where absent
+    n_classes: int = 1  # K: cfg.classes, or 2 when a one-class run's particles split (split_mixed)
+    split: SplitTest | None = None  # a one-class refinement's split test (None: not run, or too few particles)
 
 
 def run(cfg: JobConfig, progress: Progress | None = None, comm: Communicator | None = None) -> Report:
@@ -260,16 +265,57 @@ def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
 def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     """Stage refine: every rank refines its own block of the kept particles, and every rank comes out with
     the same refined poses and refinement's last ``(full, half1, half2)`` maps (each pass's accumulators and
-    poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`)."""
+    poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`). With one
+    class, then the split test (stage heterogeneity) and, when it finds two structures, stage
+    refine_classes (:func:`_split_into_classes`)."""
+    keep = poses.keep
     with ctx.timer.stage("refine"), scratch_for(inputs.particles, ctx.out / STATE_DIR / "scratch", ctx.comm.rank):
-        refined = refine_kept(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.keep,
+        refined = refine_kept(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, keep,
                               inputs.apix, ctx.device, ctx.progress, ctx.comm)
-    poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, refined.history
+    _take_refined(ctx, poses, refined, ctx.cfg.classes)
+    if refined.classes is None:
+        poses.split = _split_test(ctx, inputs, poses)
+        if poses.split is not None and poses.split.heterogeneous and ctx.cfg.split_mixed and ctx.cfg.refine_global:
+            refined = _split_into_classes(ctx, inputs, poses, keep)
+    return refined.maps
+
+
+def _take_refined(ctx: _Context, poses: _Poses, refined: Refined, n_classes: int) -> None:
+    """``poses`` takes a refinement's poses, junk, classes and history (after any earlier refinement's); its
+    junk is then set apart."""
+    poses.rotations, poses.shifts, poses.refinement = refined.rotations, refined.shifts, \
+        poses.refinement + refined.history
     poses.junk, poses.junk_score, poses.junk_rule = refined.junk, refined.junk_score, refined.junk_rule
     poses.work_scale = dict(refined.scale, feed_forward_particles=int(np.isfinite(poses.confidence).sum()))
     poses.classes, poses.class_maps = refined.classes, refined.class_maps or []
+    poses.n_classes = n_classes
     _set_junk_apart(ctx, poses)
-    return refined.maps
+
+
+def _split_test(ctx: _Context, inputs: _Inputs, poses: _Poses) -> SplitTest | None:
+    """Stage heterogeneity: do the kept particles (junk apart) at their refined poses split reproducibly into
+    two populations (:func:`cryofastar_core.job.judge.split_test`, on rank 0, shared)?"""
+    with ctx.timer.stage("heterogeneity"):
+        idx = np.flatnonzero(poses.keep)
+        return ctx.comm.on_main(lambda: split_test(inputs.particles, idx, poses.rotations[idx], poses.shifts[idx],
+                                                   poses.half[idx], ctx.device, ctx.cfg.seed))
+
+
+def _split_into_classes(ctx: _Context, inputs: _Inputs, poses: _Poses, keep: np.ndarray) -> Refined:
+    """Stage refine_classes: the particles ``keep`` refined again as two classes from their feed-forward poses,
+    exactly as ``--classes 2`` would (:func:`cryofastar_core.job.classes.refine_classes`): another protein or
+    conformation gets its own map instead of being averaged in. Not from the one-class poses: on the test
+    mixture that start put 87 % in the right class, the feed-forward one 97 % (tests/test_classes.py)."""
+    log.warning("the particles split into two structures (split figure %.4f, one structure stays below %s): "
+                "refining them as two classes (--no-split-mixed keeps one)", poses.split.figure,
+                poses.split.to_dict()["threshold"])
+    with ctx.timer.stage("refine_classes"), scratch_for(inputs.particles, ctx.out / STATE_DIR / "scratch",
+                                                        ctx.comm.rank):
+        refined = refine_classes(replace(ctx.cfg, classes=2), inputs.particles, poses.est["rotations"].copy(),
+                                 poses.est["shifts"].copy(), poses.half, keep, inputs.apix, ctx.device, ctx.progress,
+                                 ctx.comm)
+    _take_refined(ctx, poses, refined, 2)
+    return refined
 
 
 def _junk_counts(poses: _Poses) -> tuple[int, int]:
@@ -335,7 +381,7 @@ def _reconstruct_other_classes(ctx: _Context, inputs: _Inputs, poses: _Poses) ->
         return []
     out = []
     with ctx.timer.stage("reconstruct_classes"):
-        for number in range(2, ctx.cfg.classes + 1):
+        for number in range(2, poses.n_classes + 1):
             members = _members(poses, number)
             if members.sum() < 2:
                 out.append((number, None))
@@ -368,13 +414,8 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
     if "class_support" in poses.est:
         quality = with_class_disagreement(quality, float(poses.est["class_support"]), LOW_SUPPORT,
                                           refined=ctx.cfg.refine_iters > 0)
-    if poses.classes is None and ctx.cfg.refine_iters > 0:
-        with ctx.timer.stage("heterogeneity"):
-            idx = np.flatnonzero(poses.keep)
-            test = split_test(inputs.particles, idx, poses.rotations[idx], poses.shifts[idx], poses.half[idx],
-                              ctx.device, ctx.cfg.seed)
-        if test is not None:
-            quality = with_heterogeneity(quality, test)
+    if poses.split is not None:
+        quality = with_heterogeneity(quality, poses.split, into_classes=poses.classes is not None)
     return quality
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io import ParticleSet
-from cryofastar_core.job.judge import judge_result, judged_key
+from cryofastar_core.job.judge import best_of_starts, judge_result, judged_key
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.refine_at import Refined, ab_initio_at, ab_initio_on_subset, padded_to, refine_at
 from cryofastar_core.job.work_scale import cropped_loader, plan_work
@@ -182,23 +182,21 @@ def _ab_initio_restarts(particles: ParticleSet, members: np.ndarray, scale, s: n
                         apix: float, rcfg: RefineConfig, seed: int, device: torch.device, progress: Progress | None,
                         comm: Communicator | None):
     """Up to :data:`RESTARTS` one-class ab initio runs (global passes at the ab initio box) of ``members`` from
-    random poses, each judged from the data; the first judged ``ok``, else the best judged."""
-    best, best_key = None, None
-    for attempt in range(RESTARTS):
-        start = random_rotations(len(members), generator=torch.Generator().manual_seed(seed + attempt),
+    random poses, each judged from the data; the first judged ``ok``, else the best judged
+    (:func:`~cryofastar_core.job.judge.best_of_starts`)."""
+    passes = replace(rcfg, global_passes=max(rcfg.global_passes, RANDOM_START_PASSES))
+
+    def attempt(k: int, _so_far):
+        start = random_rotations(len(members), generator=torch.Generator().manual_seed(seed + k - 1),
                                  dtype=torch.float64).numpy()
-        fresh = ab_initio_at(particles, members, scale.ab_initio_box, start, s, half[members], apix,
-                             replace(rcfg, global_passes=max(rcfg.global_passes, RANDOM_START_PASSES)), device,
-                             progress, comm)
-        judged = judge_result(particles, members, fresh, half, device)
-        log.info("ab initio from random poses, start %d of %d: %s (sharpness %.2f)", attempt + 1, RESTARTS,
-                 judged.verdict, judged.sharpness)
-        key = judged_key(judged)
-        if best_key is None or key > best_key:
-            best, best_key = fresh, key
-        if judged.verdict == "ok":
-            break
-    return best
+        return ab_initio_at(particles, members, scale.ab_initio_box, start, s, half[members], apix, passes, device,
+                            progress, comm)
+
+    def told(k: int, judged) -> None:
+        log.info("ab initio from random poses, start %d of %d: %s (sharpness %.2f)", k, RESTARTS, judged.verdict,
+                 judged.sharpness)
+
+    return best_of_starts(attempt, lambda fresh: judge_result(particles, members, fresh, half, device), RESTARTS, told)
 
 
 def _classify_at(particles: ParticleSet, idx: np.ndarray, box: int, R: np.ndarray, s: np.ndarray, half: np.ndarray,

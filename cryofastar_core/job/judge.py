@@ -4,6 +4,7 @@ particles hold two populations: :func:`split_test`."""
 from __future__ import annotations
 
 import logging
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -57,6 +58,28 @@ def judged_key(quality: PoseQuality) -> tuple[int, float]:
     """How two verdicts on the same particles' poses compare: by verdict, then by sharpness (none counts as
     -1, below any measured one)."""
     return _RANK[quality.verdict], quality.sharpness if np.isfinite(quality.sharpness) else -1.0
+
+
+Result = TypeVar("Result")
+
+
+def best_of_starts(attempt: Callable[[int, PoseQuality | None], Result], judge: Callable[[Result], PoseQuality],
+                   starts: int, told: Callable[[int, PoseQuality], None],
+                   first: tuple[Result, PoseQuality] | None = None) -> Result:
+    """The best judged (:func:`judged_key`) of ``first`` (a result and its verdict, when given) and up to
+    ``starts`` further results ``attempt(k, best verdict so far)``, ``k`` = 1..``starts``, each judged by
+    ``judge`` and ``told(k, verdict)``; no further start once a result is judged ``ok``. The one policy of
+    every restart from random poses (a one-class refinement, a class's seed, a class refined afresh)."""
+    best, quality = first if first is not None else (None, None)
+    for k in range(1, starts + 1):
+        if quality is not None and quality.verdict == "ok":
+            break
+        result = attempt(k, quality)
+        judged = judge(result)
+        told(k, judged)
+        if quality is None or judged_key(judged) > judged_key(quality):
+            best, quality = result, judged
+    return best
 
 
 # The split test classifies a sample of the kept particles at the judging box, from their final poses, by a

@@ -17,7 +17,7 @@ from cryofastar_core.io.class2d import find_class_averages
 from cryofastar_core.job.class_route import estimate_from_class_averages
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.classes import RANDOM_START_PASSES, refine_classes
-from cryofastar_core.job.judge import judge_result, judged_key
+from cryofastar_core.job.judge import best_of_starts, judge_result
 from cryofastar_core.job.refine_at import Refined, ab_initio_on_subset, refine_at
 from cryofastar_core.job.work_scale import balanced_subset, plan_work
 from cryofastar_core.reconstruct import half_sets
@@ -161,22 +161,21 @@ def _restarted_if_not_ok(particles: ParticleSet, idx: np.ndarray, scale, s: np.n
                          progress: Progress | None, comm: Communicator | None) -> tuple:
     """``first`` (a result and its history), or when its verdict is not ``ok`` the best judged of it and up
     to :data:`RESTARTS` refinements from random poses, each with :data:`RANDOM_START_PASSES` global passes
-    (the first judged ``ok`` ends the search)."""
-    best, best_quality = first, _judged_without_junk(particles, idx, first[0], half, device)
+    (the first judged ``ok`` ends the search; :func:`~cryofastar_core.job.judge.best_of_starts`)."""
     restart_cfg = replace(rcfg, global_passes=max(rcfg.global_passes, RANDOM_START_PASSES))
-    for attempt in range(1, RESTARTS + 1):
-        if best_quality.verdict == "ok":
-            break
+
+    def attempt(k: int, so_far) -> tuple:
         log.info("the refined poses are judged %s; refining again from random poses (start %d of %d)",
-                 best_quality.verdict, attempt, RESTARTS)
-        start = random_rotations(len(idx), generator=torch.Generator().manual_seed(seed + 15485863 * attempt),
+                 so_far.verdict, k, RESTARTS)
+        start = random_rotations(len(idx), generator=torch.Generator().manual_seed(seed + 15485863 * k),
                                  dtype=torch.float64).numpy()
-        again = _refine_from(particles, idx, scale, start, s.copy(), half, apix, restart_cfg, device, progress, comm)
-        quality = _judged_without_junk(particles, idx, again[0], half, device)
-        log.info("restart %d: judged %s (sharpness %.2f)", attempt, quality.verdict, quality.sharpness)
-        if judged_key(quality) > judged_key(best_quality):
-            best, best_quality = again, quality
-    return best
+        return _refine_from(particles, idx, scale, start, s.copy(), half, apix, restart_cfg, device, progress, comm)
+
+    def told(k: int, quality) -> None:
+        log.info("restart %d: judged %s (sharpness %.2f)", k, quality.verdict, quality.sharpness)
+
+    return best_of_starts(attempt, lambda tried: _judged_without_junk(particles, idx, tried[0], half, device),
+                          RESTARTS, told, first=(first, _judged_without_junk(particles, idx, first[0], half, device)))
 
 
 def _judged_without_junk(particles: ParticleSet, idx: np.ndarray, result, half: np.ndarray, device: torch.device):

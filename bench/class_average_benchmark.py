@@ -110,7 +110,7 @@ def class_pose_ceiling(data_star: Path, truth_star: Path) -> dict:
     particle, and how many classes are pure (members' implied poses within 20° of their mean, median)."""
     import torch
 
-    from cryofastar_core.evaluation.metrics import _project_so3, rotation_errors
+    from cryofastar_core.evaluation.metrics import chordal_mean, rotation_errors
     from cryofastar_core.geometry import compose_class_pose, rotation_angle_deg
     from cryofastar_core.io import read_particles
     from cryofastar_core.io.class2d import find_class_averages
@@ -124,7 +124,7 @@ def class_pose_ceiling(data_star: Path, truth_star: Path) -> dict:
     in_plane = torch.as_tensor(classes.in_plane, dtype=torch.float64)
     implied = R_true @ in_plane.transpose(-1, -2)
     member = torch.as_tensor(classes.member)
-    means = torch.stack([_project_so3(implied[member == c].sum(0)) for c in range(len(classes.numbers))])
+    means = torch.stack([chordal_mean(implied[member == c]) for c in range(len(classes.numbers))])
     spread = [float(rotation_angle_deg(implied[member == c], means[c].expand_as(implied[member == c])).median())
               for c in range(len(classes.numbers))]
     rotations, _ = compose_class_pose(means[member], torch.zeros(len(member), 2, dtype=torch.float64), in_plane,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cryofastar_core.evaluation.metrics import chordal_mean
 from cryofastar_core.geometry import compose_class_pose, relion_euler_to_matrix, rotation_angle_deg
 from cryofastar_core.io import read_particles
 from cryofastar_core.io.class2d import averages_star_for, find_class_averages
@@ -40,8 +41,7 @@ def _spread_deg(implied: np.ndarray, member: np.ndarray) -> np.ndarray:
     out = []
     for k in np.unique(member):
         r = torch.from_numpy(implied[member == k])
-        u, _, vh = torch.linalg.svd(r.mean(0))
-        mean = u @ torch.diag(torch.tensor([1.0, 1.0, float(torch.linalg.det(u @ vh))], dtype=r.dtype)) @ vh
+        mean = chordal_mean(r)
         out.append(float(rotation_angle_deg(r, mean.expand_as(r)).median()))
     return np.array(out)
 

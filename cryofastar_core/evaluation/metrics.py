@@ -40,6 +40,11 @@ def _project_so3(M: torch.Tensor) -> torch.Tensor:
     return U @ D @ Vt
 
 
+def chordal_mean(R: torch.Tensor) -> torch.Tensor:
+    """The rotation nearest (Frobenius) to the mean of rotations ``R`` ``(n, 3, 3)``: their chordal mean."""
+    return _project_so3(_as64(R).sum(0))
+
+
 def _fit(R_pred: torch.Tensor, R_true: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Best ``G`` for ``G R_pred ~ R_true`` and the mean squared Frobenius residual."""
     G = _project_so3((R_true @ R_pred.transpose(-1, -2)).sum(0))

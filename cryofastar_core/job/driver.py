@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cryofastar_core import __version__
-from cryofastar_core.evaluation.heterogeneity import SplitTest
+from cryofastar_core.evaluation.heterogeneity import HETEROGENEOUS_ABOVE, SplitTest
 from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_heterogeneity, with_junk
 from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.physics.compiled import backend as slice_backend
@@ -307,8 +307,7 @@ def _split_into_classes(ctx: _Context, inputs: _Inputs, poses: _Poses, keep: np.
     conformation gets its own map instead of being averaged in. Not from the one-class poses: on the test
     mixture that start put 87 % in the right class, the feed-forward one 97 % (tests/test_classes.py)."""
     log.warning("the particles split into two structures (split figure %.4f, one structure stays below %s): "
-                "refining them as two classes (--no-split-mixed keeps one)", poses.split.figure,
-                poses.split.to_dict()["threshold"])
+                "refining them as two classes (--no-split-mixed keeps one)", poses.split.figure, HETEROGENEOUS_ABOVE)
     with ctx.timer.stage("refine_classes"), scratch_for(inputs.particles, ctx.out / STATE_DIR / "scratch",
                                                         ctx.comm.rank):
         refined = refine_classes(replace(ctx.cfg, classes=2), inputs.particles, poses.est["rotations"].copy(),

@@ -133,6 +133,7 @@ class _Poses:
     shifts: np.ndarray
     confidence: np.ndarray
     keep: np.ndarray | None = None
+    selected: np.ndarray | None = None  # (N,) bool: kept by the select stage; keep is this less any junk set apart
     half: np.ndarray | None = None
     refinement: list[dict] = field(default_factory=list)
     junk: np.ndarray | None = None  # (N,) bool: found by refinement's global passes (refine/junk.py)
@@ -254,7 +255,7 @@ def _select_particles(ctx: _Context, inputs: _Inputs, poses: _Poses) -> None:
     """Stage select: which particles are kept (``poses.keep``) and every particle's half set (``poses.half``)."""
     with ctx.timer.stage("select"):
         confidence = poses.confidence
-        keep = poses.keep = kept_by_confidence(ctx.cfg, confidence)
+        keep = poses.keep = poses.selected = kept_by_confidence(ctx.cfg, confidence)
         posed = np.isfinite(confidence)
         q10, q50, q90 = np.quantile(confidence[posed], [0.1, 0.5, 0.9])
         log.info("keeping %d of %d particles (confidence 0-1 of the %d posed feed-forward: median %.3f, 10-90%% "
@@ -268,15 +269,14 @@ def _refine_shared(ctx: _Context, inputs: _Inputs, poses: _Poses) -> tuple:
     poses are summed over the ranks inside :func:`cryofastar_core.refine.driver.refine_poses`). With one
     class, then the split test (stage heterogeneity) and, when it finds two structures, stage
     refine_classes (:func:`_split_into_classes`)."""
-    keep = poses.keep
     with ctx.timer.stage("refine"), scratch_for(inputs.particles, ctx.out / STATE_DIR / "scratch", ctx.comm.rank):
-        refined = refine_kept(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, keep,
+        refined = refine_kept(ctx.cfg, inputs.particles, poses.rotations, poses.shifts, poses.half, poses.selected,
                               inputs.apix, ctx.device, ctx.progress, ctx.comm)
     _take_refined(ctx, poses, refined, ctx.cfg.classes)
     if refined.classes is None:
         poses.split = _split_test(ctx, inputs, poses)
         if poses.split is not None and poses.split.heterogeneous and ctx.cfg.split_mixed and ctx.cfg.refine_global:
-            refined = _split_into_classes(ctx, inputs, poses, keep)
+            refined = _split_into_classes(ctx, inputs, poses)
     return refined.maps
 
 
@@ -301,8 +301,8 @@ def _split_test(ctx: _Context, inputs: _Inputs, poses: _Poses) -> SplitTest | No
                                                    poses.half[idx], ctx.device, ctx.cfg.seed))
 
 
-def _split_into_classes(ctx: _Context, inputs: _Inputs, poses: _Poses, keep: np.ndarray) -> Refined:
-    """Stage refine_classes: the particles ``keep`` refined again as two classes from their feed-forward poses,
+def _split_into_classes(ctx: _Context, inputs: _Inputs, poses: _Poses) -> Refined:
+    """Stage refine_classes: the selected particles refined again as two classes from their feed-forward poses,
     exactly as ``--classes 2`` would (:func:`cryofastar_core.job.classes.refine_classes`): another protein or
     conformation gets its own map instead of being averaged in. Not from the one-class poses: on the test
     mixture that start put 87 % in the right class, the feed-forward one 97 % (tests/test_classes.py)."""
@@ -311,9 +311,8 @@ def _split_into_classes(ctx: _Context, inputs: _Inputs, poses: _Poses, keep: np.
     with ctx.timer.stage("refine_classes"), scratch_for(inputs.particles, ctx.out / STATE_DIR / "scratch",
                                                         ctx.comm.rank):
         refined = refine_classes(replace(ctx.cfg, classes=2), inputs.particles, poses.est["rotations"].copy(),
-                                 poses.est["shifts"].copy(), poses.half, keep, inputs.apix, ctx.device, ctx.progress,
-                                 ctx.comm)
-    poses.keep = keep  # as selected before refinement: the classes find the junk again
+                                 poses.est["shifts"].copy(), poses.half, poses.selected, inputs.apix, ctx.device,
+                                 ctx.progress, ctx.comm)
     _take_refined(ctx, poses, refined, 2)
     return refined
 
@@ -325,15 +324,15 @@ def _junk_counts(poses: _Poses) -> tuple[int, int]:
 
 
 def _set_junk_apart(ctx: _Context, poses: _Poses) -> None:
-    """Junk leaves the kept set (refinement already left it out of the maps) unless ``keep_junk``; logged."""
+    """The kept set is the selected particles less the junk the last refinement found (it already left the
+    junk out of the maps), unless ``keep_junk``; logged."""
+    poses.keep = poses.selected if ctx.cfg.keep_junk else poses.selected & ~poses.junk
     if not poses.junk_rule:
         return
     n_junk, n_judged = _junk_counts(poses)
     if n_junk == 0:
         log.info("junk: none found (every particle's best score is above what structureless images score)")
         return
-    if not ctx.cfg.keep_junk:
-        poses.keep = poses.keep & ~poses.junk
     where = "kept in the maps (--keep-junk)" if ctx.cfg.keep_junk else "left out of the maps, written to junk.star"
     (log.warning if ctx.cfg.keep_junk else log.info)(
         "junk: %d of %d particles (%.1f %%) show no evidence for any pose: %s", n_junk, n_judged,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cryofastar_core.geometry import random_rotations
 from cryofastar_core.io import ParticleSet
-from cryofastar_core.job.judge import best_of_starts, judge_result, judged_key
+from cryofastar_core.job.judge import best_of_starts, judge_result
 from cryofastar_core.job.config import JobConfig
 from cryofastar_core.job.refine_at import Refined, ab_initio_at, ab_initio_on_subset, padded_to, refine_at
 from cryofastar_core.job.work_scale import cropped_loader, plan_work
@@ -150,22 +150,25 @@ def _refine_class(particles: ParticleSet, members: np.ndarray, scale, R: np.ndar
     result = refine_at(particles, members, scale.local_box, R, s, half[members], apix, local, maps, device,
                        progress, comm)
     judged = judge_result(particles, members, result, half, device)
-    if judged.verdict == "ok":
-        return result, ""
-    log.info("class %d: its poses are judged %s; an ab initio of its %d particles from random poses",
-             number, judged.verdict, len(members))
-    fresh = _ab_initio_restarts(particles, members, scale, s, half, apix, rcfg, seed + 7919 * number, device,
-                                progress, comm)
-    again = refine_at(particles, members, scale.local_box, fresh.rotations.numpy(), fresh.shifts.numpy(),
-                      half[members], apix, local, padded_to((fresh.half1, fresh.half2), scale.local_box), device,
-                      progress, comm)
-    rejudged = judge_result(particles, members, again, half, device)
-    log.info("class %d: from its maps %s (sharpness %.2f), afresh %s (sharpness %.2f)", number, judged.verdict,
-             judged.sharpness, rejudged.verdict, rejudged.sharpness)
-    if judged_key(rejudged) > judged_key(judged):
+
+    def afresh(_k: int, _so_far):
+        log.info("class %d: its poses are judged %s; an ab initio of its %d particles from random poses",
+                 number, judged.verdict, len(members))
+        fresh = _ab_initio_restarts(particles, members, scale, s, half, apix, rcfg, seed + 7919 * number, device,
+                                    progress, comm)
+        again = refine_at(particles, members, scale.local_box, fresh.rotations.numpy(), fresh.shifts.numpy(),
+                          half[members], apix, local, padded_to((fresh.half1, fresh.half2), scale.local_box), device,
+                          progress, comm)
         again.history = fresh.history + again.history
-        return again, ", afresh"
-    return result, ""
+        return again
+
+    def told(_k: int, rejudged) -> None:
+        log.info("class %d: from its maps %s (sharpness %.2f), afresh %s (sharpness %.2f)", number, judged.verdict,
+                 judged.sharpness, rejudged.verdict, rejudged.sharpness)
+
+    best = best_of_starts(afresh, lambda again: judge_result(particles, members, again, half, device), 1, told,
+                          first=(result, judged))
+    return best, "" if best is result else ", afresh"
 
 
 # Ab initio from random poses converges on some starts and not others (1AKE: 0.4-101° over 3 seeds); the AK

@@ -70,3 +70,26 @@ def test_mate_passes_resolve_a_set_split_between_poses_and_mates():
     print(f"minority side: {without:.3f} without mate passes, {with_passes:.3f} with")
     assert without > 0.3
     assert with_passes < 0.1
+
+
+def test_mate_passes_bring_a_half_set_that_settled_at_the_mates_to_the_other_halfs_side():
+    """Each half set consistent, but half 2 wholly at the mates (the gold-standard halves settled on opposite
+    sides, as on a 3HSY draw at SNR 0.1: bench/results/2026-12-06-class-averages.md, session 20): the choosing
+    passes flip almost nothing, and half 2 must still be brought over, or the full map blends the two."""
+    vol, S = _pseudo_dimer()
+    g = torch.Generator().manual_seed(6)
+    n = 600
+    R, s, ctf, images = blob_particles(n, BOX, APIX, g, volume=vol)
+    half = np.arange(n) % 2 + 1
+    at_mate = torch.as_tensor(half == 2)
+    R0 = torch.where(at_mate[:, None, None], S @ R, R)
+    s0 = torch.where(at_mate[:, None], shifts_after_moving_map(S @ R, s, OFFSET), s)
+    cfg = RefineConfig(iterations=1, angle_step_deg=2.0, angle_radius_deg=4.0, global_step_deg=None,
+                       mate_passes=8, chunk_size=200)
+    res = refine_poses(lambda idx: images[torch.as_tensor(idx)], ctf, APIX, R0, s0, half, cfg)
+    modes = [h.get("mode") for h in res.history if h["stage"] == "mates"]
+    near_truth = (rotation_angle_deg(res.rotations, R) < 90).double()
+    side = [float(near_truth[torch.as_tensor(half == h)].mean()) for h in (1, 2)]
+    print(modes, side)
+    assert modes[-1] == "half 2 to its mates", modes
+    assert abs(side[0] - side[1]) < 0.1, side      # both halves on one side (either)

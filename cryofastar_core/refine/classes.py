@@ -66,8 +66,6 @@ import torch
 from torch import Tensor
 
 from cryofastar_core.physics.ctf import CTFParams
-from cryofastar_core.physics.fourier import fourier_crop_volume
-from cryofastar_core.physics.projection import prepare_volume
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, resolution_at
 from cryofastar_core.refine.config import RefineConfig, matching_shells
 from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, peak_over_spread, so3_grid
@@ -77,7 +75,7 @@ from cryofastar_core.refine.map_registration import register_map
 from cryofastar_core.refine.matching import FourierBand, PowerSpectrum, candidate_scores
 from cryofastar_core.refine.passes import decide_junk, starting_power, starting_scan
 from cryofastar_core.refine.scan import HalfFrame, PassTally, by_half, fsc_filter, half_frame, moved_fields, on_band
-from cryofastar_core.refine.state import RefineState, share, start_state
+from cryofastar_core.refine.state import RefineState, prepared_reference, share, start_state, sub_half
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.progress import Progress
 
@@ -255,7 +253,7 @@ def _consensus_fit(st: RefineState) -> Tensor:
     _starting_maps(st, one, None)
     band = FourierBand(st.box, _band_shells(st, one), st.device)
     grid = so3_grid(cfg.global_step_deg)
-    projections = [[grid_projections(_prepared(st, m, band), band, grid) for m in subs]
+    projections = [[grid_projections(prepared_reference(st, m, band), band, grid) for m in subs]
                    for subs in one.sub_maps[0]]
     fit_band = _FitBand(band=band, filt=fsc_filter(one.curves[0], band, cfg),
                         deltas=shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px))
@@ -282,7 +280,7 @@ def _fit_scan(st: RefineState, plan: _FitBand, projections: list[list[Tensor]], 
     for idx, _, X, w in on_band(st.chunks(), plan.band, plan.filt, st.spectrum, PowerSpectrum(st.box, st.device),
                                 st.cfg):
         for k, sel, gi in by_half(st.half, idx):
-            sub = _sub(gi)
+            sub = sub_half(gi)
             for b in (0, 1):
                 m = sub == b
                 if bool(m.any()):
@@ -290,20 +288,6 @@ def _fit_scan(st: RefineState, plan: _FitBand, projections: list[list[Tensor]], 
                     fit.append(peak_over_spread(projections[k - 1][1 - b], plan.band, X[sel[m].to(st.device)],
                                                 st.s[g], plan.deltas, w, st.ctf_of(g), st.apix).double().cpu())
                     rows.append(g)
-
-
-def _prepared(st: RefineState, volume: Tensor, band: FourierBand):
-    """``volume`` masked, cropped to ``band`` and made ready for projection."""
-    return prepare_volume(fourier_crop_volume(volume * st.mask, band.crop), pad=st.cfg.pad)
-
-
-def _sub(gi: Tensor) -> Tensor:
-    """Each particle's sub-half ``(n,)`` in {0, 1}: within each half set, particles are matched against the
-    map of the *other* sub-half of their half, so that no particle is compared with a map that holds its
-    own image (with hundreds of particles per class that self-match outweighs what tells the classes
-    apart, and every particle stays in the class it was dealt; the halves stay independent). A hash of the
-    index, not its parity: half sets are often dealt by parity."""
-    return ((gi.long() * 2654435761) >> 16) & 1
 
 
 def _new_backprojectors(st: RefineState, k: int) -> list[list[list[Backprojector]]]:
@@ -326,7 +310,7 @@ def _finish_maps(st: RefineState, cls: "_Classes", bps: list[list[list[Backproje
                          for i in range(K)])
         perm = _best_permutation(corr)
         if perm != list(range(K)):
-            rows = (st.half == h + 1) & (_sub(torch.arange(st.n)) == 1)
+            rows = (st.half == h + 1) & (sub_half(torch.arange(st.n)) == 1)
             _relabel(cls, rows, perm)
             moved = [bps[perm[c]][1][h] for c in range(K)]
             moved_maps = [sub_maps[perm[c]][h][1] for c in range(K)]
@@ -366,7 +350,7 @@ def _insert_by_class(st: RefineState, cls: _Classes, bps: list[list[list[Backpro
     if st.junk is not None and st.cfg.exclude_junk:
         use = ~st.junk[gi]
     dev = st.device
-    sub = _sub(gi)
+    sub = sub_half(gi)
     for c, per_sub in enumerate(bps):
         p = cls.prob[gi, c]
         for b, pair in enumerate(per_sub):
@@ -427,9 +411,9 @@ def _class_plan(st: RefineState, cls: _Classes) -> _ClassPlan:
     band = FourierBand(D, r_lim, dev)
     grid = so3_grid(cfg.global_step_deg)
     deltas = shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px)
-    refs = [[_prepared(st, m, band) for m in pair] for pair in cls.maps]
+    refs = [[prepared_reference(st, m, band) for m in pair] for pair in cls.maps]
     projections = [[grid_projections(v, band, grid) for v in pair] for pair in refs]
-    sub_refs = [[[_prepared(st, m, band) for m in subs] for subs in halves] for halves in cls.sub_maps]
+    sub_refs = [[[prepared_reference(st, m, band) for m in subs] for subs in halves] for halves in cls.sub_maps]
     mean_curve = torch.stack([cls.curves[c] for c in occupied]).mean(0)
     frames = [half_frame(cls.maps[c], st.mask, r_lim, cls.curves[c], cfg, cfg.global_step_deg) if active[c]
               else HalfFrame(None) for c in range(cls.k)]
@@ -561,7 +545,7 @@ def _class_scan(st: RefineState, cls: _Classes, plan: _ClassPlan, new_bps: list[
     done = 0
     for idx, imgs, X, w in on_band(st.chunks(), plan.band, plan.filt, st.spectrum, next_spectrum, st.cfg):
         for k, sel, gi in by_half(st.half, idx):
-            sub = _sub(gi)
+            sub = sub_half(gi)
             for b in (0, 1):  # particles of sub-half b are matched against the other sub-half's maps
                 m = sub == b
                 if bool(m.any()):

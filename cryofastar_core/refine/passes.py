@@ -18,8 +18,7 @@ from torch import Tensor
 
 from cryofastar_core.geometry import rotvec_to_matrix
 from cryofastar_core.physics.ctf import CTFParams
-from cryofastar_core.physics.fourier import fft2c, fourier_crop_volume
-from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.physics.fourier import fft2c
 from cryofastar_core.refine.config import matching_shells, step_limited_shells
 from cryofastar_core.refine.global_pass import best_on_grid, grid_projections, so3_grid
 from cryofastar_core.refine.grids import ball_grid, parabola_vertex, shift_grid
@@ -27,7 +26,7 @@ from cryofastar_core.refine.junk import flag_junk, randomised_phases
 from cryofastar_core.refine.matching import FourierBand, candidate_scores
 from cryofastar_core.refine.scan import (HalfFrame, PassPlan, PassTally, band_fields, frame_fields, fsc_entry,
                                          fsc_filter, half_frame, moved_fields, record, run_matching_pass)
-from cryofastar_core.refine.state import RefineState, share
+from cryofastar_core.refine.state import RefineState, prepared_reference, share
 
 
 # --- The starting maps -------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def _global_plan(st: RefineState) -> _GlobalPlan:
     band = FourierBand(D, r_lim, dev)
     grid = so3_grid(cfg.global_step_deg)
     deltas = shift_grid(cfg.global_shift_step_px, cfg.global_shift_radius_px)
-    refs = [prepare_volume(fourier_crop_volume(m * st.mask, band.crop), pad=cfg.pad) for m in st.maps]
+    refs = [prepared_reference(st, m, band) for m in st.maps]
     projections = [grid_projections(v, band, grid) for v in refs]
     E_here = band.ramps(deltas.to(dev), torch.float32).T.contiguous()                # (P, T)
     identity = torch.eye(3, dtype=torch.float64)[None]
@@ -250,7 +249,7 @@ def local_plan(st: RefineState, it: int, register: bool = True) -> _LocalPlan:
         r_lim=r_lim, band=band, angle_step=a_step, angle_radius=a_rad, shift_step=s_step, shift_radius=s_rad,
         omegas=omegas, deltas=deltas, perturb=rotvec_to_matrix(omegas), neighbours=nbs, soft_grids=grids,
         E=band.ramps(deltas.to(dev), torch.float32).T.contiguous(),
-        refs=[prepare_volume(fourier_crop_volume(m * st.mask, band.crop), pad=cfg.pad) for m in st.maps],
+        refs=[prepared_reference(st, m, band) for m in st.maps],
         filt=fsc_filter(st.curve, band, cfg),
         frame=half_frame(st.maps, st.mask, r_lim, st.curve, cfg) if register else HalfFrame(None),
         rot_at_edge=(nb_rot < 0).any(-1).any(-1), shift_at_edge=(nb_sh < 0).any(-1).any(-1))

@@ -20,7 +20,9 @@ from torch import Tensor
 from cryofastar_core.physics.ctf import CTFParams
 from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, soft_sphere_mask
 from cryofastar_core.refine.config import RefineConfig
-from cryofastar_core.refine.matching import PowerSpectrum
+from cryofastar_core.physics.fourier import fourier_crop_volume
+from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.refine.matching import FourierBand, PowerSpectrum
 from cryofastar_core.runtime.memory import release_free_memory
 from cryofastar_core.runtime.communicator import Communicator
 from cryofastar_core.runtime.progress import Progress
@@ -158,6 +160,20 @@ class RefineState:
         self.maps = maps
         self.bps = bps
         self.freq, self.curve = fsc(maps[0] * self.mask, maps[1] * self.mask)
+
+
+def sub_half(gi: Tensor) -> Tensor:
+    """Each particle's sub-half ``(n,)`` in {0, 1}: within each half set, particles are matched against the
+    map of the *other* sub-half of their half, so that no particle is compared with a map that holds its
+    own image (with hundreds of particles per class that self-match outweighs what tells the classes
+    apart, and every particle stays in the class it was dealt; the halves stay independent). A hash of the
+    index, not its parity: half sets are often dealt by parity."""
+    return ((gi.long() * 2654435761) >> 16) & 1
+
+
+def prepared_reference(st: RefineState, volume: Tensor, band: FourierBand):
+    """``volume`` masked, cropped to ``band`` and made ready for projection."""
+    return prepare_volume(fourier_crop_volume(volume * st.mask, band.crop), pad=st.cfg.pad)
 
 
 def on_every_rank(comm: Communicator | None, work: Callable[..., T], *args) -> T:

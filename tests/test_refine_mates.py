@@ -11,6 +11,7 @@ from cryofastar_core.refine.driver import RefineConfig, refine_poses
 from cryofastar_core.refine.map_registration import shifts_after_moving_map
 from cryofastar_core.evaluation.metrics import resample_volume
 from cryofastar_core.refine.mates import find_mate, half_turns, hemisphere_axes
+from cryofastar_core.refine.state import sub_half, subsets
 
 BOX, APIX = 32, 3.0
 AXIS = torch.tensor([[0.48, -0.36, 0.8]], dtype=torch.float64)
@@ -93,3 +94,15 @@ def test_mate_passes_bring_a_half_set_that_settled_at_the_mates_to_the_other_hal
     print(modes, side)
     assert modes[-1] == "half 2 to its mates", modes
     assert abs(side[0] - side[1]) < 0.1, side      # both halves on one side (either)
+
+
+def test_the_mate_passes_sub_halves_split_each_half_set_in_two_and_never_mix_the_halves():
+    """A particle is scored against the other sub-half's map of its own half set (``subsets``): labels 1-2
+    for half 1 and 3-4 for half 2, each sub-half about half its half set, also when the half sets were dealt
+    by parity."""
+    half = torch.as_tensor(np.arange(1000) % 2 + 1)
+    sets = subsets(half)
+    assert set(sets[half == 1].tolist()) == {1, 2} and set(sets[half == 2].tolist()) == {3, 4}
+    assert torch.equal(sets, 2 * (half - 1) + 1 + sub_half(torch.arange(1000)))
+    for label in (1, 2, 3, 4):
+        assert 200 < int((sets == label).sum()) < 300

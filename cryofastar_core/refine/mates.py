@@ -10,8 +10,9 @@ poses give; ``bench/results/2026-12-06-scale.md``).
 
 Before the last local iteration (which then refines the chosen poses and shifts): the mate is the half turn
 and offset that best match half 1's map onto itself (:func:`find_mate`). Then mate passes: each particle is
-scored at its pose and at ``S R`` against its own half map over the last local iteration's band, keeps
-the better, and the maps are rebuilt from the choices (gold standard as every pass). A blend map is not
+scored at its pose and at ``S R`` over the last local iteration's band against the map of the other
+sub-half of its half set (not a map that holds its own image), keeps the better, and the maps are rebuilt
+from the choices (gold standard as every pass). A blend map is not
 exactly symmetric (the halves never split exactly evenly), and each pass sharpens whichever way it leans,
 so the split resolves in a few passes; on a structure without such a mate the first pass keeps nearly
 every pose and the passes stop. Each half resolves on its own, possibly towards the other side: if half 2's
@@ -33,7 +34,7 @@ from cryofastar_core.refine.matching import candidate_scores
 from cryofastar_core.refine.passes import local_plan
 from cryofastar_core.refine.scan import (PassTally, band_fields, frame_fields, fsc_entry, moved_fields, record,
                                          run_matching_pass)
-from cryofastar_core.refine.state import RefineState
+from cryofastar_core.refine.state import RefineState, prepared_reference, sub_half, subsets
 
 COARSE_AXIS_STEP_DEG = 3.0
 COARSE_SHELLS = 12.0
@@ -125,9 +126,13 @@ def resolve_mates(st: RefineState) -> None:
         return
     plan = local_plan(st, cfg.iterations - 1, register=False)
     mate = find_mate(st.maps[0] * st.mask, plan.r_lim, cfg.pad)
+    sets = subsets(st.half)
+    _subset_maps(st, sets)
+    settled = 0
     for i in range(cfg.mate_passes):
-        flipped = _mate_pass(st, mate, i, "choose")
-        if flipped <= cfg.mate_settle_fraction * st.n:
+        flipped = _mate_pass(st, mate, i, "choose", sets)
+        settled = settled + 1 if flipped <= cfg.mate_settle_fraction * st.n else 0
+        if settled == 2:    # both sub-halves chose and kept their poses
             break
     # Each half resolved on its own, perhaps to opposite sides: then half 2 moved by the mate matches half 1
     # far better than as it is (as well as the halves match, against as well as the mates do). Judged once the
@@ -140,19 +145,34 @@ def resolve_mates(st: RefineState) -> None:
     turned = resample_volume(half2, A.T, t)                          # half2(A^T (w - t))
     if resolved and _correlation(turned, half1) > _correlation(half2, half1) + 0.25 * (1 - score):
         _mate_pass(st, mate, cfg.mate_passes, "half 2 to its mates")
+    st.subset_maps = None   # the passes that follow do not keep them
+
+
+def _subset_maps(st: RefineState, sets: Tensor) -> None:
+    """The sub-half maps of the current poses (one pass over the data; ``sets``: :func:`~.state.subsets`),
+    for the first mate pass to score against."""
+    bps = st.new_backprojectors(4)
+    st.on_every_rank(st.insert_all, bps, sets)
+    st.end_pass(bps, None)
+    st.subset_maps = [bp.finalize() for bp in bps]
 
 
 def _correlation(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode: str) -> int:
+def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode: str,
+               sets: Tensor | None = None) -> int:
     """One pass: every particle at its pose or its mate (``A R``, the shift taking up the offset ``t``;
-    ``mode`` "choose": the better against its own half map; otherwise half 2's particles all take their
-    mates); returns how many changed."""
+    ``mode`` "choose": the better against the map of the other sub-half of its half set, ``sets``
+    (:func:`~.state.subsets`), whose maps the pass makes for the next; otherwise half 2's particles all take
+    their mates); returns how many changed. Not against its own half map: a particle is in that map at its
+    current pose and not at its mate, and at a few thousand particles that self-match outweighed what
+    tells a pose from its mate, so a blend stayed a blend (6FLR, 2,000 at SNR 0.1: two of 2,000 changed;
+    bench/results/2026-12-06-class-averages.md, session 20)."""
     A, t, score = mate
     t0 = time.perf_counter()
-    # A mate pass chooses between two poses of each particle against its own half's map; it does not move
+    # A mate pass chooses between two poses of each particle against a map of its own half; it does not move
     # the frames, so half 2 is not registered again (most of a pass's time: py-spy on 6FLR 10,000 x 128);
     # the last local iteration registers it.
     plan = local_plan(st, st.cfg.iterations - 1, register=False)
@@ -164,11 +184,17 @@ def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode
         mates = A @ R
         s_mates = shifts_after_moving_map(mates, s, t)
         if mode == "choose":
-            args = (plan.band, X)
-            same = candidate_scores(plan.refs[k - 1], *args, R, s, eye, E0, w, st.ctf_of(gi), st.apix, st.cfg.batch_points)
-            other = candidate_scores(plan.refs[k - 1], *args, mates, s_mates, eye, E0, w, st.ctf_of(gi), st.apix,
-                                     st.cfg.batch_points)
-            take = (other[:, 0, 0] > same[:, 0, 0]).cpu()
+            take = torch.zeros(len(gi), dtype=torch.bool)
+            own = sub_half(gi)
+            for b in (i % 2,):
+                m = own == b
+                if bool(m.any()):
+                    ref, g, Xm = refs[2 * (k - 1) + 1 - b], gi[m], X[m.to(X.device)]
+                    same = candidate_scores(ref, plan.band, Xm, R[m], s[m], eye, E0, w, st.ctf_of(g), st.apix,
+                                            st.cfg.batch_points)
+                    other = candidate_scores(ref, plan.band, Xm, mates[m], s_mates[m], eye, E0, w, st.ctf_of(g),
+                                             st.apix, st.cfg.batch_points)
+                    take[m] = (other[:, 0, 0] > same[:, 0, 0]).cpu()
         else:
             take = torch.full((len(gi),), k == 2)
         R_new = torch.where(take[:, None, None], mates, R)
@@ -176,7 +202,9 @@ def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode
         tally.record(R, R_new, s, s_new, gi)
         return R_new, s_new
 
-    (moved_deg, moved_px), _ = run_matching_pass(st, plan, step, f"mates {i + 1}", PassTally(at_edge=[0, 0]))
+    refs = [prepared_reference(st, m, plan.band) for m in st.subset_maps] if mode == "choose" else []
+    (moved_deg, moved_px), _ = run_matching_pass(st, plan, step, f"mates {i + 1}", PassTally(at_edge=[0, 0]),
+                                                 sets if mode == "choose" else None)
     flipped = int((moved_deg > 90).sum())
     entry = fsc_entry(i + 1, st.freq, st.curve, st.apix, "mates", t0)
     entry.update(mode=mode, mate_score=score, n_flipped=flipped, **band_fields(st, plan),

@@ -7,7 +7,6 @@ import logging
 
 from torch import Tensor
 
-from cryofastar_core.reconstruct import Backprojector
 from cryofastar_core.reconstruct.centring import centring_offset
 from cryofastar_core.refine.map_registration import shifts_after_moving_map
 from cryofastar_core.refine.state import RefineState
@@ -28,12 +27,6 @@ def move_origin(st: RefineState) -> None:
     st.bps = None
 
 
-def _rebuild_scan(st: RefineState, bps: list[Backprojector]) -> None:
-    """This rank's part of the final reconstruction: every chunk into ``bps`` at the current poses."""
-    for idx, imgs in st.chunks():
-        st.insert_chunk(bps, idx, imgs)
-
-
 def final_maps(st: RefineState) -> Tensor:
     """The full map ``(D, D, D)`` of the current poses; ``st.maps`` become their half maps. One more pass
     over the data only where no pass has reconstructed the current poses (no iteration ran and the caller
@@ -41,7 +34,7 @@ def final_maps(st: RefineState) -> Tensor:
     them after this."""
     if st.bps is None:
         bps = st.new_backprojectors()
-        st.on_every_rank(_rebuild_scan, st, bps)
+        st.on_every_rank(st.insert_all, bps)
         st.end_pass(bps, None)
         st.maps, st.bps = [bp.finalize() for bp in bps], bps
     return st.bps[0].add_(st.bps[1]).finalize()

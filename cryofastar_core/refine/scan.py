@@ -151,34 +151,40 @@ def by_half(half: Tensor, idx: np.ndarray) -> Iterator[tuple[int, Tensor, Tensor
 
 
 def matching_scan(st: RefineState, plan: PassPlan, step: Step, stage: str, new_bps: list[Backprojector],
-                  next_spectrum: PowerSpectrum, tally: PassTally) -> None:
+                  next_spectrum: PowerSpectrum, tally: PassTally, sets: Tensor | None = None) -> None:
     """This rank's part of a pass: every chunk matched (``step``, per half), its new poses put into the
-    shared frame and stored in ``st``, and the chunk inserted at them into ``new_bps``."""
+    shared frame and stored in ``st``, and the chunk inserted at them into ``new_bps`` (by half, or by
+    ``sets``: :meth:`RefineState.insert_chunk`)."""
     done = 0
     for idx, imgs, X, w in on_band(st.chunks(), plan.band, plan.filt, st.spectrum, next_spectrum, st.cfg):
         for k, sel, gi in by_half(st.half, idx):
             R_new, s_new = step(st, plan, k, X[sel.to(st.device)], gi, w, tally)
             st.R[gi], st.s[gi] = plan.frame(k, R_new, s_new)
-        st.insert_chunk(new_bps, idx, imgs)
+        st.insert_chunk(new_bps, idx, imgs, sets)
         done += len(idx)
         st.tick(stage, done)
 
 
 def run_matching_pass(st: RefineState, plan: PassPlan, step: Step, stage: str,
-                      tally: PassTally) -> tuple[list[Tensor], list[int]]:
-    """One pass over the data on every rank, then its sums shared and its maps made the current ones.
+                      tally: PassTally, sets: Tensor | None = None) -> tuple[list[Tensor], list[int]]:
+    """One pass over the data on every rank, then its sums shared and its maps made the current ones; with
+    ``sets`` (:func:`~cryofastar_core.refine.state.subsets`) the sub-half maps too
+    (:meth:`RefineState.set_subset_maps`).
 
     Returns the tally's per-particle values (:meth:`PassTally.per_particle`: how far the poses turned,
     degrees, and moved, px; in global passes also the evidence, null scores and null mask), each ``(N,)``
     indexed by particle, and the tally's ``at_edge`` counts summed over the ranks.
     """
     next_spectrum = PowerSpectrum(st.box, st.device)
-    new_bps = st.new_backprojectors()
-    st.on_every_rank(matching_scan, st, plan, step, stage, new_bps, next_spectrum, tally)
+    new_bps = st.new_backprojectors(2 if sets is None else 4)
+    st.on_every_rank(matching_scan, st, plan, step, stage, new_bps, next_spectrum, tally, sets)
     values, counts = st.end_pass(new_bps, next_spectrum, tally.rows, tally.per_particle(),
                                  tuple(tally.at_edge or ()))
     st.spectrum = next_spectrum
-    st.set_maps([bp.finalize() for bp in new_bps], new_bps)
+    if sets is None:
+        st.set_maps([bp.finalize() for bp in new_bps], new_bps)
+    else:
+        st.set_subset_maps(new_bps)
     return values, counts
 
 

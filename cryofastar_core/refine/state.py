@@ -74,6 +74,7 @@ class RefineState:
     junk: Tensor | None = None  # (N,) bool: particles the last global pass found no evidence for (refine/junk.py)
     junk_score: Tensor | None = None  # (N,) float64: their log-evidence in SDs of the good particles'
     junk_rule: dict = field(default_factory=dict)
+    subset_maps: list[Tensor] | None = None  # the four sub-half maps of the last pass that made them (subsets)
 
     @property
     def n(self) -> int:
@@ -108,14 +109,17 @@ class RefineState:
         """The CTF parameters of the particles ``gi`` ``(n,)`` (``None`` where no CTF is used)."""
         return None if self.ctf is None else self.ctf.index(gi.to(self.device))
 
-    def new_backprojectors(self) -> list[Backprojector]:
-        """An empty pair of back-projectors (half 1, half 2) for one pass."""
-        return [Backprojector(self.box, device=self.device, pad=self.cfg.pad) for _ in range(2)]
+    def new_backprojectors(self, n: int = 2) -> list[Backprojector]:
+        """``n`` empty back-projectors for one pass: half 1 and half 2, or with ``n`` 4 the sub-halves of
+        :func:`subsets`."""
+        return [Backprojector(self.box, device=self.device, pad=self.cfg.pad) for _ in range(n)]
 
-    def insert_chunk(self, bps: list[Backprojector], idx: np.ndarray, imgs: Tensor) -> None:
+    def insert_chunk(self, bps: list[Backprojector], idx: np.ndarray, imgs: Tensor, sets: Tensor | None = None) -> None:
         """Insert the chunk ``imgs`` ``(n, D, D)`` of particles ``idx`` at their current poses, each into its
-        own half's back-projector (the one half-set routine every reconstruction goes through); particles
-        flagged as junk are left out (``exclude_junk``)."""
+        own half's back-projector (the one half-set routine every reconstruction goes through), or with
+        ``sets`` ``(N,)`` (:func:`subsets`) into its sub-half's; particles flagged as junk are left out
+        (``exclude_junk``)."""
+        labels = self.half if sets is None else sets
         gi = torch.as_tensor(idx)
         if self.junk is not None and self.cfg.exclude_junk:
             use = ~self.junk[gi]
@@ -123,8 +127,14 @@ class RefineState:
                 return
             gi, imgs = gi[use], imgs[use.to(imgs.device)]
         dev = self.device
-        insert_half_sets(bps, imgs, self.R[gi].to(dev, torch.float32), self.half[gi],
+        insert_half_sets(bps, imgs, self.R[gi].to(dev, torch.float32), labels[gi],
                          shifts=self.s[gi].to(dev, torch.float32), ctf=self.ctf_of(gi), apix=self.apix)
+
+    def insert_all(self, bps: list[Backprojector], sets: Tensor | None = None) -> None:
+        """This rank's part of a reconstruction without matching: every chunk into ``bps`` at the current
+        poses (:meth:`insert_chunk`)."""
+        for idx, imgs in self.chunks():
+            self.insert_chunk(bps, idx, imgs, sets)
 
     def tick(self, stage: str, done: int) -> None:
         """Report ``done`` of this rank's particles in ``stage``."""
@@ -161,6 +171,13 @@ class RefineState:
         self.bps = bps
         self.freq, self.curve = fsc(maps[0] * self.mask, maps[1] * self.mask)
 
+    def set_subset_maps(self, bps: list[Backprojector]) -> None:
+        """Take a pass's four sub-half back-projectors (:func:`subsets`): their maps as ``subset_maps``, and
+        each half's two summed as the current half maps."""
+        self.subset_maps = [bp.finalize() for bp in bps]
+        halves = [bps[0].add_(bps[1]), bps[2].add_(bps[3])]
+        self.set_maps([bp.finalize() for bp in halves], halves)
+
 
 def sub_half(gi: Tensor) -> Tensor:
     """Each particle's sub-half ``(n,)`` in {0, 1}: within each half set, particles are matched against the
@@ -169,6 +186,13 @@ def sub_half(gi: Tensor) -> Tensor:
     apart, and every particle stays in the class it was dealt; the halves stay independent). A hash of the
     index, not its parity: half sets are often dealt by parity."""
     return ((gi.long() * 2654435761) >> 16) & 1
+
+
+def subsets(half: Tensor) -> Tensor:
+    """``(N,)`` int64 in 1..4, each particle's half set and sub-half (:func:`sub_half`): half 1's sub-halves
+    are 1 and 2, half 2's 3 and 4. A particle of half ``h`` and sub-half ``b`` is scored against the map of
+    sub-half ``1 - b`` of the same half, entry ``2 (h - 1) + 1 - b`` of :attr:`RefineState.subset_maps`."""
+    return 2 * (half.long() - 1) + 1 + sub_half(torch.arange(len(half)))
 
 
 def prepared_reference(st: RefineState, volume: Tensor, band: FourierBand):

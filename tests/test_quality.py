@@ -118,3 +118,25 @@ def test_disagreeing_class_averages_make_an_unrefined_ok_doubtful():
     assert low.verdict == "doubtful" and "mix views" in low.reasons[0]
     refined = with_class_disagreement(ok, 0.12, 0.2, refined=True)
     assert refined.verdict == "ok" and "mix views" in refined.reasons[-1]
+
+
+def test_mate_passes_that_did_not_settle_make_an_ok_run_doubtful():
+    """The last mate pass still turning more than MATES_UNRESOLVED_ABOVE of the particles it tested leaves a
+    blend of the pose and its mate (6FLR at 2,000: 5.8 %); a settled one (3HSY, 6FLR at 10,000: 0-0.6 %) or a
+    run without mate passes leaves the verdict alone."""
+    from cryofastar_core.evaluation.verdict import MATES_UNRESOLVED_ABOVE, PoseQuality, with_unresolved_mates
+
+    ok = PoseQuality(verdict="ok", reasons=["fine"], significance=1.0, sharpness=1.0, coverage=1.0,
+                     half_map_fsc_0143_A=5.0, n_particles_scored=100)
+
+    def passes(*fractions: float) -> list[dict]:
+        return [{"stage": "local"}] + [{"stage": "mates", "mode": "choose", "mate_score": 0.6, "flipped_fraction": f}
+                                       for f in fractions] + [{"stage": "local"}]
+
+    assert with_unresolved_mates(ok, [{"stage": "local"}]) == ok
+    assert with_unresolved_mates(ok, passes(0.3, 0.1, 0.006, 0.0)) == ok
+    blend = with_unresolved_mates(ok, passes(0.15, 0.1, 0.06, 0.058))
+    assert blend.verdict == "doubtful" and "half turn" in blend.reasons[0] and "5.8%" in blend.reasons[0]
+    assert with_unresolved_mates(ok, passes(MATES_UNRESOLVED_ABOVE)).verdict == "ok"
+    failed = PoseQuality(**{**ok.__dict__, "verdict": "failed", "reasons": ["bad"]})
+    assert with_unresolved_mates(failed, passes(0.2)).reasons[0] == "bad"

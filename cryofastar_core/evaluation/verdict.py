@@ -294,6 +294,29 @@ def with_class_disagreement(quality: PoseQuality, support: float, threshold: flo
     return replace(quality, reasons=[*quality.reasons, line])
 
 
+# The last mate pass (refine/mates.py) changing more than this share of the particles that chose in it: the
+# passes ran out before the set settled on one side of its near-symmetry, and the maps blend the two. Where the
+# passes resolved a set they ended at 0-0.6 % (3HSY, 6FLR 10,000); 6FLR at 2,000 particles, a blend with a
+# third of them at the mate, ended at 5.8 % (bench/results/2026-12-06-class-averages.md, session 20).
+MATES_UNRESOLVED_ABOVE = 0.02
+
+
+def with_unresolved_mates(quality: PoseQuality, refinement: list[dict]) -> PoseQuality:
+    """``quality`` told whether refinement's mate passes (its ``refinement`` history) left the particles
+    split between their poses and the map's near-symmetric mates. The pose figures cannot see it: both
+    sides fit the blended map. Unresolved, an ``ok`` becomes ``doubtful``, with the reason first."""
+    chose = [h for h in refinement if h.get("stage") == "mates" and h.get("mode") == "choose"]
+    if not chose or chose[-1].get("flipped_fraction", 0.0) <= MATES_UNRESOLVED_ABOVE:
+        return quality
+    line = (f"the map nearly matches itself turned by a half turn (match {chose[-1]['mate_score']:.2f}) and its "
+            f"particles did not settle on one side: the last of {len(chose)} passes still turned "
+            f"{chose[-1]['flipped_fraction']:.1%} of those it tested, so the map blends the two; more particles "
+            "resolve it (6FLR: 10,000 did, 2,000 did not)")
+    if quality.verdict == "ok":
+        return replace(quality, verdict="doubtful", reasons=[line, *quality.reasons])
+    return replace(quality, reasons=[*quality.reasons, line])
+
+
 def with_heterogeneity(quality: PoseQuality, test: SplitTest, into_classes: bool = False) -> PoseQuality:
     """``quality`` told whether its particles split reproducibly into two populations
     (:mod:`cryofastar_core.evaluation.heterogeneity`). The pose figures cannot see it: a consensus fits

@@ -28,7 +28,8 @@ import torch
 
 from cryofastar_core import __version__
 from cryofastar_core.evaluation.heterogeneity import HETEROGENEOUS_ABOVE, SplitTest
-from cryofastar_core.evaluation.verdict import PoseQuality, with_class_disagreement, with_heterogeneity, with_junk
+from cryofastar_core.evaluation.verdict import (PoseQuality, with_class_disagreement, with_heterogeneity, with_junk,
+                                                with_unresolved_mates)
 from cryofastar_core.io import ParticleSet, read_particles
 from cryofastar_core.physics.compiled import backend as slice_backend
 from cryofastar_core.io.atomic_write import atomic_output
@@ -410,6 +411,8 @@ def _judge_poses(ctx: _Context, inputs: _Inputs, poses: _Poses, maps: tuple) -> 
         quality = _judge_members(inputs, poses, 1, (half1, half2), ctx.device)
     if poses.junk_rule:
         quality = with_junk(quality, *_junk_counts(poses), in_maps=ctx.cfg.keep_junk)
+    if poses.classes is None:  # with classes the history opens with the one-class pass they replaced
+        quality = with_unresolved_mates(quality, poses.refinement)
     if "class_support" in poses.est:
         quality = with_class_disagreement(quality, float(poses.est["class_support"]), LOW_SUPPORT,
                                           refined=ctx.cfg.refine_iters > 0)

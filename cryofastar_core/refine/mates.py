@@ -206,8 +206,10 @@ def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode
     (moved_deg, moved_px), _ = run_matching_pass(st, plan, step, f"mates {i + 1}", PassTally(at_edge=[0, 0]),
                                                  sets if mode == "choose" else None)
     flipped = int((moved_deg > 90).sum())
+    choosing = int((sub_half(torch.arange(st.n)) == i % 2).sum()) if mode == "choose" else st.n
     entry = fsc_entry(i + 1, st.freq, st.curve, st.apix, "mates", t0)
-    entry.update(mode=mode, mate_score=score, n_flipped=flipped, **band_fields(st, plan),
+    entry.update(mode=mode, mate_score=score, n_flipped=flipped, flipped_fraction=flipped / max(choosing, 1),
+                 **band_fields(st, plan),
                  **moved_fields(moved_deg, moved_px), **frame_fields(plan.frame))
     record(st, entry)
     return flipped

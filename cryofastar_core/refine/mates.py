@@ -11,8 +11,8 @@ poses give; ``bench/results/2026-12-06-scale.md``).
 Before the last local iteration (which then refines the chosen poses and shifts): the mate is the half turn
 and offset that best match half 1's map onto itself (:func:`find_mate`). Then mate passes: each particle is
 scored at its pose and at ``S R`` over the last local iteration's band against the map of the other
-sub-half of its half set (not a map that holds its own image), keeps the better, and the maps are rebuilt
-from the choices (gold standard as every pass). A blend map is not
+sub-half of its half set (not a map that holds its own image; the two sub-halves in turn), keeps the
+better, and the maps are rebuilt from the choices (gold standard as every pass). A blend map is not
 exactly symmetric (the halves never split exactly evenly), and each pass sharpens whichever way it leans,
 so the split resolves in a few passes; on a structure without such a mate the first pass keeps nearly
 every pose and the passes stop. Each half resolves on its own, possibly towards the other side: if half 2's
@@ -164,13 +164,17 @@ def _correlation(a: Tensor, b: Tensor) -> float:
 def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode: str,
                sets: Tensor | None = None) -> int:
     """One pass: every particle at its pose or its mate (``A R``, the shift taking up the offset ``t``;
-    ``mode`` "choose": the better against the map of the other sub-half of its half set, ``sets``
-    (:func:`~.state.subsets`), whose maps the pass makes for the next; otherwise half 2's particles all take
-    their mates); returns how many changed. Not against its own half map: a particle is in that map at its
-    current pose and not at its mate, and at a few thousand particles that self-match outweighed what
-    tells a pose from its mate, so a blend stayed a blend (6FLR, 2,000 at SNR 0.1: two of 2,000 changed;
-    bench/results/2026-12-06-class-averages.md, session 20)."""
+    ``mode`` "choose": each particle of sub-half ``i mod 2`` the better against the map of the other sub-half
+    of its half set, ``sets`` (:func:`~.state.subsets`), whose maps the pass makes for the next; otherwise
+    half 2's particles all take their mates); returns how many changed.
+
+    Not against its own half map: a particle is in that map at its current pose and not at its mate, and at a
+    few thousand particles that self-match outweighed what tells a pose from its mate, so a blend stayed a
+    blend (6FLR, 2,000 at SNR 0.1: two of 2,000 changed; bench/results/2026-12-06-class-averages.md, session
+    20). The sub-halves choose in turn: choosing at once, each followed the other's lean and they swapped
+    sides pass after pass."""
     A, t, score = mate
+    turn = i % 2   # the sub-half that chooses in this pass
     t0 = time.perf_counter()
     # A mate pass chooses between two poses of each particle against a map of its own half; it does not move
     # the frames, so half 2 is not registered again (most of a pass's time: py-spy on 6FLR 10,000 x 128);
@@ -185,16 +189,14 @@ def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode
         s_mates = shifts_after_moving_map(mates, s, t)
         if mode == "choose":
             take = torch.zeros(len(gi), dtype=torch.bool)
-            own = sub_half(gi)
-            for b in (i % 2,):
-                m = own == b
-                if bool(m.any()):
-                    ref, g, Xm = refs[2 * (k - 1) + 1 - b], gi[m], X[m.to(X.device)]
-                    same = candidate_scores(ref, plan.band, Xm, R[m], s[m], eye, E0, w, st.ctf_of(g), st.apix,
-                                            st.cfg.batch_points)
-                    other = candidate_scores(ref, plan.band, Xm, mates[m], s_mates[m], eye, E0, w, st.ctf_of(g),
-                                             st.apix, st.cfg.batch_points)
-                    take[m] = (other[:, 0, 0] > same[:, 0, 0]).cpu()
+            m = sub_half(gi) == turn
+            if bool(m.any()):
+                ref, g, Xm = refs[2 * (k - 1) + 1 - turn], gi[m], X[m.to(X.device)]
+                same = candidate_scores(ref, plan.band, Xm, R[m], s[m], eye, E0, w, st.ctf_of(g), st.apix,
+                                        st.cfg.batch_points)
+                other = candidate_scores(ref, plan.band, Xm, mates[m], s_mates[m], eye, E0, w, st.ctf_of(g),
+                                         st.apix, st.cfg.batch_points)
+                take[m] = (other[:, 0, 0] > same[:, 0, 0]).cpu()
         else:
             take = torch.full((len(gi),), k == 2)
         R_new = torch.where(take[:, None, None], mates, R)
@@ -206,7 +208,7 @@ def _mate_pass(st: RefineState, mate: tuple[Tensor, Tensor, float], i: int, mode
     (moved_deg, moved_px), _ = run_matching_pass(st, plan, step, f"mates {i + 1}", PassTally(at_edge=[0, 0]),
                                                  sets if mode == "choose" else None)
     flipped = int((moved_deg > 90).sum())
-    choosing = int((sub_half(torch.arange(st.n)) == i % 2).sum()) if mode == "choose" else st.n
+    choosing = int((sub_half(torch.arange(st.n)) == turn).sum()) if mode == "choose" else st.n
     entry = fsc_entry(i + 1, st.freq, st.curve, st.apix, "mates", t0)
     entry.update(mode=mode, mate_score=score, n_flipped=flipped, flipped_fraction=flipped / max(choosing, 1),
                  **band_fields(st, plan),

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from cryofastar_core.physics.ctf import CTFParams
-from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, soft_sphere_mask
-from cryofastar_core.refine.config import RefineConfig
 from cryofastar_core.physics.fourier import fourier_crop_volume
 from cryofastar_core.physics.projection import prepare_volume
+from cryofastar_core.reconstruct import Backprojector, fsc, insert_half_sets, soft_sphere_mask
+from cryofastar_core.refine.config import RefineConfig
 from cryofastar_core.refine.matching import FourierBand, PowerSpectrum
 from cryofastar_core.runtime.memory import release_free_memory
 from cryofastar_core.runtime.communicator import Communicator

@@ -64,8 +64,8 @@ class RefineConfig:
     junk_null_every: int = 8
     junk_min_bic_gain: float = 10.0
     # Pose mates of a pseudo-symmetric map (refine/mates.py): at most this many passes before the last local
-    # iteration (0: off; the job asks for MATE_PASSES), stopping once a pass changes no more than this
-    # fraction of the particles.
+    # iteration (0: off; the job asks for MATE_PASSES), stopping once two passes in a row (one of each
+    # sub-half) change no more than this fraction of the particles.
     mate_passes: int = 0
     mate_settle_fraction: float = 0.005
     # Several classes (refine/classes.py): "fit" starts them from the particles ranked by how well the

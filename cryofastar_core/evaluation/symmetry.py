@@ -44,6 +44,25 @@ def principal_axes(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, np.linalg.eigh(inertia)[1]
 
 
+# A map whose self-match under a turn reaches this is taken as symmetric under it: the library's exact
+# oligomers read 0.98-0.99, the nearest pseudo-symmetric one (6FLR) 0.91 (bench/structure_symmetry.py).
+SYMMETRIC_FROM = 0.95
+
+
+def symmetry_operators(volume: np.ndarray, min_correlation: float = SYMMETRIC_FROM, orders: range = range(2, 7)) -> np.ndarray:
+    """``(n, 3, 3)`` float64: the rotations ``g`` of the map's cyclic symmetry of the highest order whose
+    self-match (:func:`cyclic_self_matches`) reaches ``min_correlation``, the identity first; the identity
+    alone when there is none. In the map frame (``x, y, z``), acting on an image-to-map rotation from the
+    left: views at ``R`` and ``g R`` of a map centred in its box are the same image
+    (``tests/test_symmetry.py``), so a pose is only defined up to them."""
+    found = [m for m in cyclic_self_matches(volume, orders) if m.correlation >= min_correlation]
+    if not found:
+        return np.eye(3)[None]
+    best = max(found, key=lambda m: m.order)
+    axis = best.axis[::-1].copy()  # array index order (z, y, x) -> map (x, y, z); the group is the same either sense
+    return np.stack([_turn(axis, 2 * np.pi * k / best.order) for k in range(best.order)])
+
+
 def cyclic_self_matches(volume: np.ndarray, orders: range = range(2, 7)) -> list[SelfMatch]:
     """For each of ``orders``, the best of the three principal axes: ``volume`` ``(D, D, D)`` turned by
     ``360° / n`` about it (through the centre of mass, linear interpolation) against itself."""

@@ -584,7 +584,8 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
 
 
 def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatch, box: int,
-                      grid: torch.Tensor | None = None) -> dict[str, float]:
+                      grid: torch.Tensor | None = None, operators: list[torch.Tensor] | None = None
+                      ) -> dict[str, float | list[float]]:
     """Pose errors of predicted FPMs (at the in-plane points ``grid``, default the planar grid)
     against the batch's ground truth (auxiliary views only).
 
@@ -594,22 +595,45 @@ def validation_errors(xyz: torch.Tensor, conf: torch.Tensor, batch: TrainingBatc
     batch's views relative to how much the targets vary (per pixel and coordinate, then averaged).
     Near 0 the model outputs one FPM whatever the images (collapsed onto the mean target, the
     plateau a regression falls into before it finds pose features); near 1 its outputs vary like poses.
+
+    With ``operators`` (per sample, the symmetry of its map: ``(n, 3, 3)``,
+    :func:`cryofastar_core.evaluation.symmetry.symmetry_operators`), also each sample's errors modulo that
+    symmetry (``val_rot_err_mod_sym_deg``, their median over the batch, and per sample
+    ``val_rot_err_mod_sym_per_sample``): a view at ``g R`` is the same image as at ``R``, so either is right.
     """
     from cryofastar_core.model import denormalize, kabsch
-    from cryofastar_core.model.fpm import relative_rotations
 
     fit = kabsch(denormalize(xyz[:, 1:]), conf[:, 1:], box, grid)
-    truth = relative_rotations(batch.rotations[:, 0], batch.rotations)[:, 1:].to(fit.rotation.dtype)
-    err_same = rotation_angle_deg(fit.rotation, truth)
-    err_flip = rotation_angle_deg(mirror_rotations(fit.rotation), truth)
-    flip = err_flip.mean(-1) < err_same.mean(-1)
-    err = torch.where(flip[:, None], err_flip, err_same)
+    err = _hand_resolved_errors(fit.rotation, batch.rotations)
     shift_err = torch.linalg.norm(fit.shift - batch.shifts[:, 1:].to(fit.shift.dtype), dim=-1)
     pred_aux = xyz[:, 1:].flatten(0, 1)
     target_aux = batch.targets(grid)[:, 1:].flatten(0, 1).to(pred_aux.dtype)
     spread = pred_aux.std(dim=0).mean() / target_aux.std(dim=0).mean().clamp_min(1e-12)
-    return {"val_rot_err_deg": float(err.median()), "val_rot_err_mean_deg": float(err.mean()),
-            "val_shift_err_px": float(shift_err.median()), "val_spread": float(spread)}
+    out = {"val_rot_err_deg": float(err.median()), "val_rot_err_mean_deg": float(err.mean()),
+           "val_shift_err_px": float(shift_err.median()), "val_spread": float(spread)}
+    if operators is not None:
+        modulo = torch.stack([_hand_resolved_errors(fit.rotation[b:b + 1], batch.rotations[b:b + 1], operators[b])[0]
+                              for b in range(len(operators))])
+        out["val_rot_err_mod_sym_deg"] = float(modulo.median())
+        out["val_rot_err_mod_sym_per_sample"] = [float(m) for m in modulo.median(-1).values]
+    return out
+
+
+def _hand_resolved_errors(pred: torch.Tensor, rotations: torch.Tensor, operators: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, V - 1)`` degrees: each auxiliary view's predicted relative rotation ``pred`` ``(B, V - 1, 3, 3)``
+    against the truth's, ``rotations`` ``(B, V, 3, 3)``, in the hand (mirror or not) with the smaller mean per
+    sample; with ``operators`` ``(n, 3, 3)`` against the nearest of the truth's views turned by them
+    (``R_0ᵀ g R_i``; the reference's own turn is one of them, as the operators form a group)."""
+    from cryofastar_core.model.fpm import relative_rotations
+
+    ops = (torch.eye(3, dtype=pred.dtype, device=pred.device)[None] if operators is None
+           else torch.as_tensor(operators, dtype=pred.dtype, device=pred.device))
+    R = rotations.to(pred.dtype)
+    truths = relative_rotations(R[:, None, 0], ops[None, :, None] @ R[:, None])[:, :, 1:]   # (B, n, V - 1, 3, 3)
+    err_same = rotation_angle_deg(pred[:, None], truths).amin(1)
+    err_flip = rotation_angle_deg(mirror_rotations(pred)[:, None], truths).amin(1)
+    flip = err_flip.mean(-1) < err_same.mean(-1)
+    return torch.where(flip[:, None], err_flip, err_same)
 
 
 class _Interval:

@@ -91,14 +91,16 @@ def evaluate_cell(model, sim: BatchSimulator, split: str, snr: float | None, vie
             "rot_errors_mod_sym_deg": [float(x) for x in modulo]}
 
 
-_SYMMETRY: dict[tuple[int, int], np.ndarray] = {}
+_SYMMETRY: dict[tuple[str, int, int], np.ndarray] = {}
 
 
 def symmetry_of(sim: BatchSimulator, index: int) -> np.ndarray:
     """The symmetry operators of library volume ``index`` (``evaluation.symmetry``), once per volume: errors
     are also reported modulo them, since a view at ``g R`` of a symmetric map is the same image as at ``R``
-    (4V8R and 2NWL among the evaluation structures: bench/structure_symmetry.py)."""
-    key = (id(sim.volumes.source), index)
+    (4V8R and 2NWL among the evaluation structures: bench/structure_symmetry.py). Keyed by the library's
+    split and box, not the object's ``id``, which a later split's library may reuse."""
+    lib = sim.volumes.source
+    key = (lib.split, lib.box, index)
     if key not in _SYMMETRY:
         _SYMMETRY[key] = symmetry_operators(np.asarray(sim.volumes.source[index]))
     return _SYMMETRY[key]
